@@ -1,0 +1,34 @@
+# The two commands of the README: `make demo` and `make test`. Both create .venv when it is absent.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required, found " + sys.version'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# torch first, pinned, so pip takes the local CPU wheel instead of resolving a multi-GB CUDA build.
+$(INSTALLED): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: $(INSTALLED)
+	$(BIN)/dynmm demo
+
+lint: $(INSTALLED)
+	$(BIN)/ruff check platform tests bench
+
+test: lint
+	$(BIN)/python -m pytest
+
+bench: $(INSTALLED)
+	$(BIN)/python bench/dynamic_inference.py
+	$(BIN)/python bench/data_throughput.py
+
+clean:
+	rm -rf .dynmm
