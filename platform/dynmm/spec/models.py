@@ -1,0 +1,115 @@
+"""Pydantic models of a pipeline YAML. Every model is frozen and forbids unknown keys."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Optimizer = Literal["adamw", "adam", "sgd"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class DataSpec(_Frozen):
+    dataset: str = Field(description="a built-in dataset name (digits, synthetic-mosei) or a dataset folder")
+    root: str | None = Field(None, description="where built-in datasets are prepared; default $DYNMM_HOME/datasets")
+    batch_size: int = Field(64, gt=0, description="per-worker training batch size")
+    eval_batch_size: int = Field(256, gt=0)
+
+
+class ModelSpec(_Frozen):
+    name: str = Field(description="builder name: digits, mosei, mmimdb, avmnist")
+    args: dict[str, object] = Field(default_factory=dict, description="keyword arguments of the builder")
+
+
+class _OptimiserFields(_Frozen):
+    enabled: bool = True
+    epochs: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    optimizer: Optimizer = "adamw"
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
+    grad_clip: float | None = Field(None, gt=0)
+
+
+class ExpertStageSpec(_OptimiserFields):
+    """Stage 1: each expert trained alone on the task loss."""
+
+
+class GateStageSpec(_OptimiserFields):
+    """Stage 2: the gate trained with the resource-aware loss; experts frozen unless said otherwise."""
+
+    resource_lambda: float = Field(0.0, ge=0, alias="lambda", description="weight of the resource loss")
+    budget: float | None = Field(None, gt=0, le=1, description="normalised cost budget: hinge max(0, E[c] - B)")
+    tau_start: float = Field(1.0, gt=0)
+    tau_end: float = Field(1.0, gt=0)
+    epoch_hard: int = Field(0, ge=0, description="epoch from which gates are hard")
+    epoch_ini: int = Field(0, ge=0, description="leading epochs with a uniformly random path per sample")
+    gumbel: bool = False
+    freeze_experts: bool = True
+    holdout_fraction: float = Field(
+        0.0, ge=0, lt=1, description="share of the train split kept from the experts and used to train the gate"
+    )
+
+    @model_validator(mode="after")
+    def _tau_decreases(self) -> GateStageSpec:
+        if self.tau_end > self.tau_start:
+            raise ValueError(f"tau_end ({self.tau_end}) must not exceed tau_start ({self.tau_start})")
+        return self
+
+
+class FinetuneStageSpec(_OptimiserFields):
+    """Stage 3 (optional): joint fine-tune of experts and gate with hard gates."""
+
+    enabled: bool = False
+    resource_lambda: float = Field(0.0, ge=0, alias="lambda")
+    budget: float | None = Field(None, gt=0, le=1)
+
+
+class StagesSpec(_Frozen):
+    experts: ExpertStageSpec = Field(default_factory=ExpertStageSpec)
+    gate: GateStageSpec = Field(default_factory=GateStageSpec)
+    finetune: FinetuneStageSpec = Field(default_factory=FinetuneStageSpec)
+
+
+class ScalingSpec(_Frozen):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(
+        0.5, gt=0, description="fractional CPUs leave Ray Data room to read on small machines"
+    )
+    gpus_per_worker: float = Field(1.0, gt=0, description="used when use_gpu is true")
+    resources_per_worker: dict[str, float] = Field(default_factory=dict, description="custom Ray resources")
+
+
+class CheckpointSpec(_Frozen):
+    every_epochs: int = Field(1, ge=1)
+    num_to_keep: int = Field(2, ge=1)
+
+
+class RunSpec(_Frozen):
+    storage_path: str | None = Field(None, description="Ray results and checkpoints; default $DYNMM_HOME/runs")
+    max_failures: int = Field(1, ge=-1, description="worker-group restarts Ray Train may make (-1: unlimited)")
+    fail_once_at_epoch: int | None = Field(
+        None, ge=0, description="test-only fault injection: rank 1 crashes once at this epoch of the gate stage"
+    )
+
+
+class TrackingSpec(_Frozen):
+    uri: str | None = Field(None, description="MLflow tracking URI; default MLFLOW_TRACKING_URI or a local store")
+    experiment: str | None = Field(None, description="MLflow experiment; default the pipeline name")
+
+
+class PipelineSpec(_Frozen):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    seed: int = 0
+    data: DataSpec
+    model: ModelSpec
+    stages: StagesSpec = Field(default_factory=StagesSpec)
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    run: RunSpec = Field(default_factory=RunSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)

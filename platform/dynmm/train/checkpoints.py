@@ -1,0 +1,68 @@
+"""Training state on disk: the per-epoch checkpoint and the shared expert weights.
+
+A checkpoint holds the model, the optimiser, where training stands (stage, epoch), the torch RNG state
+and the metrics of that epoch. It is read back with ``torch.load(weights_only=True)``: only tensors and
+plain containers are stored. The expert weights are written once, atomically, to a path under the
+run storage (local folder or any pyarrow filesystem URI such as ``s3://``) and read by every later stage
+and every tuning trial.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.fs
+import torch
+
+STATE_FILE = "state.pt"
+EXPERTS_FILE = "experts.pt"
+
+
+@dataclass(frozen=True)
+class TrainingPosition:
+    """The last finished (stage, epoch); ``global_step`` counts epochs over all stages (MLflow's step)."""
+
+    stage: str
+    epoch: int
+    global_step: int
+
+
+def save_state(directory: str | Path, state: dict) -> None:
+    torch.save(state, Path(directory) / STATE_FILE)
+
+
+def load_state(directory: str | Path) -> dict:
+    return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def write_experts(uri: str, experts_state: dict) -> None:
+    """Write the experts' state dict to ``uri``/experts.pt; readers never see a partial file."""
+    filesystem, root = pyarrow.fs.FileSystem.from_uri(_as_uri(uri))
+    filesystem.create_dir(root, recursive=True)
+    buffer = io.BytesIO()
+    torch.save(experts_state, buffer)
+    temporary = f"{root}/.{EXPERTS_FILE}.{uuid.uuid4().hex}"
+    with filesystem.open_output_stream(temporary) as stream:
+        stream.write(buffer.getvalue())
+    filesystem.move(temporary, f"{root}/{EXPERTS_FILE}")
+
+
+def read_experts(uri: str) -> dict | None:
+    """The experts' state dict at ``uri``, or None when no expert stage has finished there yet."""
+    filesystem, root = pyarrow.fs.FileSystem.from_uri(_as_uri(uri))
+    path = f"{root}/{EXPERTS_FILE}"
+    if filesystem.get_file_info(path).type != pyarrow.fs.FileType.File:
+        return None
+    with filesystem.open_input_file(path) as stream:
+        data = stream.read()
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def _as_uri(location: str) -> str:
+    if "://" in location:
+        return location
+    return Path(os.path.abspath(location)).as_uri()

@@ -1,0 +1,61 @@
+"""What one training worker needs, as plain picklable values (no spec objects cross into the loop)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+STAGE_NAMES = ("experts", "gate", "finetune")
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    name: str
+    epochs: int
+    lr: float
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    grad_clip: float | None = None
+    resource_lambda: float = 0.0
+    budget: float | None = None
+    tau_start: float = 1.0
+    tau_end: float = 1.0
+    epoch_hard: int = 0
+    epoch_ini: int = 0
+    gumbel: bool = False
+    freeze_experts: bool = True
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    model_name: str
+    model_args: dict
+    task: str
+    num_classes: int
+    stages: tuple[StageConfig, ...]
+    experts_uri: str
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    seed: int = 0
+    checkpoint_every: int = 1
+    tracking_uri: str | None = None
+    mlflow_run_id: str | None = None
+    progress_actor: str | None = None
+    fail_once_marker: str | None = None
+    fail_once_at_epoch: int | None = None
+
+    def to_config(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_config(cls, config: dict) -> WorkerJob:
+        stages = tuple(StageConfig(**stage) for stage in config["stages"])
+        return cls(**{**config, "stages": stages})
+
+
+def stable_hash(*parts: object) -> str:
+    """A short hash of JSON-serialisable parts, stable across processes (names runs and caches)."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]

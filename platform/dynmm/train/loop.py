@@ -1,0 +1,243 @@
+"""The per-worker training loop: plain PyTorch plus a few Ray Train calls.
+
+Ray Train calls used: ``get_context``, ``get_checkpoint``, ``get_dataset_shard``, ``prepare_model``,
+``report``. Stages run in order (experts, gate, finetune); every epoch ends with a validation pass with
+hard gates and routed execution, metrics summed over all ranks, and a checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dynmm.models import TemperatureSchedule, build_model, measure_path_costs, resource_aware_loss
+from dynmm.track.runs import EpochLogger
+from dynmm.train.checkpoints import load_state, read_experts, save_state, write_experts
+from dynmm.train.job import StageConfig, WorkerJob
+from dynmm.train.metrics import EpochSums, finalize, task_loss
+from dynmm.train.progress import post_progress
+
+
+def train_loop_per_worker(config: dict) -> None:
+    job = WorkerJob.from_config(config)
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    torch.manual_seed(job.seed + rank)
+    device = ray.train.torch.get_device()
+
+    model = build_model(job.model_name, **job.model_args)
+    costs = measure_path_costs(model)
+    path_gflops = torch.tensor(costs.path_gflops, dtype=torch.float64)
+    static_gflops = costs.static_flops / 1e9
+    normalised_costs = torch.tensor(costs.normalised, dtype=torch.float32, device=device)
+    model.to(device)
+
+    state = _restore(ray.train.get_checkpoint())
+    resume = state["position"] if state else None
+    if state:
+        model.load_state_dict(state["model"])
+        torch.set_rng_state(state["rng"])
+    logger = EpochLogger(job.tracking_uri, job.mlflow_run_id, enabled=rank == 0)
+    if state:
+        logger.ensure_logged(resume["global_step"], state["metrics"])
+
+    global_step = resume["global_step"] if resume else -1
+    for stage_index, stage in enumerate(job.stages):
+        if resume and stage_index < resume["stage_index"]:
+            continue
+        resuming_this_stage = resume is not None and stage_index == resume["stage_index"]
+        first_epoch = resume["epoch"] + 1 if resuming_this_stage else 0
+        if not resuming_this_stage and _start_from_shared_experts(model, job, stage, stage_index, resume):
+            continue
+        trainable = _prepare_stage(model, stage)
+        optimizer = _build_optimizer(stage, model)
+        if resuming_this_stage:
+            optimizer.load_state_dict(state["optimizer"])
+        schedule = TemperatureSchedule(stage.tau_start, stage.tau_end, stage.epoch_hard, stage.epoch_ini)
+        for epoch in range(first_epoch, stage.epochs):
+            started = time.perf_counter()
+            _maybe_fail_once(job, stage, epoch, rank)
+            train_sums = _train_epoch(
+                trainable, model, stage, schedule, epoch, optimizer, job, device, normalised_costs, path_gflops
+            )
+            metrics = {f"train_{k}": v for k, v in finalize(_all_reduce(train_sums, device), static_gflops).items()}
+            metrics.update(_validate(model, stage, job, device, path_gflops, static_gflops))
+            global_step += 1
+            metrics.update(
+                stage_index=stage_index, epoch=epoch, global_step=global_step, tau=schedule.tau(epoch),
+                epoch_seconds=time.perf_counter() - started,
+            )
+            last_epoch = epoch == stage.epochs - 1
+            if stage.name == "experts" and last_epoch and rank == 0:
+                write_experts(job.experts_uri, model.experts.state_dict())
+            position = {"stage_index": stage_index, "epoch": epoch, "global_step": global_step}
+            _report(metrics, model, optimizer, position, save=last_epoch or (epoch + 1) % job.checkpoint_every == 0)
+            logger.log_epoch(global_step, metrics)
+            if rank == 0:
+                post_progress(job.progress_actor, {"stage": stage.name, "epoch": epoch, "epochs": stage.epochs,
+                                                   "metrics": metrics})
+
+
+def _start_from_shared_experts(model, job: WorkerJob, stage: StageConfig, stage_index: int, resume) -> bool:
+    """Load the experts trained once for this pipeline. True when the stage itself can be skipped."""
+    if stage.name == "experts":
+        return _load_shared_experts(model, job.experts_uri)  # trained once already: never retrain
+    if stage_index == 0 and resume is None and not _load_shared_experts(model, job.experts_uri):
+        raise RuntimeError(f"no trained experts at {job.experts_uri}: run the experts stage first")
+    return False
+
+
+def _restore(checkpoint) -> dict | None:
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        return load_state(directory)
+
+
+def _load_shared_experts(model: nn.Module, experts_uri: str) -> bool:
+    experts_state = read_experts(experts_uri)
+    if experts_state is None:
+        return False
+    model.experts.load_state_dict(experts_state)
+    return True
+
+
+class _AllExperts(nn.Module):
+    """Expert stage: every expert on every sample, each trained alone on the task loss."""
+
+    def __init__(self, experts: nn.ModuleList) -> None:
+        super().__init__()
+        self.experts = experts
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        return [expert(inputs) for expert in self.experts]
+
+
+def _prepare_stage(model, stage: StageConfig) -> nn.Module:
+    """The module this stage trains, wrapped for DDP; parameters not trained are frozen."""
+    freeze_experts = stage.name == "gate" and stage.freeze_experts
+    for parameter in model.experts.parameters():
+        parameter.requires_grad_(not freeze_experts)
+    for parameter in model.gate.parameters():
+        parameter.requires_grad_(stage.name != "experts")
+    module = _AllExperts(model.experts) if stage.name == "experts" else model
+    # Random-path warm-up and routed groups leave some parameters without gradients in a step.
+    return ray.train.torch.prepare_model(
+        module, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": True}
+    )
+
+
+def _build_optimizer(stage: StageConfig, model: nn.Module) -> torch.optim.Optimizer:
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    if stage.optimizer == "sgd":
+        return torch.optim.SGD(
+            parameters, lr=stage.lr, momentum=stage.momentum, nesterov=True, weight_decay=stage.weight_decay
+        )
+    optimizer_class = torch.optim.AdamW if stage.optimizer == "adamw" else torch.optim.Adam
+    return optimizer_class(parameters, lr=stage.lr, weight_decay=stage.weight_decay)
+
+
+def _batches(split: str, batch_size: int, device, seed: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    shard = ray.train.get_dataset_shard(split)
+    shuffle = {"local_shuffle_buffer_size": 4 * batch_size, "local_shuffle_seed": seed} if seed is not None else {}
+    yield from shard.iter_torch_batches(batch_size=batch_size, device=device, **shuffle)
+
+
+def _train_epoch(trainable, model, stage, schedule, epoch, optimizer, job, device, normalised_costs, path_gflops):
+    trainable.train()
+    sums = EpochSums.zeros(job.task, model.num_paths, job.num_classes)
+    split = "train_experts" if stage.name == "experts" else "train_gate"
+    for batch in _batches(split, job.batch_size, device, seed=job.seed * 1000 + epoch):
+        label = batch.pop("label")
+        optimizer.zero_grad(set_to_none=True)
+        if stage.name == "experts":
+            expert_outputs = trainable(batch)
+            loss = torch.stack([task_loss(job.task, output, label) for output in expert_outputs]).sum()
+            # the training metrics of this stage are those of the most expensive expert (static fusion)
+            fusion = _fusion_path(path_gflops)
+            fusion_paths = torch.full((label.shape[0],), fusion, dtype=torch.long)
+            sums.add(expert_outputs[fusion].detach(), label, loss, fusion_paths, path_gflops)
+        else:
+            mode = schedule.mode(epoch) if stage.name == "gate" else "hard"
+            result = trainable(batch, mode="soft" if mode == "random" else mode, tau=schedule.tau(epoch),
+                               random_paths=mode == "random")
+            task = task_loss(job.task, result.output, label)
+            loss = resource_aware_loss(task, result.decisions, normalised_costs, stage.resource_lambda, stage.budget)
+            sums.add(result.output, label, loss, result.paths, path_gflops)
+        loss.backward()
+        if stage.grad_clip:
+            torch.nn.utils.clip_grad_norm_(trainable.parameters(), stage.grad_clip)
+        optimizer.step()
+    return sums
+
+
+@torch.no_grad()
+def _validate(model, stage, job, device, path_gflops, static_gflops) -> dict[str, float]:
+    """One pass over the validation shard with hard gates and routed execution. The expert stage scores
+    each expert alone (``val_expert{i}_*``) and reports the most expensive one as ``val_*``."""
+    model.eval()
+    forced_paths = list(range(model.num_paths)) if stage.name == "experts" else [None]
+    sums = {forced: EpochSums.zeros(job.task, model.num_paths, job.num_classes) for forced in forced_paths}
+    for batch in _batches("valid", job.eval_batch_size, device):
+        label = batch.pop("label")
+        for forced in forced_paths:
+            result = model(batch, mode="routed", force_path=forced)
+            loss = task_loss(job.task, result.output, label)
+            sums[forced].add(result.output, label, loss, result.paths, path_gflops)
+    metrics = {}
+    for forced, forced_sums in sums.items():
+        prefix = "val_" if forced is None else f"val_expert{forced}_"
+        metrics.update({prefix + k: v for k, v in finalize(_all_reduce(forced_sums, device), static_gflops).items()})
+    if stage.name == "experts":
+        fusion = f"val_expert{_fusion_path(path_gflops)}_"
+        metrics.update({"val_" + k.removeprefix(fusion): v for k, v in metrics.items() if k.startswith(fusion)})
+    return metrics
+
+
+def _fusion_path(path_gflops: torch.Tensor) -> int:
+    """The most expensive path: the static full-fusion model."""
+    return int(path_gflops.argmax())
+
+
+def _all_reduce(sums: EpochSums, device) -> EpochSums:
+    if not dist.is_available() or not dist.is_initialized():
+        return sums
+    reduced = sums.to(device)
+    dist.all_reduce(reduced.values, op=dist.ReduceOp.SUM)
+    return reduced.to("cpu")
+
+
+def _report(metrics: dict, model, optimizer, position: dict, save: bool) -> None:
+    """Every rank reports; rank 0 attaches the checkpoint."""
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint = None
+        if save and ray.train.get_context().get_world_rank() == 0:
+            state = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "position": position,
+                "rng": torch.get_rng_state(),
+                "metrics": {k: float(v) for k, v in metrics.items()},
+            }
+            save_state(directory, state)
+            checkpoint = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _maybe_fail_once(job: WorkerJob, stage: StageConfig, epoch: int, rank: int) -> None:
+    """Test-only fault injection: the last rank dies once, hard, at the given gate-stage epoch."""
+    if job.fail_once_at_epoch is None or stage.name != "gate" or epoch != job.fail_once_at_epoch:
+        return
+    if rank != ray.train.get_context().get_world_size() - 1 or os.path.exists(job.fail_once_marker):
+        return
+    with open(job.fail_once_marker, "w") as marker:
+        marker.write(f"crashed at gate epoch {epoch}\n")
+    os._exit(1)
