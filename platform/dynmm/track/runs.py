@@ -79,28 +79,37 @@ def retry(action: Callable[[], T], what: str, attempts: int = 5, first_delay_sec
 
 
 class EpochLogger:
-    """Logs each epoch's metrics at step = epoch count over all stages. A no-op on ranks other than 0."""
+    """Logs each epoch's metrics at step = epoch count over all stages; a no-op on ranks other than 0.
+
+    Idempotent per step: after a worker restart Ray Train may resume from a checkpoint older than the
+    last logged epoch, so a step already in the run is never logged twice (the first values stay)."""
+
+    STEP_KEY = "global_step"
 
     def __init__(self, tracking_uri: str | None, run_id: str | None, enabled: bool = True) -> None:
         self.enabled = enabled and bool(tracking_uri and run_id)
         self.run_id = run_id
         self.client = MlflowClient(tracking_uri) if self.enabled else None
+        self._logged_steps: set[int] | None = None
 
     def log_epoch(self, step: int, metrics: Mapping[str, float]) -> None:
-        if not self.enabled:
+        if not self.enabled or step in self._steps_already_logged():
             return
         timestamp = int(time.time() * 1000)
         batch = [Metric(key, float(value), timestamp, step) for key, value in metrics.items()]
-        retry(lambda: self.client.log_batch(self.run_id, metrics=batch), f"logging step {step}")
+        if retry(lambda: self.client.log_batch(self.run_id, metrics=batch) or True, f"logging step {step}"):
+            self._logged_steps.add(step)
 
     def ensure_logged(self, step: int, metrics: Mapping[str, float]) -> None:
         """After a restart: log the checkpointed epoch again only if it never reached MLflow."""
-        if not self.enabled or not metrics:
-            return
-        probe = next(iter(metrics))
-        history = retry(lambda: self.client.get_metric_history(self.run_id, probe), "reading history") or []
-        if all(entry.step != step for entry in history):
+        if metrics:
             self.log_epoch(step, metrics)
+
+    def _steps_already_logged(self) -> set[int]:
+        if self._logged_steps is None:
+            history = retry(lambda: self.client.get_metric_history(self.run_id, self.STEP_KEY), "reading history")
+            self._logged_steps = {entry.step for entry in history or []}
+        return self._logged_steps
 
 
 def log_final_model(tracking_uri: str, run_id: str, model, input_example, artifact_path: str = "model") -> None:

@@ -22,7 +22,7 @@ from ray.train.torch import TorchTrainer
 
 from dynmm.data.format import DatasetMeta, read_meta
 from dynmm.data.readers import ray_dataset, resolve_dataset
-from dynmm.errors import SpecError, UserError
+from dynmm.errors import DatasetError, SpecError, UserError
 from dynmm.home import default_datasets_root, default_storage_path
 from dynmm.models import PathCosts, build_model, measure_path_costs
 from dynmm.models.export import FlatInputDynMM
@@ -57,8 +57,11 @@ class PreparedPipeline:
 
 def prepare_pipeline(spec: PipelineSpec) -> PreparedPipeline:
     """Resolve the dataset and build the model once; user mistakes become one UserError."""
-    dataset_dir = resolve_dataset(spec.data.dataset, spec.data.root or default_datasets_root())
-    meta = read_meta(dataset_dir)
+    try:
+        dataset_dir = resolve_dataset(spec.data.dataset, spec.data.root or default_datasets_root())
+        meta = read_meta(dataset_dir)
+    except DatasetError as error:
+        raise DatasetError(f"data.dataset: {error}") from None
     if meta.task not in TASK_OF_DATASET:
         raise SpecError(f"data.dataset: task {meta.task!r} of {dataset_dir} is not trained by modality-level DynMM")
     try:

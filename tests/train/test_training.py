@@ -1,0 +1,113 @@
+"""dynmm train on a real local Ray with 2 CPU workers and a real MLflow store."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from dynmm.cli import main
+from dynmm.data.readers import load_split
+from dynmm.spec import load_pipeline
+from dynmm.train.runner import run_training
+
+PIPELINE = Path(__file__).parents[2] / "pipelines" / "digits.yaml"
+pytestmark = pytest.mark.integration
+
+
+def small_digits_overrides(tmp_path: Path, **extra) -> list[str]:
+    settings = {
+        "data.root": tmp_path / "datasets",
+        "run.storage_path": tmp_path / "runs",
+        "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "stages.experts.epochs": 3,
+        "stages.gate.epochs": 4,
+        "stages.gate.epoch_hard": 1,
+        **extra,
+    }
+    return [f"{key}={value}" for key, value in settings.items()]
+
+
+def logged_steps(tracking_uri: str, run_id: str, key: str = "val_loss") -> list[int]:
+    return [entry.step for entry in MlflowClient(tracking_uri).get_metric_history(run_id, key)]
+
+
+def test_worker_crash_is_recovered_from_the_last_checkpoint_without_gaps_in_mlflow(ray_session, tmp_path):
+    spec = load_pipeline(PIPELINE, small_digits_overrides(tmp_path, **{"run.fail_once_at_epoch": 2}))
+    shown = []
+    result = run_training(spec, show=shown.append)
+
+    assert (tmp_path / "runs" / result.run_name / ".fault-injected").exists(), "the fault was never injected"
+    epochs = [(record["stage"], record["epoch"]) for record in shown]
+    # Ray Train resumes from the last checkpoint it registered: at most the crashed epoch's predecessor
+    # runs again, never the stage from its start.
+    assert epochs[:4] == [("experts", 0), ("experts", 1), ("experts", 2), ("gate", 0)]
+    assert epochs.count(("gate", 0)) == 1 and epochs[-1] == ("gate", 3)
+    assert logged_steps(result.tracking_uri, result.mlflow_run_id) == list(range(7))
+    run = MlflowClient(result.tracking_uri).get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["stages.gate.lambda"] == "0.2"
+    assert 0.0 <= run.data.metrics["val_path0_fraction"] <= 1.0
+    assert run.data.metrics["val_accuracy"] > 0.5
+
+    model = mlflow.pytorch.load_model(f"runs:/{result.mlflow_run_id}/model")
+    test = load_split(tmp_path / "datasets" / "digits", "test")
+    flat = model.flatten({"top": test["top"], "bottom": test["bottom"]})
+    predictions = model(flat).argmax(dim=1)
+    assert predictions.shape == test["label"].shape
+    assert (predictions == test["label"]).float().mean() > 0.5
+
+
+def test_killed_driver_resumes_from_the_last_checkpoint(ray_session, tmp_path):
+    overrides = small_digits_overrides(tmp_path, **{"stages.experts.epochs": 6, "stages.gate.epochs": 2})
+    command = [str(Path(sys.executable).parent / "dynmm"), "train", str(PIPELINE), "--address",
+               ray_session.get_runtime_context().gcs_address]
+    for override in overrides:
+        command += ["--set", override]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in first.stdout:
+        if line.startswith("experts") and line.split()[1].startswith("3/"):
+            break
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+
+    second = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout + second.stderr
+    resumed_epochs = [line.split()[1] for line in second.stdout.splitlines() if line.startswith("experts")]
+    assert resumed_epochs, second.stdout
+    assert resumed_epochs[0] != "1/6", "the second run started over instead of resuming"
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = MlflowClient(tracking_uri).search_runs(
+        [MlflowClient(tracking_uri).get_experiment_by_name("digits").experiment_id]
+    )
+    assert len(run) == 1, "the resumed job must continue its MLflow run, not open a second one"
+    assert logged_steps(tracking_uri, run[0].info.run_id) == list(range(8))
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("stages.gate.colour=red", "stages.gate.colour"),
+        ("data.batch_size=many", "data.batch_size"),
+        ("data.dataset=/no/such/dataset", "data.dataset"),
+        ("stages.gate.lambda=-1", "stages.gate.lambda"),
+        ("stages.gate.tau_end=9", "tau_end"),
+        ("scaling.num_workers=0", "scaling.num_workers"),
+    ],
+)
+def test_malformed_pipeline_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch, override, field):
+    monkeypatch.setenv("DYNMM_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    code = main(["train", str(PIPELINE), "--set", override])
+    error = capsys.readouterr().err.strip()
+    assert code == 2
+    assert field in error and len(error.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
