@@ -1,0 +1,96 @@
+"""MO-ASHA: asynchronous successive halving whose promotions rank trials over *all* objectives.
+
+At each rung (``grace_period * reduction_factor**k`` hard-gate epochs) a trial arriving is compared with
+every trial recorded at that rung so far: all of them are ordered by non-dominated sorting (front, then
+crowding distance, then arrival) and the trial goes on only if it is among the best
+``ceil(n / reduction_factor)``. Rungs count only epochs after gates turn hard, so the costs of soft gates,
+which no deployed model can realise, never decide. ``MoAshaRungs`` is the decision logic on plain numbers;
+``MoAshaScheduler`` adapts it to Ray Tune and remembers which trials it stopped (they are pruned in the
+study and never reach the front).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+
+from dynmm.tune.pareto import selection_order
+
+CONTINUE, STOP = "continue", "stop"
+
+
+@dataclass
+class MoAshaRungs:
+    directions: Sequence[str]
+    max_t: int
+    grace_period: int = 1
+    reduction_factor: int = 2
+    recorded: dict[int, dict[str, tuple[float, ...]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.grace_period < 1:
+            raise ValueError(f"grace_period must be >= 1, got {self.grace_period}")
+        if self.reduction_factor < 2:
+            raise ValueError(f"reduction_factor must be >= 2, got {self.reduction_factor}")
+        self.recorded = {milestone: {} for milestone in self.milestones}
+
+    @property
+    def milestones(self) -> list[int]:
+        milestones, milestone = [], self.grace_period
+        while milestone < self.max_t:
+            milestones.append(milestone)
+            milestone *= self.reduction_factor
+        return milestones
+
+    def on_result(self, trial_id: str, hard_epochs: int, objectives: Sequence[float]) -> str:
+        """Record the trial at the highest rung it has just reached and decide whether it goes on."""
+        reached = [m for m in self.milestones if m <= hard_epochs and trial_id not in self.recorded[m]]
+        if not reached:
+            return CONTINUE
+        for milestone in reached:
+            rung = self.recorded[milestone]
+            rung[trial_id] = tuple(float(v) for v in objectives)
+            if not self._promoted(rung, trial_id):
+                return STOP
+        return CONTINUE
+
+    def _promoted(self, rung: dict[str, tuple[float, ...]], trial_id: str) -> bool:
+        trial_ids = list(rung)  # arrival order
+        order = selection_order([rung[t] for t in trial_ids], self.directions)
+        keep = math.ceil(len(trial_ids) / self.reduction_factor)
+        return trial_ids.index(trial_id) in order[:keep]
+
+
+class MoAshaScheduler(FIFOScheduler):
+    """Ray Tune scheduler around ``MoAshaRungs``; ``time_attr`` counts hard-gate epochs."""
+
+    def __init__(
+        self,
+        metrics: Sequence[str],
+        modes: Sequence[str],
+        max_t: int,
+        grace_period: int = 1,
+        reduction_factor: int = 2,
+        time_attr: str = "hard_epochs",
+    ) -> None:
+        super().__init__()
+        self.metrics = list(metrics)
+        self.time_attr = time_attr
+        self.rungs = MoAshaRungs(list(modes), max_t, grace_period, reduction_factor)
+        self.stopped_trials: set[str] = set()
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if any(name not in result for name in [self.time_attr, *self.metrics]):
+            return TrialScheduler.CONTINUE
+        objectives = [result[name] for name in self.metrics]
+        if self.rungs.on_result(trial.trial_id, int(result[self.time_attr]), objectives) == STOP:
+            self.stopped_trials.add(trial.trial_id)
+            return TrialScheduler.STOP
+        return TrialScheduler.CONTINUE
+
+    def debug_string(self) -> str:
+        sizes = ", ".join(f"{m}: {len(r)}" for m, r in self.rungs.recorded.items())
+        return f"MO-ASHA rungs (hard epochs: trials) {sizes}; stopped {len(self.stopped_trials)}"

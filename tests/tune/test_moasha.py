@@ -1,0 +1,59 @@
+"""MO-ASHA decisions on scripted trial results (quality maximised, GFLOPs minimised)."""
+
+import pytest
+
+from dynmm.tune.moasha import CONTINUE, STOP, MoAshaRungs
+
+
+def rungs(**kwargs):
+    return MoAshaRungs(directions=("max", "min"), max_t=8, **kwargs)
+
+
+def test_milestones_grow_by_the_reduction_factor_below_max_t():
+    assert rungs(grace_period=1, reduction_factor=2).milestones == [1, 2, 4]
+    assert rungs(grace_period=2, reduction_factor=3).milestones == [2, 6]
+
+
+def test_soft_gate_epochs_never_decide():
+    scheduler = rungs()
+    assert scheduler.on_result("a", 0, (0.9, 1.0)) == CONTINUE
+    assert scheduler.on_result("b", 0, (0.1, 9.0)) == CONTINUE
+    assert all(not recorded for recorded in scheduler.recorded.values())
+
+
+def test_first_trial_at_a_rung_goes_on_and_a_dominated_one_is_stopped():
+    scheduler = rungs()
+    assert scheduler.on_result("good", 1, (0.90, 1.0)) == CONTINUE
+    assert scheduler.on_result("bad", 1, (0.80, 2.0)) == STOP
+
+
+def test_on_one_front_the_extremes_go_before_the_crowded_middle():
+    scheduler = rungs()
+    scheduler.on_result("accurate", 1, (0.95, 5.0))
+    assert scheduler.on_result("cheap", 1, (0.70, 1.0)) == STOP  # ceil(2/2) = 1 place, taken by arrival
+    assert scheduler.on_result("middle", 1, (0.80, 3.0)) == STOP  # 2 places, both extremes ahead of it
+    assert scheduler.on_result("cheapest", 1, (0.60, 0.5)) == CONTINUE  # a new extreme
+
+
+def test_promotion_ranks_by_front_not_by_one_objective():
+    scheduler = rungs(reduction_factor=2)
+    for trial, values in [("a", (0.90, 4.0)), ("b", (0.60, 1.0)), ("c", (0.85, 2.0))]:
+        scheduler.on_result(trial, 1, values)
+    # d is the most accurate so far but dominated by nobody only on quality: (0.91, 9.0) is on the front
+    assert scheduler.on_result("d", 1, (0.91, 9.0)) == CONTINUE
+    # e is dominated by c: front 1 of 5 trials, only ceil(5/2) = 3 places
+    assert scheduler.on_result("e", 1, (0.80, 3.0)) == STOP
+
+
+def test_a_trial_is_judged_once_per_rung_and_again_at_the_next():
+    scheduler = rungs()
+    scheduler.on_result("a", 1, (0.9, 1.0))
+    assert scheduler.on_result("a", 1, (0.1, 9.0)) == CONTINUE  # same rung again: no new decision
+    scheduler.on_result("b", 2, (0.95, 0.5))
+    assert scheduler.on_result("a", 2, (0.5, 2.0)) == STOP
+
+
+@pytest.mark.parametrize(("argument", "value"), [("grace_period", 0), ("reduction_factor", 1)])
+def test_invalid_settings_are_named(argument, value):
+    with pytest.raises(ValueError, match=argument):
+        rungs(**{argument: value})

@@ -1,0 +1,78 @@
+"""Pareto math against hand-computed sets (quality maximised, GFLOPs minimised)."""
+
+import math
+
+import pytest
+
+from dynmm.tune.pareto import (
+    crowding_distance,
+    dominates,
+    hypervolume,
+    knee_point,
+    non_dominated_sort,
+    pareto_front,
+    selection_order,
+)
+
+QUALITY_VS_COST = ("max", "min")
+
+
+def test_dominance_needs_one_strict_improvement():
+    assert dominates((0.9, 1.0), (0.8, 1.0), QUALITY_VS_COST)
+    assert not dominates((0.9, 1.0), (0.9, 1.0), QUALITY_VS_COST)
+    assert not dominates((0.9, 2.0), (0.8, 1.0), QUALITY_VS_COST)
+
+
+def test_non_dominated_sort_layers_a_hand_made_set():
+    points = [(0.90, 10.0), (0.80, 2.0), (0.85, 5.0), (0.80, 6.0), (0.70, 7.0), (0.95, 12.0)]
+    # (0.80, 6) is dominated by (0.85, 5); (0.70, 7) by (0.80, 6) as well.
+    assert non_dominated_sort(points, QUALITY_VS_COST) == [[0, 1, 2, 5], [3], [4]]
+
+
+def test_ties_and_duplicates_share_the_front():
+    points = [(0.9, 1.0), (0.9, 1.0), (0.9, 2.0), (0.8, 1.0)]
+    assert non_dominated_sort(points, QUALITY_VS_COST) == [[0, 1], [2, 3]]
+    assert pareto_front(points, QUALITY_VS_COST) == [0, 1]
+
+
+def test_hypervolume_of_a_staircase_in_two_dimensions():
+    # reference quality 0, cost 10: rectangles 0.5*8 + (0.8-0.5)*(10-6)... computed by hand:
+    # points (0.5, 2) and (0.8, 6): union area = 0.5*(10-2) + (0.8-0.5)*(10-6) = 4.0 + 1.2
+    points = [(0.5, 2.0), (0.8, 6.0)]
+    assert hypervolume(points, (0.0, 10.0), QUALITY_VS_COST) == pytest.approx(5.2)
+
+
+def test_hypervolume_ignores_duplicates_dominated_points_and_points_beyond_the_reference():
+    base = [(0.5, 2.0), (0.8, 6.0)]
+    noisy = base + [(0.5, 2.0), (0.4, 3.0), (0.9, 11.0)]
+    assert hypervolume(noisy, (0.0, 10.0), QUALITY_VS_COST) == pytest.approx(5.2)
+
+
+def test_hypervolume_in_three_dimensions_is_the_union_of_boxes():
+    # two boxes (minimisation) against reference (4,4,4): [1,4]x[2,4]x[2,4]=3*2*2=12, [2,4]x[1,4]x[1,4]=2*3*3=18,
+    # overlap [2,4]x[2,4]x[2,4]=8 -> 22
+    points = [(1.0, 2.0, 2.0), (2.0, 1.0, 1.0)]
+    assert hypervolume(points, (4.0, 4.0, 4.0), ("min", "min", "min")) == pytest.approx(22.0)
+
+
+def test_empty_front_has_no_volume_and_no_knee():
+    assert hypervolume([], (0.0, 1.0), QUALITY_VS_COST) == 0.0
+    assert knee_point([], QUALITY_VS_COST) is None
+
+
+def test_knee_is_the_balanced_front_member():
+    points = [(0.60, 1.0), (0.94, 3.0), (0.96, 10.0), (0.50, 9.0)]
+    assert knee_point(points, QUALITY_VS_COST) == 1
+
+
+def test_crowding_gives_extremes_infinity_and_inner_points_their_neighbour_span():
+    points = [(0.5, 1.0), (0.7, 3.0), (0.9, 9.0)]
+    distance = crowding_distance(points, QUALITY_VS_COST)
+    assert math.isinf(distance[0]) and math.isinf(distance[2])
+    assert distance[1] == pytest.approx((0.9 - 0.5) / 0.4 + (9.0 - 1.0) / 8.0)
+
+
+def test_selection_order_ranks_by_front_then_spread():
+    points = [(0.5, 1.0), (0.7, 3.0), (0.9, 9.0), (0.6, 5.0)]
+    assert selection_order(points, QUALITY_VS_COST)[:3] == [0, 2, 1]
+    assert selection_order(points, QUALITY_VS_COST)[-1] == 3
