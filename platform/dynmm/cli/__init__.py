@@ -15,11 +15,11 @@ EXIT_USER_ERROR = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dynmm.cli import data
+    from dynmm.cli import data, train, tune
 
     parser = argparse.ArgumentParser(prog="dynmm", description="Train, tune and register DynMM models.")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for module in (data,):
+    for module in (train, tune, data):
         module.register(subparsers)
     return parser
 

@@ -103,6 +103,71 @@ class TrackingSpec(_Frozen):
     experiment: str | None = Field(None, description="MLflow experiment; default the pipeline name")
 
 
+SEARCHABLE = ("lambda", "tau_start", "tau_end", "lr", "epoch_hard", "budget")
+
+
+class ParameterSpec(_Frozen):
+    """A searched gate-stage field: ``low``..``high`` (log-uniform when ``log``), integer for epoch_hard."""
+
+    low: float
+    high: float
+    log: bool = True
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ParameterSpec:
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log-uniform range needs low > 0, got {self.low}")
+        return self
+
+
+class ObjectiveSpec(_Frozen):
+    """``quality`` is the task's quality metric, ``gflops`` the expected GFLOPs per sample (both on the
+    validation split, hard gates); any other reported validation metric may be named with its mode."""
+
+    metric: str
+    mode: Literal["max", "min"]
+
+
+class SchedulerSpec(_Frozen):
+    kind: Literal["moasha", "fifo"] = "moasha"
+    grace_period: int = Field(1, ge=1, description="hard-gate epochs before the first rung")
+    reduction_factor: int = Field(2, ge=2)
+
+
+class SearchSpec(_Frozen):
+    num_trials: int = Field(12, ge=1)
+    sampler: Literal["tpe", "nsga2", "gp", "random", "grid"] = "tpe"
+    seed: int = 0
+    parameters: dict[str, ParameterSpec] = Field(default_factory=dict)
+    grid: dict[str, list[float]] = Field(
+        default_factory=dict, description="values per parameter for the grid sampler (the paper's lambda sweep)"
+    )
+    objectives: list[ObjectiveSpec] = Field(
+        default_factory=lambda: [
+            ObjectiveSpec(metric="quality", mode="max"),
+            ObjectiveSpec(metric="gflops", mode="min"),
+        ],
+        min_length=2,
+    )
+    max_gflops: float | None = Field(None, gt=0, description="compute budget, an Optuna constraint on GFLOPs")
+    max_concurrent_trials: int | None = Field(None, ge=1, description="default: what the cluster can hold")
+    trial_driver_cpus: float = Field(0.01, gt=0, description="CPUs of the Tune function that drives a trial")
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+
+    @model_validator(mode="after")
+    def _known_parameters(self) -> SearchSpec:
+        for name in [*self.parameters, *self.grid]:
+            if name not in SEARCHABLE:
+                raise ValueError(f"cannot search {name!r}; searchable: {', '.join(SEARCHABLE)}")
+        if self.sampler == "grid" and not self.grid:
+            raise ValueError("sampler 'grid' needs a grid, e.g. grid: {lambda: [0.01, 0.1, 1.0]}")
+        if self.sampler != "grid" and not self.parameters:
+            raise ValueError(f"sampler {self.sampler!r} needs parameters to search")
+        return self
+
+
 class PipelineSpec(_Frozen):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     seed: int = 0
@@ -113,3 +178,4 @@ class PipelineSpec(_Frozen):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     run: RunSpec = Field(default_factory=RunSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    search: SearchSpec | None = None

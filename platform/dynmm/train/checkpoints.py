@@ -10,9 +10,9 @@ and every tuning trial.
 from __future__ import annotations
 
 import io
+import json
 import os
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.fs
@@ -20,15 +20,7 @@ import torch
 
 STATE_FILE = "state.pt"
 EXPERTS_FILE = "experts.pt"
-
-
-@dataclass(frozen=True)
-class TrainingPosition:
-    """The last finished (stage, epoch); ``global_step`` counts epochs over all stages (MLflow's step)."""
-
-    stage: str
-    epoch: int
-    global_step: int
+EXPERTS_METRICS_FILE = "experts.json"
 
 
 def save_state(directory: str | Path, state: dict) -> None:
@@ -39,16 +31,33 @@ def load_state(directory: str | Path) -> dict:
     return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
-def write_experts(uri: str, experts_state: dict) -> None:
-    """Write the experts' state dict to ``uri``/experts.pt; readers never see a partial file."""
+def write_experts(uri: str, experts_state: dict, metrics: dict) -> None:
+    """Write the experts' state dict and their final validation metrics to ``uri``; readers never see a
+    partial file (the weights land last, by rename)."""
     filesystem, root = pyarrow.fs.FileSystem.from_uri(_as_uri(uri))
     filesystem.create_dir(root, recursive=True)
+    _write_atomically(filesystem, f"{root}/{EXPERTS_METRICS_FILE}", json.dumps(metrics, indent=1).encode())
     buffer = io.BytesIO()
     torch.save(experts_state, buffer)
-    temporary = f"{root}/.{EXPERTS_FILE}.{uuid.uuid4().hex}"
+    _write_atomically(filesystem, f"{root}/{EXPERTS_FILE}", buffer.getvalue())
+
+
+def _write_atomically(filesystem: pyarrow.fs.FileSystem, path: str, data: bytes) -> None:
+    directory, _, name = path.rpartition("/")
+    temporary = f"{directory}/.{name}.{uuid.uuid4().hex}"
     with filesystem.open_output_stream(temporary) as stream:
-        stream.write(buffer.getvalue())
-    filesystem.move(temporary, f"{root}/{EXPERTS_FILE}")
+        stream.write(data)
+    filesystem.move(temporary, path)
+
+
+def read_experts_metrics(uri: str) -> dict | None:
+    """The validation metrics of the experts at the end of their stage (static baselines), if trained."""
+    filesystem, root = pyarrow.fs.FileSystem.from_uri(_as_uri(uri))
+    path = f"{root}/{EXPERTS_METRICS_FILE}"
+    if filesystem.get_file_info(path).type != pyarrow.fs.FileType.File:
+        return None
+    with filesystem.open_input_file(path) as stream:
+        return json.loads(stream.read())
 
 
 def read_experts(uri: str) -> dict | None:

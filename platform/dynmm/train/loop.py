@@ -50,6 +50,7 @@ def train_loop_per_worker(config: dict) -> None:
         logger.ensure_logged(resume["global_step"], state["metrics"])
 
     global_step = resume["global_step"] if resume else -1
+    hard_epochs = int(state["metrics"].get("hard_epochs", 0)) if state else 0
     for stage_index, stage in enumerate(job.stages):
         if resume and stage_index < resume["stage_index"]:
             continue
@@ -71,19 +72,28 @@ def train_loop_per_worker(config: dict) -> None:
             metrics = {f"train_{k}": v for k, v in finalize(_all_reduce(train_sums, device), static_gflops).items()}
             metrics.update(_validate(model, stage, job, device, path_gflops, static_gflops))
             global_step += 1
+            hard_epochs += _gates_were_hard(stage, schedule, epoch)
+            last_epoch = epoch == stage.epochs - 1
             metrics.update(
                 stage_index=stage_index, epoch=epoch, global_step=global_step, tau=schedule.tau(epoch),
-                epoch_seconds=time.perf_counter() - started,
+                epoch_seconds=time.perf_counter() - started, hard_epochs=hard_epochs,
+                finished=float(last_epoch and stage_index == len(job.stages) - 1),
             )
-            last_epoch = epoch == stage.epochs - 1
             if stage.name == "experts" and last_epoch and rank == 0:
-                write_experts(job.experts_uri, model.experts.state_dict())
+                write_experts(job.experts_uri, model.experts.state_dict(), metrics)
             position = {"stage_index": stage_index, "epoch": epoch, "global_step": global_step}
             _report(metrics, model, optimizer, position, save=last_epoch or (epoch + 1) % job.checkpoint_every == 0)
             logger.log_epoch(global_step, metrics)
             if rank == 0:
                 post_progress(job.progress_actor, {"stage": stage.name, "epoch": epoch, "epochs": stage.epochs,
                                                    "metrics": metrics})
+
+
+def _gates_were_hard(stage: StageConfig, schedule: TemperatureSchedule, epoch: int) -> int:
+    """1 for an epoch trained with hard gates (what tuning rungs count), else 0."""
+    if stage.name == "gate":
+        return int(schedule.is_hard(epoch))
+    return int(stage.name == "finetune")
 
 
 def _start_from_shared_experts(model, job: WorkerJob, stage: StageConfig, stage_index: int, resume) -> bool:

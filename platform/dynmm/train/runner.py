@@ -135,8 +135,9 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def build_datasets(prepared: PreparedPipeline) -> dict[str, ray.data.Dataset]:
-    """``train_experts`` / ``train_gate``: the train split, disjoint when the gate trains on a holdout.
+def build_datasets(prepared: PreparedPipeline, stage_names: Sequence[str]) -> dict[str, ray.data.Dataset]:
+    """``train_experts`` / ``train_gate``: the train split, disjoint when the gate trains on a holdout;
+    only those the stages read are built.
 
     Datasets smaller than ``MATERIALIZE_BELOW_BYTES`` are read once into Ray's object store, so an epoch
     does not re-read Parquet; larger ones stream from the files every epoch."""
@@ -153,6 +154,8 @@ def build_datasets(prepared: PreparedPipeline) -> dict[str, ray.data.Dataset]:
             "train_gate": train.map_batches(_holdout_filter(holdout, keep_holdout=True), batch_format="pyarrow"),
             "valid": valid,
         }
+    needed = {"valid"} | {"train_experts" if name == "experts" else "train_gate" for name in stage_names}
+    datasets = {name: dataset for name, dataset in datasets.items() if name in needed}
     if _folder_bytes(prepared.dataset_dir) < MATERIALIZE_BELOW_BYTES:
         datasets = {name: dataset.materialize() for name, dataset in datasets.items()}
     return datasets
@@ -200,7 +203,7 @@ def build_trainer(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.checkpoint.num_to_keep),
             callbacks=list(callbacks),
         ),
-        datasets=build_datasets(prepared),
+        datasets=build_datasets(prepared, [stage.name for stage in job.stages]),
     )
 
 

@@ -1,0 +1,76 @@
+"""``dynmm tune PIPELINE.yaml [--resume]`` and ``dynmm demo``: the study, its front and where to look."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from dynmm.cli.train import EpochPrinter, add_pipeline_arguments
+from dynmm.spec import load_pipeline
+
+DEFAULT_PIPELINE = Path(__file__).resolve().parents[3] / "pipelines" / "digits.yaml"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("tune", help="search lambda and tau (multi-objective) with Ray Tune + Optuna")
+    add_pipeline_arguments(parser)
+    parser.add_argument("--resume", action="store_true", help="continue a study whose driver stopped")
+    parser.set_defaults(handler=run)
+    demo = subparsers.add_parser("demo", help="tune the default digits pipeline end to end")
+    demo.add_argument("--verbose", action="store_true")
+    demo.set_defaults(handler=run_demo)
+
+
+def run(args: argparse.Namespace) -> int:
+    spec = load_pipeline(args.pipeline, args.overrides)
+    tune_and_report(spec, address=args.address, verbose=args.verbose, resume=args.resume)
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    pipeline = Path("pipelines/digits.yaml")
+    spec = load_pipeline(pipeline if pipeline.is_file() else DEFAULT_PIPELINE)
+    print(f"DynMM demo: tuning {spec.name} ({spec.search.num_trials} trials, local Ray, local MLflow)\n")
+    tune_and_report(spec, verbose=args.verbose)
+    return 0
+
+
+def tune_and_report(spec, *, address=None, verbose=False, resume=False) -> None:
+    from dynmm.tune.study import report_study, run_study
+
+    printer = EpochPrinter()
+    run = run_study(spec, address=address, verbose=verbose, resume=resume, show_epoch=printer, show_line=print)
+    report, paths = report_study(run)
+    print_front(report)
+    print()
+    print(f"  front            {paths['json']}  (and .csv)")
+    print(f"  plot             {paths['png']}")
+    print(f"  Optuna study     {run.results_dir / 'optuna-journal.log'}  (optuna-dashboard opens it)")
+    print(f"  MLflow           {run.tracking_uri}  (study run {run.parent_run_id})")
+    if run.tracking_uri.startswith("sqlite:///"):
+        print(f"  browse           .venv/bin/mlflow ui --backend-store-uri {run.tracking_uri}")
+    print(f"  elapsed          {run.elapsed_seconds / 60:.1f} min")
+
+
+def print_front(report) -> None:
+    quality = report.metrics[0]
+    gflops = report.metrics.index("val_gflops_per_sample")
+    test_quality = "test_" + quality.removeprefix("val_")
+    print()
+    reference = ", ".join(f"{m}={r:.4g}" for m, r in zip(report.metrics, report.reference, strict=True))
+    print(f"Pareto front: {len(report.members)} models, hypervolume {report.hypervolume:.4g} "
+          f"(reference point: {reference})")
+    header = f"  {'trial':<14} {'lambda':>8} {'tau':>13} {quality:>14} {'GFLOPs':>10} {'saved':>7} {test_quality:>14}"
+    print(header)
+    static = max(b["gflops"] for b in report.baselines)
+    for member in report.members:
+        params = member["params"]
+        tau = f"{params.get('tau_start', float('nan')):.2g}->{params.get('tau_end', float('nan')):.2g}"
+        knee = "  <- knee" if member["trial_id"] == report.knee_trial_id else ""
+        cost = member["values"][gflops]
+        print(f"  {member['trial_id']:<14} {params.get('lambda', float('nan')):>8.3g} {tau:>13} "
+              f"{member['values'][0]:>14.4f} {cost:>10.3g} {1 - cost / static:>7.1%} "
+              f"{member.get('test_metrics', {}).get(test_quality, float('nan')):>14.4f}{knee}")
+    for baseline in report.baselines:
+        print(f"  {baseline['name']:<14} {'':>8} {'':>13} {baseline['quality'] or float('nan'):>14.4f} "
+              f"{baseline['gflops']:>10.3g}")

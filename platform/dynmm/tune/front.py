@@ -1,0 +1,139 @@
+"""The Pareto front of a study: members, hypervolume with its reference point, knee, files and plot.
+
+Objective values are validation metrics with hard gates. The hypervolume's reference point is the box
+of the static baselines: the worst single expert's quality and the static full-fusion GFLOPs, so a
+front only scores where it beats running one expert for every sample.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from dynmm.tune.pareto import hypervolume, knee_point, pareto_front
+
+GFLOPS_METRIC = "val_gflops_per_sample"
+
+
+@dataclass
+class FrontReport:
+    metrics: list[str]
+    modes: list[str]
+    reference: list[float]
+    hypervolume: float
+    members: list[dict]
+    knee_trial_id: str | None
+    baselines: list[dict]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def static_baselines(experts_metrics: dict, expert_gflops: list[float], quality_metric: str) -> list[dict]:
+    """Each expert alone on every sample (no gate): the reference points of the plot."""
+    return [
+        {"name": f"expert{i} alone", "quality": experts_metrics.get(f"val_expert{i}_{quality_metric}"), "gflops": g}
+        for i, g in enumerate(expert_gflops)
+    ]
+
+
+def reference_point(metrics, modes, completed_values, baselines) -> list[float]:
+    reference = []
+    for index, (metric, mode) in enumerate(zip(metrics, modes, strict=True)):
+        if metric == GFLOPS_METRIC:
+            reference.append(max(b["gflops"] for b in baselines))
+        elif index == 0 and all(b["quality"] is not None for b in baselines):
+            qualities = [b["quality"] for b in baselines]
+            reference.append(min(qualities) if mode == "max" else max(qualities))
+        else:
+            column = [values[index] for values in completed_values] or [0.0]
+            reference.append(min(column) if mode == "max" else max(column))
+    return reference
+
+
+def build_front(trials: list[dict], metrics: list[str], modes: list[str], baselines: list[dict]) -> FrontReport:
+    completed = [t for t in trials if t["state"] == "complete" and None not in t["values"]]
+    values = [t["values"] for t in completed]
+    reference = reference_point(metrics, modes, values, baselines)
+    members = [completed[i] for i in pareto_front(values, modes)]
+    knee = knee_point(values, modes)
+    return FrontReport(
+        metrics=list(metrics),
+        modes=list(modes),
+        reference=reference,
+        hypervolume=hypervolume(values, reference, modes),
+        members=sorted(members, key=lambda t: t["values"][metrics.index(GFLOPS_METRIC)]),
+        knee_trial_id=completed[knee]["trial_id"] if knee is not None else None,
+        baselines=baselines,
+    )
+
+
+def write_front(report: FrontReport, trials: list[dict], results_dir: Path) -> dict[str, Path]:
+    """front.json, front.csv and front.png beside the study's results; each written then renamed."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": results_dir / "front.json", "csv": results_dir / "front.csv", "png": results_dir / "front.png"}
+    _atomic_write_text(paths["json"], json.dumps(report.to_json(), indent=1, default=str))
+    rows = [_csv_row(report, member) for member in report.members]
+    temporary = paths["csv"].with_suffix(".csv.tmp")
+    with open(temporary, "w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=list(rows[0]) if rows else ["trial_id"])
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(temporary, paths["csv"])
+    plot_front(report, trials, paths["png"])
+    return paths
+
+
+def _csv_row(report: FrontReport, member: dict) -> dict:
+    row = {"trial_id": member["trial_id"], "knee": member["trial_id"] == report.knee_trial_id}
+    row.update({f"param_{k}": v for k, v in member["params"].items()})
+    row.update(dict(zip(report.metrics, member["values"], strict=True)))
+    row.update({k: v for k, v in member.get("test_metrics", {}).items()})
+    row["checkpoint"] = member.get("checkpoint")
+    return row
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def plot_front(report: FrontReport, trials: list[dict], path: Path) -> None:
+    """Quality versus GFLOPs: every completed trial, the front highlighted, static baselines as references."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    quality_index = 0
+    cost_index = report.metrics.index(GFLOPS_METRIC)
+    figure, axes = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    completed = [t for t in trials if t["state"] == "complete" and None not in t["values"]]
+    axes.scatter([t["values"][cost_index] for t in completed], [t["values"][quality_index] for t in completed],
+                 s=18, color="0.65", label="completed trials")
+    front_x = [m["values"][cost_index] for m in report.members]
+    front_y = [m["values"][quality_index] for m in report.members]
+    axes.plot(front_x, front_y, "o-", color="tab:blue", label="Pareto front", zorder=3)
+    for member in report.members:
+        if member["trial_id"] == report.knee_trial_id:
+            axes.scatter([member["values"][cost_index]], [member["values"][quality_index]], s=140,
+                         facecolors="none", edgecolors="tab:red", linewidths=2, label="knee", zorder=4)
+    for baseline in report.baselines:
+        if baseline["quality"] is not None:
+            axes.scatter([baseline["gflops"]], [baseline["quality"]], marker="s", color="black", zorder=4)
+            axes.annotate(baseline["name"], (baseline["gflops"], baseline["quality"]), textcoords="offset points",
+                          xytext=(4, -10), fontsize=8)
+    axes.set_xlabel("expected GFLOPs per sample (validation, hard gates)")
+    axes.set_ylabel(report.metrics[quality_index].removeprefix("val_") + " (validation)")
+    axes.set_title(f"Pareto front, hypervolume {report.hypervolume:.4g}")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8, loc="lower right")
+    figure.tight_layout()
+    temporary = path.with_suffix(".tmp.png")
+    figure.savefig(temporary)
+    plt.close(figure)
+    os.replace(temporary, path)

@@ -1,0 +1,67 @@
+"""The compact live view of a study, and the hypervolume logged to the study's MLflow run as it grows."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import ray.tune
+
+from dynmm.track.runs import EpochLogger
+from dynmm.tune.front import build_front, static_baselines
+
+
+class StudyProgress(ray.tune.Callback):
+    """One line whenever a trial starts or ends: done / running / pruned / failed, front size, hypervolume."""
+
+    def __init__(self, objectives, experts_metrics, prepared, tracking_uri, parent_run_id,
+                 show: Callable[[str], None], started: float) -> None:
+        self.metrics, self.modes = list(objectives.metrics), list(objectives.modes)
+        self.baselines = static_baselines(
+            experts_metrics, [f / 1e9 for f in prepared.costs.expert_flops], prepared.quality_metric
+        )
+        self.logger = EpochLogger(tracking_uri, parent_run_id)
+        self.show = show
+        self.started = started
+        self.last_results: dict[str, dict] = {}
+        self.states: dict[str, str] = {}
+        self.best_hypervolume = 0.0
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self.states[trial.trial_id] = "running"
+        self._print()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        self.last_results[trial.trial_id] = result
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        finished = bool(self.last_results.get(trial.trial_id, {}).get("finished"))
+        self.states[trial.trial_id] = "complete" if finished else "pruned"
+        self._update_front()
+        self._print()
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.states[trial.trial_id] = "error"
+        self._print()
+
+    def _update_front(self) -> None:
+        rows = [
+            {"trial_id": trial_id, "params": {}, "state": state,
+             "values": [self.last_results.get(trial_id, {}).get(m) for m in self.metrics]}
+            for trial_id, state in self.states.items()
+        ]
+        report = build_front(rows, self.metrics, self.modes, self.baselines)
+        self.best_hypervolume = max(self.best_hypervolume, report.hypervolume)
+        self.front_size = len(report.members)
+        completed = sum(state == "complete" for state in self.states.values())
+        self.logger.log_epoch(completed, {"hypervolume": report.hypervolume, "front_size": len(report.members)})
+
+    def _print(self) -> None:
+        counts = {state: sum(s == state for s in self.states.values()) for state in
+                  ("complete", "running", "pruned", "error")}
+        elapsed = int(time.monotonic() - self.started)
+        self.show(
+            f"[{elapsed // 60}:{elapsed % 60:02d}] trials: {counts['complete']} done, {counts['running']} running, "
+            f"{counts['pruned']} pruned, {counts['error']} failed | front {getattr(self, 'front_size', 0)} | "
+            f"hypervolume {self.best_hypervolume:.4g}"
+        )

@@ -1,0 +1,288 @@
+"""``dynmm tune``: experts trained once, then a Ray Tune study of the gate stage driven by Optuna.
+
+Each trial is a function that builds and fits a ``TorchTrainer`` (multi-worker, possibly multi-GPU) and
+forwards its per-epoch results to Tune with ``TuneReportCallback``. The Optuna study lives in a
+JournalStorage file next to the results, so it survives restarts and opens in optuna-dashboard.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import optuna
+import ray
+import ray.tune
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from dynmm.errors import SpecError, UserError
+from dynmm.spec import PipelineSpec
+from dynmm.track import resolve_tracking_uri, start_job_run
+from dynmm.track.runs import check_tracking_reachable, finish_run
+from dynmm.train.checkpoints import read_experts, read_experts_metrics
+from dynmm.train.evaluate import evaluate_split
+from dynmm.train.job import stable_hash
+from dynmm.train.runner import (
+    PreparedPipeline,
+    build_trainer,
+    connect_ray,
+    load_model_from_checkpoint,
+    prepare_pipeline,
+    stage_configs,
+    worker_job,
+)
+from dynmm.tune.front import FrontReport, build_front, static_baselines, write_front
+from dynmm.tune.moasha import MoAshaScheduler
+from dynmm.tune.progress import StudyProgress
+from dynmm.tune.search import STAGE_FIELD, StudySearch, build_sampler, optuna_space
+
+GFLOPS_METRIC = "val_gflops_per_sample"
+
+
+@dataclass(frozen=True)
+class Objectives:
+    metrics: tuple[str, ...]
+    modes: tuple[str, ...]
+
+    @property
+    def quality_index(self) -> int:
+        return 0
+
+
+def resolve_objectives(spec: PipelineSpec, quality_metric: str) -> Objectives:
+    aliases = {"quality": f"val_{quality_metric}", "gflops": GFLOPS_METRIC}
+    metrics, modes = [], []
+    for objective in spec.search.objectives:
+        name = aliases.get(objective.metric, objective.metric)
+        metrics.append(name if name.startswith("val_") else f"val_{name}")
+        modes.append(objective.mode)
+    if GFLOPS_METRIC not in metrics:
+        raise SpecError("search.objectives: one objective must be gflops (the compute side of the front)")
+    return Objectives(tuple(metrics), tuple(modes))
+
+
+def study_name(spec: PipelineSpec) -> str:
+    # num_trials is left out: raising it and resuming extends the same study
+    identity = spec.model_dump(
+        mode="json", by_alias=True, exclude={"tracking": True, "scaling": True, "search": {"num_trials"}}
+    )
+    return f"{spec.name}-study-{stable_hash(identity)}"
+
+
+def trial_spec(spec: PipelineSpec, params: dict) -> PipelineSpec:
+    """The pipeline with a trial's sampled values set on the gate stage (tau_end capped at tau_start)."""
+    gate = spec.stages.gate.model_dump()
+    for name, value in params.items():
+        gate[STAGE_FIELD[name]] = int(round(value)) if name == "epoch_hard" else float(value)
+    gate["tau_end"] = min(gate["tau_end"], gate["tau_start"])
+    stages = spec.stages.model_copy(update={"gate": spec.stages.gate.model_validate(gate)})
+    return spec.model_copy(update={"stages": stages})
+
+
+def ensure_experts(prepared: PreparedPipeline, tracking_uri: str, show: Callable[[dict], None]) -> dict:
+    """Train the experts once (their own Ray Train run and MLflow run); later calls reuse them."""
+    if read_experts(prepared.experts_uri) is None:
+        from dynmm.train.progress import ProgressPrinter
+        from dynmm.train.runner import progress_actor_name
+
+        spec = prepared.spec
+        run_name = f"{spec.name}-experts-{prepared.experts_uri.rsplit('-', 1)[-1]}"
+        run_id = start_job_run(
+            tracking_uri, spec.tracking.experiment or spec.name, run_name,
+            params=spec.model_dump(mode="json", by_alias=True, include={"data", "model", "seed"})
+            | {"stages": {"experts": spec.stages.experts.model_dump(mode="json")}},
+            tags={"dynmm.pipeline": spec.name, "dynmm.kind": "experts"},
+        )
+        progress = progress_actor_name(run_name)
+        job = worker_job(prepared, stage_configs(spec, ("experts",)), run_name, tracking_uri, run_id, progress)
+        with ProgressPrinter(progress, show):
+            build_trainer(prepared, job, run_name).fit()
+        finish_run(tracking_uri, run_id, "FINISHED")
+    metrics = read_experts_metrics(prepared.experts_uri)
+    if metrics is None:
+        raise UserError(f"the experts stage at {prepared.experts_uri} did not finish")
+    return metrics
+
+
+def run_trial(config: dict, *, prepared: PreparedPipeline, tracking_uri: str, parent_run_id: str, study: str) -> None:
+    """One Tune trial: a full multi-worker Ray Train run of the gate (and finetune) stages."""
+    trial_id = ray.tune.get_context().get_trial_id()
+    spec = trial_spec(prepared.spec, config)
+    trial_prepared = replace(prepared, spec=spec)
+    run_name = f"{study}-{trial_id}"
+    run_id = start_job_run(
+        tracking_uri, spec.tracking.experiment or spec.name, run_name, params={"trial": config, **spec.model_dump(
+            mode="json", by_alias=True, include={"stages"})},
+        tags={"dynmm.pipeline": spec.name, "dynmm.kind": "trial", "study": study, "trial_id": trial_id,
+              "mlflow.parentRunId": parent_run_id},
+    )
+    job = worker_job(trial_prepared, stage_configs(spec, ("gate", "finetune")), run_name, tracking_uri, run_id)
+    trainer = build_trainer(trial_prepared, job, run_name, callbacks=[TuneReportCallback()])
+    trainer.fit()
+    finish_run(tracking_uri, run_id, "FINISHED")
+
+
+def max_concurrent_trials(spec: PipelineSpec) -> int:
+    """What the cluster can run at once, from its resources and one trial's needs."""
+    if spec.search.max_concurrent_trials:
+        return spec.search.max_concurrent_trials
+    available = ray.cluster_resources()
+    scaling = spec.scaling
+    per_trial = {"CPU": scaling.num_workers * scaling.cpus_per_worker + spec.search.trial_driver_cpus}
+    if scaling.use_gpu:
+        per_trial["GPU"] = scaling.num_workers * scaling.gpus_per_worker
+    for name, amount in scaling.resources_per_worker.items():
+        per_trial[name] = per_trial.get(name, 0) + scaling.num_workers * amount
+    fits = [math.floor(available.get(name, 0) / need + 1e-9) for name, need in per_trial.items() if need > 0]
+    return max(1, min(fits, default=1))
+
+
+def open_study_storage(results_dir: Path) -> JournalStorage:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(results_dir / "optuna-journal.log")))
+
+
+@dataclass(frozen=True)
+class StudyRun:
+    name: str
+    results_dir: Path
+    tracking_uri: str
+    parent_run_id: str
+    objectives: Objectives
+    prepared: PreparedPipeline
+    experts_metrics: dict
+    trials: list[dict]
+    elapsed_seconds: float
+
+
+def run_study(
+    spec: PipelineSpec,
+    *,
+    address: str | None = None,
+    verbose: bool = False,
+    resume: bool = False,
+    show_epoch: Callable[[dict], None] = lambda record: None,
+    show_line: Callable[[str], None] = print,
+) -> StudyRun:
+    if spec.search is None:
+        raise SpecError("search: this pipeline has no search section; add one to tune it (see pipelines/digits.yaml)")
+    started = time.monotonic()
+    prepared = prepare_pipeline(spec)
+    objectives = resolve_objectives(spec, prepared.quality_metric)
+    tracking_uri = resolve_tracking_uri(spec.tracking.uri)
+    check_tracking_reachable(tracking_uri)
+    name = study_name(spec)
+    results_dir = Path(prepared.storage_path) / name
+    if resume and not results_dir.exists():
+        raise UserError(f"--resume: no study at {results_dir} to resume; run without --resume first")
+    connect_ray(address, verbose)
+    experts_metrics = ensure_experts(prepared, tracking_uri, show_epoch)
+    parent_run_id = start_job_run(
+        tracking_uri, spec.tracking.experiment or spec.name, name,
+        params=spec.model_dump(mode="json", by_alias=True), tags={"dynmm.pipeline": spec.name, "dynmm.kind": "study",
+                                                                  "study": name},
+    )
+    trainable = ray.tune.with_parameters(
+        run_trial, prepared=prepared, tracking_uri=tracking_uri, parent_run_id=parent_run_id, study=name
+    )
+    trainable = ray.tune.with_resources(trainable, {"cpu": spec.search.trial_driver_cpus})
+    progress = StudyProgress(objectives, experts_metrics, prepared, tracking_uri, parent_run_id, show_line, started)
+    run_config = ray.tune.RunConfig(
+        name=name, storage_path=prepared.storage_path, callbacks=[progress], verbose=2 if verbose else 0,
+        failure_config=ray.tune.FailureConfig(max_failures=spec.run.max_failures),
+    )
+    if resume and ray.tune.Tuner.can_restore(str(results_dir)):
+        tuner = ray.tune.Tuner.restore(str(results_dir), trainable=trainable, resume_errored=True)
+    else:
+        tuner = ray.tune.Tuner(
+            trainable,
+            tune_config=ray.tune.TuneConfig(
+                search_alg=build_searcher(spec, objectives, name, results_dir),
+                scheduler=build_scheduler(spec, objectives),
+                num_samples=spec.search.num_trials,
+                max_concurrent_trials=max_concurrent_trials(spec),
+            ),
+            run_config=run_config,
+        )
+    grid = tuner.fit()
+    finish_run(tracking_uri, parent_run_id, "FINISHED")
+    trials = [trial_row(result, objectives) for result in grid]
+    return StudyRun(name, results_dir, tracking_uri, parent_run_id, objectives, prepared, experts_metrics, trials,
+                    time.monotonic() - started)
+
+
+def build_searcher(spec: PipelineSpec, objectives: Objectives, name: str, results_dir: Path) -> StudySearch:
+    search = spec.search
+    return StudySearch(
+        optuna_space(search),
+        metric=list(objectives.metrics),
+        mode=list(objectives.modes),
+        sampler=build_sampler(search, len(objectives.metrics)),
+        study_name=name,
+        storage=open_study_storage(results_dir),
+        gflops_metric=GFLOPS_METRIC,
+        max_gflops=search.max_gflops,
+    )
+
+
+def build_scheduler(spec: PipelineSpec, objectives: Objectives):
+    scheduler = spec.search.scheduler
+    if scheduler.kind == "fifo":
+        return ray.tune.schedulers.FIFOScheduler()
+    gate = spec.stages.gate
+    hard_epochs = gate.epochs - min(gate.epoch_hard, gate.epochs) + (spec.stages.finetune.epochs
+                                                                       if spec.stages.finetune.enabled else 0)
+    return MoAshaScheduler(
+        objectives.metrics, objectives.modes, max_t=max(hard_epochs, 1),
+        grace_period=scheduler.grace_period, reduction_factor=scheduler.reduction_factor,
+    )
+
+
+def trial_row(result, objectives: Objectives) -> dict:
+    """Plain data of one finished Tune trial: params, objective values, state, checkpoint path."""
+    metrics = result.metrics or {}
+    finished = bool(metrics.get("finished")) and result.error is None
+    return {
+        "trial_id": metrics.get("trial_id") or Path(result.path).name,
+        "params": dict(result.config or {}),
+        "values": [metrics.get(metric) for metric in objectives.metrics],
+        "state": "complete" if finished else ("error" if result.error else "pruned"),
+        "hard_epochs": metrics.get("hard_epochs", 0),
+        "epochs": metrics.get("global_step", -1) + 1,
+        "checkpoint": metrics.get("checkpoint_path"),
+        "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)},
+    }
+
+
+def optuna_trials(results_dir: Path, name: str) -> list[optuna.trial.FrozenTrial]:
+    """The study as Optuna recorded it (pruned trials included)."""
+    study = optuna.load_study(study_name=name, storage=open_study_storage(results_dir))
+    return study.get_trials(deepcopy=False)
+
+
+def report_study(run: StudyRun, evaluate_on_test: bool = True) -> tuple[FrontReport, dict[str, Path]]:
+    """Front of the completed trials; members re-evaluated on the test split; JSON, CSV and PNG written."""
+    prepared = run.prepared
+    baselines = static_baselines(
+        run.experts_metrics, [f / 1e9 for f in prepared.costs.expert_flops], prepared.quality_metric
+    )
+    report = build_front(run.trials, list(run.objectives.metrics), list(run.objectives.modes), baselines)
+    if evaluate_on_test:
+        for member in report.members:
+            member["test_metrics"] = evaluate_checkpoint(prepared, member["params"], member["checkpoint"], "test")
+    return report, write_front(report, run.trials, run.results_dir)
+
+
+def evaluate_checkpoint(prepared: PreparedPipeline, params: dict, checkpoint_path: str, split: str) -> dict:
+    spec = trial_spec(prepared.spec, params)
+    model = load_model_from_checkpoint(spec, ray.train.Checkpoint(checkpoint_path))
+    metrics = evaluate_split(
+        model, prepared.dataset_dir, split, prepared.meta.task, prepared.meta.num_classes or 0, prepared.costs,
+        batch_size=spec.data.eval_batch_size,
+    )
+    return {f"test_{k}": v for k, v in metrics.items()}
