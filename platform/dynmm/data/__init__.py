@@ -1,0 +1,44 @@
+"""Datasets: the Parquet layout and its metadata (``format``), readers for Ray Data and plain PyTorch
+(``readers``), the built-in datasets (``digits``, ``synthetic``) and converters of the datasets users bring
+(``convert``). Every failure a user can fix is a ``DatasetError``.
+
+Must not import dynmm.models, ray.train or mlflow; ``ray.data`` is imported only where a Ray dataset is
+built, so the plain reader works without starting Ray.
+"""
+
+from dynmm.data.convert import convert_avmnist, convert_mmimdb, convert_mosei, prepare_dataset
+from dynmm.data.digits import prepare_digits
+from dynmm.data.format import (
+    SPLITS,
+    DatasetMeta,
+    DatasetWriter,
+    ModalitySpec,
+    dataset_writer,
+    read_meta,
+    write_meta,
+)
+from dynmm.data.readers import BUILTIN_DATASETS, iter_batches, load_split, ray_dataset, resolve_dataset
+from dynmm.data.synthetic import generate_synthetic_mosei
+from dynmm.errors import DatasetError
+
+__all__ = [
+    "BUILTIN_DATASETS",
+    "SPLITS",
+    "DatasetError",
+    "DatasetMeta",
+    "DatasetWriter",
+    "ModalitySpec",
+    "convert_avmnist",
+    "convert_mmimdb",
+    "convert_mosei",
+    "dataset_writer",
+    "generate_synthetic_mosei",
+    "iter_batches",
+    "load_split",
+    "prepare_dataset",
+    "prepare_digits",
+    "ray_dataset",
+    "read_meta",
+    "resolve_dataset",
+    "write_meta",
+]

@@ -1,0 +1,207 @@
+"""Readers of a dataset folder: a plain in-process reader (pyarrow only) and the Ray Data dataset that Ray
+Train workers shard. Both read the same files in the same order and give the same keys, dtypes and
+(B, *shape) tensors. Also resolves a dataset argument (built-in name or folder) to a folder.
+
+Ray is imported only inside ``ray_dataset`` so the plain reader never starts Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from dynmm.data.format import META_FILE, SAMPLE_ID, DatasetMeta, read_meta, split_files
+from dynmm.errors import DatasetError
+
+if TYPE_CHECKING:
+    import ray.data
+
+Batch = dict[str, Any]
+
+
+def _columns_to_read(meta: DatasetMeta, columns: Sequence[str] | None, default: list[str]) -> list[str]:
+    if columns is None:
+        return default
+    known = [*meta.tensor_columns, SAMPLE_ID]
+    unknown = [column for column in columns if column not in known]
+    if unknown:
+        raise DatasetError(f"dataset {meta.name!r}: unknown column(s) {unknown}; expected some of {known}")
+    return list(columns)
+
+
+def _arrow_to_torch(column: pa.Array | pa.ChunkedArray) -> torch.Tensor | list[str]:
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if pa.types.is_string(column.type):
+        return column.to_pylist()
+    if isinstance(column.type, pa.FixedShapeTensorType):
+        array = column.to_numpy_ndarray()
+    else:
+        array = column.to_numpy(zero_copy_only=False)
+    with warnings.catch_warnings():
+        # numpy marks Arrow-backed arrays read-only; the buffer belongs to this freshly read table alone,
+        # so sharing it with torch without a copy is safe.
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
+
+
+def _table_to_batch(table: pa.Table) -> Batch:
+    return {name: _arrow_to_torch(table.column(name)) for name in table.column_names}
+
+
+def load_split(directory: str | Path, split: str, columns: Sequence[str] | None = None) -> Batch:
+    """Read a whole split into memory: every modality as a float32 tensor (N, *shape), ``label`` as a
+    tensor and ``sample_id`` as a list of str (``columns`` selects a subset)."""
+    meta = read_meta(directory)
+    selected = _columns_to_read(meta, columns, [*meta.tensor_columns, SAMPLE_ID])
+    tables = [pq.read_table(file, columns=selected) for file in split_files(directory, split)]
+    return _table_to_batch(pa.concat_tables(tables))
+
+
+def iter_batches(
+    directory: str | Path,
+    split: str,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    drop_last: bool = False,
+    columns: Sequence[str] | None = None,
+) -> Iterator[Batch]:
+    """Yield dicts of torch tensors with ``batch_size`` rows (the last one may be smaller).
+
+    By default the keys are the modalities and ``label``, as in ``ray_dataset``; add ``sample_id`` to
+    ``columns`` to get it as a list of str. Without shuffling the files are streamed; with shuffling the
+    split is loaded into memory and permuted with ``seed``.
+    """
+    if batch_size < 1:
+        raise DatasetError(f"batch_size must be >= 1, got {batch_size}")
+    meta = read_meta(directory)
+    selected = _columns_to_read(meta, columns, meta.tensor_columns)
+    if shuffle:
+        yield from _shuffled_batches(load_split(directory, split, selected), batch_size, seed, drop_last)
+        return
+    pending: list[pa.RecordBatch] = []
+    pending_rows = 0
+    for file in split_files(directory, split):
+        for record_batch in pq.ParquetFile(file).iter_batches(batch_size=batch_size, columns=selected):
+            pending.append(record_batch)
+            pending_rows += record_batch.num_rows
+            while pending_rows >= batch_size:
+                table = pa.Table.from_batches(pending)
+                yield _table_to_batch(table.slice(0, batch_size))
+                pending = table.slice(batch_size).to_batches()
+                pending_rows -= batch_size
+    if pending_rows and not drop_last:
+        yield _table_to_batch(pa.Table.from_batches(pending))
+
+
+def _shuffled_batches(split: Batch, batch_size: int, seed: int, drop_last: bool) -> Iterator[Batch]:
+    num_rows = len(next(iter(split.values())))
+    order = torch.from_numpy(np.random.default_rng(seed).permutation(num_rows))
+    stop = num_rows - num_rows % batch_size if drop_last else num_rows
+    for start in range(0, stop, batch_size):
+        rows = order[start : start + batch_size]
+        yield {
+            name: [values[row] for row in rows.tolist()] if isinstance(values, list) else values[rows]
+            for name, values in split.items()
+        }
+
+
+def ray_dataset(
+    directory: str | Path,
+    split: str,
+    *,
+    columns: Sequence[str] | None = None,
+    preserve_order: bool = True,
+) -> ray.data.Dataset:
+    """The split as a Ray Data dataset (``ray.data.read_parquet`` over the split's files in order).
+
+    By default only the tensor columns (modalities and ``label``) are read, so
+    ``iter_torch_batches(batch_size=...)`` yields the same dicts as ``iter_batches``: torch cannot hold the
+    string ``sample_id`` column, pass ``columns=[..., "sample_id"]`` and use ``iter_batches`` to get it.
+    ``preserve_order`` keeps the file order (so the rows match the plain reader); it applies to this
+    dataset only, and Ray Train replaces it with its ``DataConfig`` execution options for the datasets
+    given to a trainer.
+    """
+    import ray.data
+
+    meta = read_meta(directory)
+    selected = _columns_to_read(meta, columns, meta.tensor_columns)
+    files = [str(file) for file in split_files(directory, split)]
+    # Ray 2.60's default Parquet reader (DataSourceV2) starts a pool of 32 footer-reading actors every
+    # time a dataset executes, i.e. every epoch: seconds of start-up per epoch on a small node, for the
+    # tens of local files a dataset here has. The V1 reader lists them in-process; it is chosen when the
+    # dataset is built, so it holds wherever the dataset later runs (a Ray Train worker too).
+    context = ray.data.DataContext.get_current()
+    default_reader = context.use_datasource_v2
+    context.use_datasource_v2 = False
+    try:
+        dataset = ray.data.read_parquet(files, columns=selected)
+    finally:
+        context.use_datasource_v2 = default_reader
+    dataset.context.execution_options.preserve_order = preserve_order
+    return dataset
+
+
+def _prepare_digits(out_dir: Path) -> Path:
+    from dynmm.data.digits import prepare_digits
+
+    return prepare_digits(out_dir)
+
+
+def _prepare_synthetic_mosei(out_dir: Path) -> Path:
+    from dynmm.data.synthetic import BUILTIN_NUM_SAMPLES, generate_synthetic_mosei
+
+    return generate_synthetic_mosei(out_dir, num_samples=BUILTIN_NUM_SAMPLES)
+
+
+BUILTIN_DATASETS: dict[str, Callable[[Path], Path]] = {
+    "digits": _prepare_digits,
+    "synthetic-mosei": _prepare_synthetic_mosei,
+}
+
+
+def resolve_dataset(name_or_path: str | Path, data_root: str | Path) -> Path:
+    """The folder of a dataset: a built-in name is prepared under ``data_root/<name>`` on first use (one
+    process prepares it while the others wait on a lock) and reused afterwards; anything else must be an
+    existing dataset folder with a dataset.json."""
+    name = str(name_or_path)
+    if name in BUILTIN_DATASETS:
+        return _prepared_builtin(name, Path(data_root))
+    path = Path(name_or_path).expanduser()
+    if not (path / META_FILE).is_file():
+        raise DatasetError(
+            f"dataset {name!r}: not a built-in dataset ({', '.join(BUILTIN_DATASETS)}) and not a folder "
+            f"with {META_FILE}; prepare one with `dynmm data prepare`"
+        )
+    return path
+
+
+def _prepared_builtin(name: str, data_root: Path) -> Path:
+    out_dir = data_root / name
+    if (out_dir / META_FILE).is_file():
+        return out_dir
+    data_root.mkdir(parents=True, exist_ok=True)
+    with open(data_root / f".{name}.lock", "w") as lock_file, _locked(lock_file):
+        if not (out_dir / META_FILE).is_file():
+            BUILTIN_DATASETS[name](out_dir)
+    return out_dir
+
+
+@contextlib.contextmanager
+def _locked(lock_file: Any) -> Iterator[None]:
+    fcntl.flock(lock_file, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(lock_file, fcntl.LOCK_UN)

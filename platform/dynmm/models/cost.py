@@ -1,0 +1,118 @@
+"""Compute accounting: FLOPs per path, expected cost per sample, route fractions, reduction.
+
+FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` at batch size 1. Every sample
+pays the gate; path i costs gate + expert i; the static baseline is the most expensive expert alone
+(the full-fusion model, no gate). Imports torch only.
+"""
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.flop_counter import FlopCounterMode
+
+from dynmm.models.dynmm import ModalityDynMM
+
+
+def _attention_flops(query_shape, key_shape, value_shape, *args: Any, out_shape=None, **kwargs: Any) -> int:
+    batch, heads, query_length, head_dim = query_shape
+    key_length = key_shape[2]
+    value_dim = value_shape[3]
+    scores = 2 * batch * heads * query_length * key_length * head_dim
+    weighted_values = 2 * batch * heads * query_length * key_length * value_dim
+    return scores + weighted_values
+
+
+def _extra_flop_formulas() -> dict[Any, Callable[..., int]]:
+    # FlopCounterMode counts the CUDA attention kernels but not the CPU flash-attention kernel that
+    # nn.MultiheadAttention dispatches to on CPU; without this, attention would be free on CPU.
+    cpu_attention = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    return {} if cpu_attention is None else {cpu_attention: _attention_flops}
+
+
+def measure_flops(module_fn: Callable[[Any], Any], inputs: Any) -> int:
+    """FLOPs of one call ``module_fn(inputs)`` (a multiply-add counts as 2)."""
+    counter = FlopCounterMode(display=False, custom_mapping=_extra_flop_formulas())
+    # The fused inference fast path of nn.MultiheadAttention / nn.TransformerEncoderLayer is one
+    # opaque op that FlopCounterMode counts as 0 FLOPs; the regular path computes the same result
+    # with ops it can count.
+    fastpath_was_enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with counter:
+            module_fn(inputs)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath_was_enabled)
+    return counter.get_total_flops()
+
+
+@dataclass(frozen=True)
+class PathCosts:
+    """FLOPs per sample of the gate and of each expert, and what each path costs."""
+
+    gate_flops: float
+    expert_flops: tuple[float, ...]
+
+    @property
+    def path_flops(self) -> tuple[float, ...]:
+        return tuple(self.gate_flops + flops for flops in self.expert_flops)
+
+    @property
+    def static_flops(self) -> float:
+        return max(self.expert_flops)
+
+    @property
+    def path_gflops(self) -> tuple[float, ...]:
+        return tuple(flops / 1e9 for flops in self.path_flops)
+
+    @property
+    def normalised(self) -> tuple[float, ...]:
+        """Path FLOPs divided by the most expensive path, so that lambda is comparable across tasks."""
+        most_expensive = max(self.path_flops)
+        return tuple(flops / most_expensive for flops in self.path_flops)
+
+
+def measure_path_costs(model: ModalityDynMM) -> PathCosts:
+    """Count the gate's and each expert's FLOPs for one sample (eval mode, no grad)."""
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        inputs = model.example_inputs(1, device=device)
+        with torch.no_grad():
+            gate_flops = measure_flops(model.gate, inputs)
+            expert_flops = tuple(float(measure_flops(expert, inputs)) for expert in model.experts)
+    finally:
+        model.train(was_training)
+    return PathCosts(gate_flops=float(gate_flops), expert_flops=expert_flops)
+
+
+def expected_cost_per_sample(decisions_or_paths: Tensor, path_flops: Sequence[float]) -> float:
+    """Mean over the batch of sum_i g_i * C_i; takes (B, P) decisions or (B,) integer paths."""
+    costs = torch.as_tensor(path_flops, dtype=torch.float64, device=decisions_or_paths.device)
+    if decisions_or_paths.dim() == 1:
+        if decisions_or_paths.is_floating_point():
+            raise ValueError("a 1-d argument must hold integer paths; pass (B, P) decisions otherwise")
+        return costs[decisions_or_paths].mean().item()
+    if decisions_or_paths.shape[-1] != costs.numel():
+        raise ValueError(
+            f"decisions have {decisions_or_paths.shape[-1]} paths but {costs.numel()} costs were given"
+        )
+    return (decisions_or_paths.detach().to(torch.float64) * costs).sum(dim=-1).mean().item()
+
+
+def route_fractions(paths: Tensor, num_paths: int) -> tuple[float, ...]:
+    """Fraction of the samples routed to each path."""
+    counts = torch.bincount(paths.flatten(), minlength=num_paths)
+    if counts.numel() > num_paths:
+        raise ValueError(f"paths hold values >= num_paths ({num_paths})")
+    return tuple((counts.double() / max(paths.numel(), 1)).tolist())
+
+
+def compute_reduction(expected_cost: float, static_cost: float) -> float:
+    """Fraction of compute saved versus the static model: 1 - E[C_dynamic] / C_static."""
+    if static_cost <= 0:
+        raise ValueError(f"static_cost must be > 0, got {static_cost}")
+    return 1.0 - expected_cost / static_cost
