@@ -36,6 +36,8 @@ def train_loop_per_worker(config: dict) -> None:
     model = build_model(job.model_name, **job.model_args)
     costs = measure_path_costs(model)
     path_gflops = torch.tensor(costs.path_gflops, dtype=torch.float64)
+    # a forced path skips the gate: it costs what the expert alone would cost as a static model
+    forced_gflops = torch.tensor([flops / 1e9 for flops in costs.expert_flops], dtype=torch.float64)
     static_gflops = costs.static_flops / 1e9
     normalised_costs = torch.tensor(costs.normalised, dtype=torch.float32, device=device)
     model.to(device)
@@ -70,7 +72,7 @@ def train_loop_per_worker(config: dict) -> None:
                 trainable, model, stage, schedule, epoch, optimizer, job, device, normalised_costs, path_gflops
             )
             metrics = {f"train_{k}": v for k, v in finalize(_all_reduce(train_sums, device), static_gflops).items()}
-            metrics.update(_validate(model, stage, job, device, path_gflops, static_gflops))
+            metrics.update(_validate(model, stage, job, device, path_gflops, forced_gflops, static_gflops))
             global_step += 1
             hard_epochs += _gates_were_hard(stage, schedule, epoch)
             last_epoch = epoch == stage.epochs - 1
@@ -190,7 +192,7 @@ def _train_epoch(trainable, model, stage, schedule, epoch, optimizer, job, devic
 
 
 @torch.no_grad()
-def _validate(model, stage, job, device, path_gflops, static_gflops) -> dict[str, float]:
+def _validate(model, stage, job, device, path_gflops, forced_gflops, static_gflops) -> dict[str, float]:
     """One pass over the validation shard with hard gates and routed execution. The expert stage scores
     each expert alone (``val_expert{i}_*``) and reports the most expensive one as ``val_*``."""
     model.eval()
@@ -201,7 +203,7 @@ def _validate(model, stage, job, device, path_gflops, static_gflops) -> dict[str
         for forced in forced_paths:
             result = model(batch, mode="routed", force_path=forced)
             loss = task_loss(job.task, result.output, label)
-            sums[forced].add(result.output, label, loss, result.paths, path_gflops)
+            sums[forced].add(result.output, label, loss, result.paths, path_gflops if forced is None else forced_gflops)
     metrics = {}
     for forced, forced_sums in sums.items():
         prefix = "val_" if forced is None else f"val_expert{forced}_"

@@ -210,6 +210,7 @@ def run_study(
             run_config=run_config,
         )
     grid = tuner.fit()
+    close_orphaned_trials(results_dir, name)
     finish_run(tracking_uri, parent_run_id, "FINISHED")
     trials = [trial_row(result, objectives) for result in grid]
     return StudyRun(name, results_dir, tracking_uri, parent_run_id, objectives, prepared, experts_metrics, trials,
@@ -259,10 +260,13 @@ def trial_row(result, objectives: Objectives) -> dict:
     }
 
 
-def optuna_trials(results_dir: Path, name: str) -> list[optuna.trial.FrozenTrial]:
-    """The study as Optuna recorded it (pruned trials included)."""
+def close_orphaned_trials(results_dir: Path, name: str) -> None:
+    """A driver killed between Optuna's ask and Tune's next experiment snapshot leaves a trial RUNNING in
+    the journal that the restored Tune run never heard of (it asks a fresh one instead): mark it failed
+    so the study reads true in optuna-dashboard and samplers do not wait on it."""
     study = optuna.load_study(study_name=name, storage=open_study_storage(results_dir))
-    return study.get_trials(deepcopy=False)
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
 
 
 def report_study(run: StudyRun, evaluate_on_test: bool = True) -> tuple[FrontReport, dict[str, Path]]:
