@@ -114,8 +114,6 @@ def connect_ray(address: str | None = None, verbose: bool = False) -> None:
     """Use the cluster named by ``address`` or ``RAY_ADDRESS``; else start a local Ray on 127.0.0.1."""
     if ray.is_initialized():
         return
-    if not verbose:
-        quiet_libraries()
     options = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
     address = address or os.environ.get("RAY_ADDRESS")
     try:
@@ -131,6 +129,8 @@ def connect_ray(address: str | None = None, verbose: bool = False) -> None:
 def quiet_libraries() -> None:
     """Keep Ray's and MLflow's routine chatter out of the way; ``--verbose`` skips this."""
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    # a local raylet warns once per burst of worker start-ups beyond its CPU count (trials x workers)
+    os.environ.setdefault("RAY_worker_maximum_startup_concurrency", "64")
     for name in ("ray", "ray.data", "ray.train", "ray.tune", "mlflow"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
@@ -268,6 +268,8 @@ def run_training(
     show: Callable[[dict], None] = lambda record: None,
 ) -> TrainResult:
     """``dynmm train``: all enabled stages in one Ray Train run; resumes when the same run exists."""
+    if not verbose:
+        quiet_libraries()
     prepared = prepare_pipeline(spec)
     tracking_uri = resolve_tracking_uri(spec.tracking.uri)
     check_tracking_reachable(tracking_uri)

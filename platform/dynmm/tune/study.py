@@ -33,6 +33,7 @@ from dynmm.train.runner import (
     connect_ray,
     load_model_from_checkpoint,
     prepare_pipeline,
+    quiet_libraries,
     stage_configs,
     worker_job,
 )
@@ -123,7 +124,13 @@ def run_trial(config: dict, *, prepared: PreparedPipeline, tracking_uri: str, pa
     )
     job = worker_job(trial_prepared, stage_configs(spec, ("gate", "finetune")), run_name, tracking_uri, run_id)
     trainer = build_trainer(trial_prepared, job, run_name, callbacks=[TuneReportCallback()])
-    trainer.fit()
+    result = trainer.fit()
+    # A trial restarted after its Train run had already finished reports nothing new: hand Tune the
+    # final result again so the searcher and the front still see it (a repeat changes no decision).
+    final = dict(result.metrics or {})
+    if result.checkpoint is not None:
+        final["checkpoint_path"] = result.checkpoint.path
+    ray.tune.report(final)
     finish_run(tracking_uri, run_id, "FINISHED")
 
 
@@ -172,6 +179,8 @@ def run_study(
     if spec.search is None:
         raise SpecError("search: this pipeline has no search section; add one to tune it (see pipelines/digits.yaml)")
     started = time.monotonic()
+    if not verbose:
+        quiet_libraries()
     prepared = prepare_pipeline(spec)
     objectives = resolve_objectives(spec, prepared.quality_metric)
     tracking_uri = resolve_tracking_uri(spec.tracking.uri)
