@@ -10,6 +10,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from dynmm.cli import main
@@ -111,3 +112,15 @@ def test_malformed_pipeline_exits_2_with_one_line_and_writes_nothing(tmp_path, c
     assert list(tmp_path.iterdir()) == []
 
 
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (NCCL backend, one GPU per worker)")
+def test_digits_trains_on_gpus_with_nccl(ray_session, tmp_path):
+    workers = min(2, torch.cuda.device_count())
+    overrides = small_digits_overrides(tmp_path) + [
+        "scaling.use_gpu=true", f"scaling.num_workers={workers}", "scaling.gpus_per_worker=1",
+    ]
+    result = run_training(load_pipeline(PIPELINE, overrides))
+    assert result.final_metrics["val_accuracy"] > 0.5
+    assert logged_steps(result.tracking_uri, result.mlflow_run_id) == list(range(7))

@@ -45,6 +45,7 @@ class WorkerJob:
     progress_actor: str | None = None
     fail_once_marker: str | None = None
     fail_once_at_epoch: int | None = None
+    cache_shards_in_memory: bool = False
 
     def to_config(self) -> dict:
         return asdict(self)

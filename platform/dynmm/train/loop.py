@@ -26,8 +26,22 @@ from dynmm.train.metrics import EpochSums, finalize, task_loss
 from dynmm.train.progress import post_progress
 
 
+class _ShardCache:
+    """Per-worker-process memory of small shards (one worker process runs one job)."""
+
+    def __init__(self) -> None:
+        self.shards: dict = {}
+
+    def get(self, job: WorkerJob) -> dict | None:
+        return self.shards if job.cache_shards_in_memory else None
+
+
+_SHARD_CACHE = _ShardCache()
+
+
 def train_loop_per_worker(config: dict) -> None:
     job = WorkerJob.from_config(config)
+    _SHARD_CACHE.shards.clear()
     context = ray.train.get_context()
     rank = context.get_world_rank()
     torch.manual_seed(job.seed + rank)
@@ -157,17 +171,38 @@ def _build_optimizer(stage: StageConfig, model: nn.Module) -> torch.optim.Optimi
     return optimizer_class(parameters, lr=stage.lr, weight_decay=stage.weight_decay)
 
 
-def _batches(split: str, batch_size: int, device, seed: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
-    shard = ray.train.get_dataset_shard(split)
-    shuffle = {"local_shuffle_buffer_size": 4 * batch_size, "local_shuffle_seed": seed} if seed is not None else {}
-    yield from shard.iter_torch_batches(batch_size=batch_size, device=device, **shuffle)
+def _batches(
+    split: str, batch_size: int, device, seed: int | None = None, cache: dict | None = None
+) -> Iterator[dict[str, torch.Tensor]]:
+    """This worker's shard of ``split`` in batches, shuffled with ``seed`` when given.
+
+    With a ``cache`` (small datasets) the shard is read from Ray Data once and kept in this worker's
+    memory, so later epochs cost only compute: each rank keeps the same disjoint shard, as a
+    DistributedSampler would. Otherwise every epoch streams the shard from Ray Data."""
+    if cache is None:
+        shard = ray.train.get_dataset_shard(split)
+        shuffle = {"local_shuffle_buffer_size": 4 * batch_size, "local_shuffle_seed": seed} if seed is not None else {}
+        yield from shard.iter_torch_batches(batch_size=batch_size, device=device, **shuffle)
+        return
+    if split not in cache:
+        parts = list(ray.train.get_dataset_shard(split).iter_torch_batches(batch_size=4096, device=device))
+        cache[split] = {key: torch.cat([part[key] for part in parts]) for key in parts[0]} if parts else {}
+    columns = cache[split]
+    if not columns:
+        return
+    rows = len(next(iter(columns.values())))
+    order = torch.arange(rows) if seed is None else torch.randperm(rows, generator=torch.Generator().manual_seed(seed))
+    order = order.to(device)
+    for start in range(0, rows, batch_size):
+        chosen = order[start : start + batch_size]
+        yield {key: values[chosen] for key, values in columns.items()}
 
 
 def _train_epoch(trainable, model, stage, schedule, epoch, optimizer, job, device, normalised_costs, path_gflops):
     trainable.train()
     sums = EpochSums.zeros(job.task, model.num_paths, job.num_classes)
     split = "train_experts" if stage.name == "experts" else "train_gate"
-    for batch in _batches(split, job.batch_size, device, seed=job.seed * 1000 + epoch):
+    for batch in _batches(split, job.batch_size, device, seed=job.seed * 1000 + epoch, cache=_SHARD_CACHE.get(job)):
         label = batch.pop("label")
         optimizer.zero_grad(set_to_none=True)
         if stage.name == "experts":
@@ -198,7 +233,7 @@ def _validate(model, stage, job, device, path_gflops, forced_gflops, static_gflo
     model.eval()
     forced_paths = list(range(model.num_paths)) if stage.name == "experts" else [None]
     sums = {forced: EpochSums.zeros(job.task, model.num_paths, job.num_classes) for forced in forced_paths}
-    for batch in _batches("valid", job.eval_batch_size, device):
+    for batch in _batches("valid", job.eval_batch_size, device, cache=_SHARD_CACHE.get(job)):
         label = batch.pop("label")
         for forced in forced_paths:
             result = model(batch, mode="routed", force_path=forced)

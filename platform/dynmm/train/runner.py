@@ -235,6 +235,7 @@ def worker_job(
         progress_actor=progress_actor,
         fail_once_marker=marker,
         fail_once_at_epoch=spec.run.fail_once_at_epoch,
+        cache_shards_in_memory=_folder_bytes(prepared.dataset_dir) < MATERIALIZE_BELOW_BYTES,
     )
 
 
