@@ -12,6 +12,7 @@ def ray_session():
     """One local Ray for the whole test session (2 CPUs, no dashboard); integration tests only."""
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("RAY_worker_maximum_startup_concurrency", "64")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")

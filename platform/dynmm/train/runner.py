@@ -116,6 +116,9 @@ def connect_ray(address: str | None = None, verbose: bool = False) -> None:
         return
     options = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
     address = address or os.environ.get("RAY_ADDRESS")
+    # Ray Train V2's controller collects reports on its health-check tick (2 s by default), which
+    # dominates an epoch of a small model; a local Ray started here inherits this environment.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     try:
         if address:
             ray.init(address=address, **options)
