@@ -123,7 +123,11 @@ def connect_ray(address: str | None = None, verbose: bool = False) -> None:
         if address:
             ray.init(address=address, **options)
         else:
-            ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, **options)
+            # The dashboard (on 127.0.0.1 only) serves the state API that Ray Train's placement-group
+            # cleaner needs: without it, the worker groups of trials that Tune stops are never freed.
+            ray.init(
+                _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1", **options
+            )
     except ConnectionError as error:
         raise UserError(f"cannot reach the Ray cluster at {address}: {error}") from None
     ray.data.DataContext.get_current().enable_progress_bars = verbose
