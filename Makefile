@@ -14,7 +14,7 @@ $(BIN)/python:
 # torch first, pinned, so pip takes the local CPU wheel instead of resolving a multi-GB CUDA build.
 $(INSTALLED): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,hdf5]"
 	touch $@
 
 demo: $(INSTALLED)
