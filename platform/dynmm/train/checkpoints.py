@@ -52,23 +52,23 @@ def _write_atomically(filesystem: pyarrow.fs.FileSystem, path: str, data: bytes)
 
 def read_experts_metrics(uri: str) -> dict | None:
     """The validation metrics of the experts at the end of their stage (static baselines), if trained."""
-    filesystem, root = pyarrow.fs.FileSystem.from_uri(_as_uri(uri))
-    path = f"{root}/{EXPERTS_METRICS_FILE}"
-    if filesystem.get_file_info(path).type != pyarrow.fs.FileType.File:
-        return None
-    with filesystem.open_input_file(path) as stream:
-        return json.loads(stream.read())
+    data = _read_if_present(uri, EXPERTS_METRICS_FILE)
+    return None if data is None else json.loads(data)
 
 
 def read_experts(uri: str) -> dict | None:
     """The experts' state dict at ``uri``, or None when no expert stage has finished there yet."""
+    data = _read_if_present(uri, EXPERTS_FILE)
+    return None if data is None else torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def _read_if_present(uri: str, name: str) -> bytes | None:
     filesystem, root = pyarrow.fs.FileSystem.from_uri(_as_uri(uri))
-    path = f"{root}/{EXPERTS_FILE}"
+    path = f"{root}/{name}"
     if filesystem.get_file_info(path).type != pyarrow.fs.FileType.File:
         return None
     with filesystem.open_input_file(path) as stream:
-        data = stream.read()
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return stream.read()
 
 
 def _as_uri(location: str) -> str:
