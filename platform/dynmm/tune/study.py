@@ -47,12 +47,8 @@ GFLOPS_METRIC = "val_gflops_per_sample"
 
 @dataclass(frozen=True)
 class Objectives:
-    metrics: tuple[str, ...]
+    metrics: tuple[str, ...]  # the first is the quality objective
     modes: tuple[str, ...]
-
-    @property
-    def quality_index(self) -> int:
-        return 0
 
 
 def resolve_objectives(spec: PipelineSpec, quality_metric: str) -> Objectives:
