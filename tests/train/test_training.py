@@ -46,10 +46,10 @@ def test_worker_crash_is_recovered_from_the_last_checkpoint_without_gaps_in_mlfl
 
     assert (tmp_path / "runs" / result.run_name / ".fault-injected").exists(), "the fault was never injected"
     epochs = [(record["stage"], record["epoch"]) for record in shown]
-    # Ray Train resumes from the last checkpoint it registered: at most the crashed epoch's predecessor
-    # runs again, never the stage from its start.
+    # Ray Train resumes from the last checkpoint its controller registered (reports of the epochs just
+    # before the crash may not be registered yet): gate epochs may run again, the finished experts never.
     assert epochs[:4] == [("experts", 0), ("experts", 1), ("experts", 2), ("gate", 0)]
-    assert epochs.count(("gate", 0)) == 1 and epochs[-1] == ("gate", 3)
+    assert all(epochs.count(("experts", e)) == 1 for e in range(3)) and epochs[-1] == ("gate", 3)
     assert logged_steps(result.tracking_uri, result.mlflow_run_id) == list(range(7))
     run = MlflowClient(result.tracking_uri).get_run(result.mlflow_run_id)
     assert run.info.status == "FINISHED"
