@@ -36,12 +36,13 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def tune_and_report(spec, *, address=None, verbose=False, resume=False) -> None:
-    from dynmm.tune.study import report_study, run_study
+    from dynmm.tune.study import register_study_front, report_study, run_study
 
     printer = EpochPrinter()
     run = run_study(spec, address=address, verbose=verbose, resume=resume, show_epoch=printer, show_line=print)
     report, paths = report_study(run)
     print_front(report)
+    aliases = register_study_front(run, report)
     print()
     print(f"  front            {paths['json']}  (and .csv)")
     print(f"  plot             {paths['png']}")
@@ -50,6 +51,22 @@ def tune_and_report(spec, *, address=None, verbose=False, resume=False) -> None:
     if run.tracking_uri.startswith("sqlite:///"):
         print(f"  browse           .venv/bin/mlflow ui --backend-store-uri {run.tracking_uri}")
     print(f"  elapsed          {run.elapsed_seconds / 60:.1f} min")
+    print_registry(run, report, aliases)
+
+
+def print_registry(run, report, aliases: dict[str, str]) -> None:
+    from dynmm.track.registry import registered_name
+
+    name = registered_name(run.prepared.spec.name)
+    print()
+    print(f"Registered model {name}: {len(report.members)} Pareto versions; aliases "
+          + ", ".join(f"{alias} -> v{version}" for alias, version in aliases.items()))
+    gflops = report.metrics.index("val_gflops_per_sample")
+    budget = sorted(member["values"][gflops] for member in report.members)[len(report.members) // 2] \
+        if report.members else 0.0
+    env = f"MLFLOW_TRACKING_URI={run.tracking_uri} "
+    print(f"  pick by budget   {env}.venv/bin/dynmm models pick {name} --max-gflops {budget:.3g}")
+    print(f"  load in Python   mlflow.pyfunc.load_model('models:/{name}@knee')")
 
 
 def print_front(report) -> None:

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
+import queue
+import re
+import threading
 import time
 from collections.abc import Callable, Mapping
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import mlflow
@@ -29,9 +34,17 @@ def flatten_params(nested: Mapping[str, Any], prefix: str = "") -> dict[str, str
         if isinstance(value, Mapping) and value:
             flat.update(flatten_params(value, prefix=f"{name}."))
             continue
-        text = str(value)
+        text = redact_credentials(str(value))
         flat[name] = text if len(text) <= MAX_PARAM_LENGTH else text[: MAX_PARAM_LENGTH - 3] + "..."
     return flat
+
+
+_CREDENTIALS_IN_URI = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
+
+
+def redact_credentials(text: str) -> str:
+    """``postgresql://user:secret@db/mlflow`` -> ``postgresql://***@db/mlflow``: never log a password."""
+    return _CREDENTIALS_IN_URI.sub(lambda match: match.group("scheme") + "***@", text)
 
 
 def ensure_experiment(client: MlflowClient, tracking_uri: str, name: str) -> str:
@@ -81,34 +94,82 @@ def retry(action: Callable[[], T], what: str, attempts: int = 5, first_delay_sec
 class EpochLogger:
     """Logs each epoch's metrics at step = epoch count over all stages; a no-op on ranks other than 0.
 
-    Idempotent per step: after a worker restart Ray Train may resume from a checkpoint older than the
-    last logged epoch, so a step already in the run is never logged twice (the first values stay)."""
+    Never blocks training: epochs are queued and a background thread sends them, retrying (capped
+    back-off) for as long as the tracking server is away; ``close`` waits for the queue to drain, so
+    once the server is back nothing is missing. Idempotent per step: after a worker restart Ray Train
+    may resume from a checkpoint older than the last logged epoch, so a step already in the run is
+    never logged twice (the first values stay)."""
 
     STEP_KEY = "global_step"
+    MAX_DELAY_SECONDS = 5.0
 
     def __init__(self, tracking_uri: str | None, run_id: str | None, enabled: bool = True) -> None:
         self.enabled = enabled and bool(tracking_uri and run_id)
         self.run_id = run_id
         self.client = MlflowClient(tracking_uri) if self.enabled else None
         self._logged_steps: set[int] | None = None
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._give_up_at: float | None = None  # set by close(): past it, unsent steps are reported lost
+
+    def __getstate__(self) -> dict:  # Tune pickles its callbacks: the queue and thread are per process
+        state = dict(self.__dict__)
+        state.update(_queue=None, _thread=None, _give_up_at=None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._queue = queue.Queue()
 
     def log_epoch(self, step: int, metrics: Mapping[str, float]) -> None:
-        if not self.enabled or step in self._steps_already_logged():
+        if not self.enabled:
             return
         timestamp = int(time.time() * 1000)
-        batch = [Metric(key, float(value), timestamp, step) for key, value in metrics.items()]
-        if retry(lambda: self.client.log_batch(self.run_id, metrics=batch) or True, f"logging step {step}"):
-            self._logged_steps.add(step)
+        self._queue.put([Metric(key, float(value), timestamp, step) for key, value in metrics.items()])
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._send_forever, name="dynmm-mlflow-logger", daemon=True)
+            self._thread.start()
 
     def ensure_logged(self, step: int, metrics: Mapping[str, float]) -> None:
         """After a restart: log the checkpointed epoch again only if it never reached MLflow."""
         if metrics:
             self.log_epoch(step, metrics)
 
+    def close(self, timeout_seconds: float = 600.0) -> None:
+        """Wait until every queued epoch reached MLflow (or the timeout passed: then warn and go on)."""
+        if self._thread is None:
+            return
+        self._give_up_at = time.monotonic() + timeout_seconds
+        self._queue.put(None)
+        self._thread.join(timeout_seconds + 5)
+        self._thread = None
+
+    def _send_forever(self) -> None:
+        while (batch := self._queue.get()) is not None:
+            step = batch[0].step if batch else -1
+            if self._keep_trying(lambda s=step: s in self._steps_already_logged(), f"reading step {step}"):
+                continue
+            if self._keep_trying(lambda b=batch: self.client.log_batch(self.run_id, metrics=b) or True,
+                                 f"logging step {step}"):
+                self._logged_steps.add(step)
+
+    def _keep_trying(self, action: Callable[[], bool], what: str) -> bool | None:
+        delay = 0.5
+        while True:
+            try:
+                return action()
+            except Exception as error:  # noqa: BLE001 - tracking must never stop training
+                if self._give_up_at is not None and time.monotonic() > self._give_up_at:
+                    log.warning("MLflow: %s lost, the server did not come back in time: %s", what, error)
+                    return None
+                log.info("MLflow: %s failed (%s); retrying in %.1fs", what, error, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, self.MAX_DELAY_SECONDS)
+
     def _steps_already_logged(self) -> set[int]:
         if self._logged_steps is None:
-            history = retry(lambda: self.client.get_metric_history(self.run_id, self.STEP_KEY), "reading history")
-            self._logged_steps = {entry.step for entry in history or []}
+            history = self.client.get_metric_history(self.run_id, self.STEP_KEY)
+            self._logged_steps = {entry.step for entry in history}
         return self._logged_steps
 
 
@@ -124,15 +185,70 @@ def log_final_model(tracking_uri: str, run_id: str, model, input_example, artifa
         )
 
 
+@contextmanager
+def few_http_retries(retries: int = 0, timeout_seconds: int = 10):
+    """MLflow retries a refused connection for minutes by default; a reachability check must not."""
+    names = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries), "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_seconds)}
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.update(names)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def check_tracking_reachable(tracking_uri: str) -> None:
     """Fail fast, before any training, when the tracking server does not answer."""
     from dynmm.errors import UserError
 
     try:
-        MlflowClient(tracking_uri).search_experiments(max_results=1)
+        with few_http_retries():
+            MlflowClient(tracking_uri).search_experiments(max_results=1)
     except Exception as error:  # noqa: BLE001 - any failure here means the store is unusable
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"MLflow tracking store {tracking_uri} is not reachable: {first_line}") from None
+        raise UserError(
+            f"MLflow tracking store {redact_credentials(tracking_uri)} is not reachable: {first_line[:300]}"
+        ) from None
+
+
+def find_runs(tracking_uri: str, experiment: str, tags: Mapping[str, str]) -> list[str]:
+    """Ids of the runs of ``experiment`` carrying all ``tags`` (newest first)."""
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
+    runs = client.search_runs([found.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"])
+    return [run.info.run_id for run in runs]
+
+
+def log_run_outputs(
+    tracking_uri: str,
+    run_id: str,
+    *,
+    metrics: Mapping[str, float] | None = None,
+    artifact_dirs: Mapping[str, str] | None = None,
+    files: list | None = None,
+    artifact_subdir: str | None = None,
+    table: tuple[dict, str] | None = None,
+) -> None:
+    """Final metrics, folders (e.g. a checkpoint), files and a table into an existing run, with retries."""
+    client = MlflowClient(tracking_uri)
+    if metrics:
+        timestamp = int(time.time() * 1000)
+        batch = [Metric(key, float(value), timestamp, 0) for key, value in metrics.items()]
+        retry(lambda: client.log_batch(run_id, metrics=batch), "logging final metrics")
+    for name, directory in (artifact_dirs or {}).items():
+        retry(lambda d=directory, n=name: client.log_artifacts(run_id, str(d), n), f"logging {name}")
+    for path in files or []:
+        retry(lambda p=path: client.log_artifact(run_id, str(p), artifact_subdir), f"logging {path}")
+    if table is not None:
+        data, artifact_file = table
+        retry(lambda: client.log_table(run_id, data=data, artifact_file=artifact_file), f"logging {artifact_file}")
 
 
 def finish_run(tracking_uri: str, run_id: str, status: str) -> None:

@@ -76,7 +76,7 @@ def write_front(report: FrontReport, trials: list[dict], results_dir: Path) -> d
     results_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": results_dir / "front.json", "csv": results_dir / "front.csv", "png": results_dir / "front.png"}
     _atomic_write_text(paths["json"], json.dumps(report.to_json(), indent=1, default=str))
-    rows = [_csv_row(report, member) for member in report.members]
+    rows = [front_row(report, member) for member in report.members]
     temporary = paths["csv"].with_suffix(".csv.tmp")
     with open(temporary, "w", newline="") as stream:
         writer = csv.DictWriter(stream, fieldnames=list(rows[0]) if rows else ["trial_id"])
@@ -87,7 +87,7 @@ def write_front(report: FrontReport, trials: list[dict], results_dir: Path) -> d
     return paths
 
 
-def _csv_row(report: FrontReport, member: dict) -> dict:
+def front_row(report: FrontReport, member: dict) -> dict:
     row = {"trial_id": member["trial_id"], "knee": member["trial_id"] == report.knee_trial_id}
     row.update({f"param_{k}": v for k, v in member["params"].items()})
     row.update(dict(zip(report.metrics, member["values"], strict=True)))

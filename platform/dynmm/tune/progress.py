@@ -44,6 +44,9 @@ class StudyProgress(ray.tune.Callback):
         self.states[trial.trial_id] = "error"
         self._print()
 
+    def on_experiment_end(self, trials, **info) -> None:
+        self.logger.close()
+
     def _update_front(self) -> None:
         rows = [
             {"trial_id": trial_id, "params": {}, "state": state,

@@ -8,6 +8,7 @@ JournalStorage file next to the results, so it survives restarts and opens in op
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -23,7 +24,9 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from dynmm.errors import SpecError, UserError
 from dynmm.spec import PipelineSpec
 from dynmm.track import resolve_tracking_uri, start_job_run
-from dynmm.track.runs import check_tracking_reachable, finish_run
+from dynmm.track.pyfunc import log_pyfunc_model
+from dynmm.track.registry import FrontModel, register_front, registered_name
+from dynmm.track.runs import check_tracking_reachable, find_runs, finish_run, log_run_outputs
 from dynmm.train.checkpoints import read_experts, read_experts_metrics
 from dynmm.train.evaluate import evaluate_split
 from dynmm.train.job import stable_hash
@@ -37,7 +40,7 @@ from dynmm.train.runner import (
     stage_configs,
     worker_job,
 )
-from dynmm.tune.front import FrontReport, build_front, static_baselines, write_front
+from dynmm.tune.front import FrontReport, build_front, front_row, static_baselines, write_front
 from dynmm.tune.moasha import MoAshaScheduler
 from dynmm.tune.progress import StudyProgress
 from dynmm.tune.search import STAGE_FIELD, StudySearch, build_sampler, optuna_space
@@ -126,8 +129,18 @@ def run_trial(config: dict, *, prepared: PreparedPipeline, tracking_uri: str, pa
     final = dict(result.metrics or {})
     if result.checkpoint is not None:
         final["checkpoint_path"] = result.checkpoint.path
+        if final.get("finished"):
+            final.update(record_finished_trial(prepared, config, result.checkpoint, tracking_uri, run_id))
     ray.tune.report(final)
     finish_run(tracking_uri, run_id, "FINISHED")
+
+
+def record_finished_trial(prepared: PreparedPipeline, config: dict, checkpoint, tracking_uri: str, run_id: str) -> dict:
+    """A completed trial's run gets its final checkpoint as artifacts and its hard-gate test metrics."""
+    test_metrics = evaluate_checkpoint(prepared, config, checkpoint.path, "test")
+    with checkpoint.as_directory() as directory:
+        log_run_outputs(tracking_uri, run_id, metrics=test_metrics, artifact_dirs={"checkpoint": directory})
+    return test_metrics
 
 
 def max_concurrent_trials(spec: PipelineSpec) -> int:
@@ -283,8 +296,66 @@ def report_study(run: StudyRun, evaluate_on_test: bool = True) -> tuple[FrontRep
     report = build_front(run.trials, list(run.objectives.metrics), list(run.objectives.modes), baselines)
     if evaluate_on_test:
         for member in report.members:
-            member["test_metrics"] = evaluate_checkpoint(prepared, member["params"], member["checkpoint"], "test")
-    return report, write_front(report, run.trials, run.results_dir)
+            recorded = {k: v for k, v in member["metrics"].items() if k.startswith("test_")}
+            member["test_metrics"] = recorded or evaluate_checkpoint(
+                prepared, member["params"], member["checkpoint"], "test")
+    paths = write_front(report, run.trials, run.results_dir)
+    log_run_outputs(run.tracking_uri, run.parent_run_id, files=list(paths.values()), artifact_subdir="front",
+                    table=(front_table(report), "pareto_front.json"))
+    return report, paths
+
+
+def front_table(report: FrontReport) -> dict[str, list]:
+    """The front as columns for ``mlflow.log_table``: trial, params, objective values, test metrics."""
+    rows = [front_row(report, member) for member in report.members]
+    names = list(dict.fromkeys(key for row in rows for key in row))
+    return {name: [row.get(name) for row in rows] for name in names}
+
+
+def register_study_front(run: StudyRun, report: FrontReport) -> dict[str, str]:
+    """Every front member becomes a version of ``<pipeline>-dynmm`` (a routed-inference pyfunc logged into
+    its trial run); aliases max-quality / min-compute / knee follow the current front."""
+    prepared = run.prepared
+    gflops_index = run.objectives.metrics.index(GFLOPS_METRIC)
+    static = prepared.costs.static_flops / 1e9
+    test_quality = f"test_{prepared.quality_metric}"
+    members = []
+    for member in report.members:
+        params = member["params"]
+        cost = member["values"][gflops_index]
+        tags = {name: f"{value:.6g}" for name, value in params.items()}
+        tags["tau"] = f"{params.get('tau_start', prepared.spec.stages.gate.tau_start):.3g}->" \
+                      f"{params.get('tau_end', prepared.spec.stages.gate.tau_end):.3g}"
+        if test_quality in member.get("test_metrics", {}):
+            tags[test_quality] = f"{member['test_metrics'][test_quality]:.6g}"
+        members.append(FrontModel(
+            trial_id=member["trial_id"], run_id=trial_run_id(run, member["trial_id"]),
+            quality=member["values"][0], gflops=cost, reduction=1 - cost / static, tags=tags,
+        ))
+    by_trial = {member["trial_id"]: member for member in report.members}
+
+    def log_model(front_model: FrontModel) -> str:
+        member = by_trial[front_model.trial_id]
+        spec = trial_spec(prepared.spec, member["params"])
+        model = load_model_from_checkpoint(spec, ray.train.Checkpoint(member["checkpoint"]))
+        with tempfile.TemporaryDirectory() as workdir:
+            return log_pyfunc_model(
+                front_model.run_id, model, spec.model.name, spec.model.args, prepared.meta.task,
+                prepared.costs.path_gflops, Path(workdir),
+            )
+
+    return register_front(
+        run.tracking_uri, registered_name(prepared.spec.name), run.name, prepared.quality_metric, members,
+        report.knee_trial_id, log_model,
+    )
+
+
+def trial_run_id(run: StudyRun, trial_id: str) -> str:
+    found = find_runs(run.tracking_uri, run.prepared.spec.tracking.experiment or run.prepared.spec.name,
+                      {"study": run.name, "trial_id": trial_id})
+    if not found:
+        raise UserError(f"MLflow: no run of trial {trial_id} in study {run.name} at {run.tracking_uri}")
+    return found[0]
 
 
 def evaluate_checkpoint(prepared: PreparedPipeline, params: dict, checkpoint_path: str, split: str) -> dict:

@@ -1,0 +1,59 @@
+"""``dynmm models list [NAME]`` and ``dynmm models pick NAME --max-gflops X | --min-quality Y``."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("models", help="registered Pareto models: list them, pick one by budget")
+    commands = parser.add_subparsers(dest="models_command", required=True)
+    listing = commands.add_parser("list", help="registered models, or the versions of one")
+    listing.add_argument("name", nargs="?", help="registered model, e.g. digits-dynmm")
+    chooser = commands.add_parser("pick", help="the best current Pareto version within a budget")
+    chooser.add_argument("name", help="registered model, e.g. digits-dynmm")
+    chooser.add_argument("--max-gflops", type=float, default=None, help="compute budget: GFLOPs per sample")
+    chooser.add_argument("--min-quality", type=float, default=None, help="quality floor (validation)")
+    for command in (listing, chooser):
+        command.add_argument("--tracking-uri", default=None,
+                             help="MLflow store (default: MLFLOW_TRACKING_URI, else the local store)")
+    listing.set_defaults(handler=run_list)
+    chooser.set_defaults(handler=run_pick)
+
+
+def run_list(args: argparse.Namespace) -> int:
+    from dynmm.track import registry, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    if args.name is None:
+        rows = registry.list_models(uri)
+        if not rows:
+            print(f"no registered models in {uri} (dynmm tune registers the Pareto front)")
+        for name, count, aliases in rows:
+            named = ", ".join(f"{alias} -> v{version}" for alias, version in sorted(aliases.items()))
+            print(f"{name:<28} {count:>3} versions   {named}")
+        return 0
+    versions = registry.list_versions(uri, args.name)
+    quality = versions[0].tags.get("quality_metric", "quality") if versions else "quality"
+    test_key = f"test_{quality}"
+    print(f"{'version':>7}  {'aliases':<26} {'front':<5} {quality:>10} {test_key:>14} {'GFLOPs':>10} "
+          f"{'saved':>7} {'lambda':>8} {'tau':>13}  trial")
+    for v in versions:
+        test = registry.as_number(v.tags.get(test_key))
+        print(f"{v.version:>7}  {','.join(v.aliases) or '-':<26} {'yes' if v.pareto else 'no':<5} "
+              f"{v.quality:>10.4f} {test:>14.4f} {v.gflops:>10.4g} {v.reduction:>7.1%} "
+              f"{registry.as_number(v.tags.get('lambda')):>8.3g} {v.tags.get('tau', '-'):>13}  "
+              f"{v.tags.get('trial_id', '-')}")
+    return 0
+
+
+def run_pick(args: argparse.Namespace) -> int:
+    from dynmm.track import registry, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    chosen = registry.pick(registry.list_versions(uri, args.name), args.max_gflops, args.min_quality)
+    aliases = f" ({', '.join(chosen.aliases)})" if chosen.aliases else ""
+    print(f"version {chosen.version}{aliases}: {chosen.tags.get('quality_metric', 'quality')} {chosen.quality:.4f}, "
+          f"{chosen.gflops:.4g} GFLOPs per sample ({chosen.reduction:.1%} less than static fusion)")
+    print(chosen.uri)
+    return 0

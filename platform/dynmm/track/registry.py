@@ -1,0 +1,194 @@
+"""The Pareto-aware model registry: every front member is a version of ``<pipeline>-dynmm``.
+
+Versions carry their trade-off as tags (lambda, tau, quality, GFLOPs per sample, reduction, study,
+trial); ``pareto`` says whether the version is on the current front. Aliases ``max-quality``,
+``min-compute`` and ``knee`` point at front members and move when a resumed or extended study changes
+the front. ``pick`` answers "the best model that fits this compute budget / quality floor".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from dynmm.errors import UserError
+
+ALIASES = ("max-quality", "min-compute", "knee")
+
+
+def registered_name(pipeline: str) -> str:
+    return f"{pipeline}-dynmm"
+
+
+@dataclass(frozen=True)
+class FrontModel:
+    """One front member as the registry sees it (plain data, from the study)."""
+
+    trial_id: str
+    run_id: str
+    quality: float
+    gflops: float
+    reduction: float
+    tags: dict[str, str]  # lambda, tau, test quality, ...
+
+
+@dataclass(frozen=True)
+class Version:
+    version: str
+    aliases: tuple[str, ...]
+    pareto: bool
+    quality: float
+    gflops: float
+    reduction: float
+    tags: dict[str, str]
+
+    name: str = ""
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def register_front(
+    tracking_uri: str,
+    name: str,
+    study: str,
+    quality_metric: str,
+    members: Sequence[FrontModel],
+    knee_trial_id: str | None,
+    log_model: Callable[[FrontModel], str],
+) -> dict[str, str]:
+    """Register each member once (a resumed study reuses its versions), mark the front, move the aliases.
+
+    ``log_model(member)`` logs the member's pyfunc into its trial run and returns the model URI; it is
+    called only for members not registered yet. Returns alias -> version."""
+    client = MlflowClient(tracking_uri)
+    _ensure_registered_model(client, name, quality_metric)
+    existing = {(v.tags.get("study"), v.tags.get("trial_id")): v for v in client.search_model_versions(
+        f"name = '{name}'")}
+    on_front: dict[str, str] = {}
+    for member in members:
+        version = existing.get((study, member.trial_id))
+        if version is None:
+            mlflow.set_tracking_uri(tracking_uri)
+            model_uri = log_model(member)
+            with contextlib.redirect_stderr(io.StringIO()):  # MLflow prints "Created version ..." itself
+                version = mlflow.register_model(
+                    model_uri, name,
+                    tags={"study": study, "trial_id": member.trial_id, "quality_metric": quality_metric,
+                          "quality": f"{member.quality:.6g}", "gflops_per_sample": f"{member.gflops:.6g}",
+                          "reduction": f"{member.reduction:.4f}", **member.tags},
+                )
+            client.update_model_version(name, version.version, f"Pareto member {member.trial_id} of study {study}")
+        on_front[member.trial_id] = str(version.version)
+    for key, version in existing.items():
+        if key[0] != study or key[1] not in on_front:
+            client.set_model_version_tag(name, version.version, "pareto", "false")
+    for version in on_front.values():
+        client.set_model_version_tag(name, version, "pareto", "true")
+    aliases = choose_aliases(members, knee_trial_id)
+    moved = {alias: on_front[trial_id] for alias, trial_id in aliases.items()}
+    for alias, version in moved.items():
+        client.set_registered_model_alias(name, alias, version)
+    return moved
+
+
+def choose_aliases(members: Sequence[FrontModel], knee_trial_id: str | None) -> dict[str, str]:
+    """alias -> trial id: best quality (ties: cheaper), least compute (ties: better), the knee."""
+    if not members:
+        return {}
+    best = max(members, key=lambda m: (m.quality, -m.gflops))
+    cheapest = min(members, key=lambda m: (m.gflops, -m.quality))
+    chosen = {"max-quality": best.trial_id, "min-compute": cheapest.trial_id}
+    if knee_trial_id in {m.trial_id for m in members}:
+        chosen["knee"] = knee_trial_id
+    return chosen
+
+
+def _ensure_registered_model(client: MlflowClient, name: str, quality_metric: str) -> None:
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(
+            name, tags={"quality_metric": quality_metric},
+            description="DynMM Pareto models: pick one by compute budget (dynmm models pick NAME --max-gflops X).",
+        )
+
+
+def list_versions(tracking_uri: str, name: str) -> list[Version]:
+    client = MlflowClient(tracking_uri)
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException:
+        known = [m.name for m in client.search_registered_models()]
+        hint = f"registered models: {', '.join(known)}" if known else "no model is registered yet (run dynmm tune)"
+        raise UserError(f"no registered model {name!r} in {tracking_uri}; {hint}") from None
+    aliases_of: dict[str, list[str]] = {}
+    for alias, version in (model.aliases or {}).items():
+        aliases_of.setdefault(str(version), []).append(alias)
+    versions = []
+    for v in client.search_model_versions(f"name = '{name}'"):
+        tags = dict(v.tags or {})
+        versions.append(Version(
+            version=str(v.version), aliases=tuple(sorted(aliases_of.get(str(v.version), []))),
+            pareto=tags.get("pareto") == "true", quality=as_number(tags.get("quality")),
+            gflops=as_number(tags.get("gflops_per_sample")), reduction=as_number(tags.get("reduction")), tags=tags,
+            name=name,
+        ))
+    return sorted(versions, key=lambda v: int(v.version))
+
+
+def list_models(tracking_uri: str) -> list[tuple[str, int, dict[str, str]]]:
+    """(name, number of versions, aliases) of every registered model."""
+    client = MlflowClient(tracking_uri)
+    rows = []
+    for model in client.search_registered_models():
+        count = len(client.search_model_versions(f"name = '{model.name}'"))
+        rows.append((model.name, count, {k: str(v) for k, v in (model.aliases or {}).items()}))
+    return rows
+
+
+def pick(versions: Sequence[Version], max_gflops: float | None = None, min_quality: float | None = None) -> Version:
+    """The best current-front version within the limits: most quality under a compute budget, least
+    compute above a quality floor (both: most quality within both)."""
+    if max_gflops is None and min_quality is None:
+        raise UserError("pick: give --max-gflops X and/or --min-quality Y")
+    front = [v for v in versions if v.pareto and not math.isnan(v.quality) and not math.isnan(v.gflops)]
+    if not front:
+        raise UserError("pick: no version is on the current Pareto front (run dynmm tune first)")
+    fits = [v for v in front if (max_gflops is None or v.gflops <= max_gflops)
+            and (min_quality is None or v.quality >= min_quality)]
+    if not fits:
+        cheapest = min(front, key=lambda v: v.gflops)
+        best = max(front, key=lambda v: v.quality)
+        raise UserError(
+            f"pick: no model fits{_limits(max_gflops, min_quality)}; the front spans {cheapest.gflops:.4g} GFLOPs "
+            f"(version {cheapest.version}, quality {cheapest.quality:.4f}) to quality {best.quality:.4f} "
+            f"(version {best.version}, {best.gflops:.4g} GFLOPs)"
+        )
+    if max_gflops is not None:
+        return max(fits, key=lambda v: (v.quality, -v.gflops))
+    return min(fits, key=lambda v: (v.gflops, -v.quality))
+
+
+def _limits(max_gflops: float | None, min_quality: float | None) -> str:
+    parts = []
+    if max_gflops is not None:
+        parts.append(f" --max-gflops {max_gflops:g}")
+    if min_quality is not None:
+        parts.append(f" --min-quality {min_quality:g}")
+    return "".join(parts)
+
+
+def as_number(text: str | None) -> float:
+    try:
+        return float(text) if text is not None else math.nan
+    except ValueError:
+        return math.nan
