@@ -1,0 +1,63 @@
+"""Test helper: a real ``mlflow server`` process on 127.0.0.1 and a free port, with its own SQLite store and artifact
+folder; it can be stopped and started again on the same port (outage tests)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for_http(url: str, process: subprocess.Popen | None = None, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process serving {url} exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f}s")
+
+
+class MlflowServer:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.backend_uri = f"sqlite:///{root / 'server.db'}"  # readable directly while the server is down
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        command = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
+                   "--backend-store-uri", self.backend_uri, "--artifacts-destination", str(self.root / "artifacts"),
+                   "--workers", "1"]
+        log = open(self.root / "server.log", "a")  # noqa: SIM115 - owned by the process
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for_http(f"{self.url}/health", self.process)
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)  # its own session: only the processes this test started
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self.process = None
