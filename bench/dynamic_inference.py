@@ -1,8 +1,11 @@
-"""Do routed DynMM savings show up on the clock? CPU, CMU-MOSEI reference sizes.
+"""Do routed DynMM savings show up on the clock? CPU, CMU-MOSEI reference sizes and the NYU Depth V2
+fusion-level segmentation net (ESANet-R34) at 240x320.
 
-For each fraction p of a batch sent to the cheap (text) expert, compare the expected FLOPs of routed
-inference (gate included) with the static full-fusion model, and the measured wall-clock time of the
-two, timed side by side (back-to-back pairs after a warm-up, medians, eval mode, no grad).
+MOSEI: for each fraction p of a batch sent to the cheap (text) expert, compare the expected FLOPs of
+routed inference (gate included) with the static full-fusion model, and the measured wall-clock time of
+the two, timed side by side (back-to-back pairs after a warm-up, medians, eval mode, no grad).
+Segmentation: the same comparison for a batch whose samples are spread evenly over the 5 paths (path k
+runs depth stages 1..k) against the static net (all depth stages for every sample).
 The last line printed is one JSON object.
 
     .venv/bin/python bench/dynamic_inference.py --repeats 3 --batch-size 256
@@ -18,10 +21,11 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from dynmm.models import build_model, expected_cost_per_sample, measure_path_costs
+from dynmm.models import build_model, depth_encoder_flops, expected_cost_per_sample, measure_path_costs
 
 CHEAP_PATH, FUSION_PATH = 0, 1
 CHEAP_FRACTIONS = (0.0, 0.5, 0.8, 1.0)
+EVEN = "even"  # the segmentation bench's one path mix: samples spread evenly over the paths
 
 
 class ScriptedGate(nn.Module):
@@ -33,8 +37,8 @@ class ScriptedGate(nn.Module):
         self.num_paths = num_paths
         self.scripted_paths: Tensor | None = None
 
-    def forward(self, inputs: Mapping[str, Tensor]) -> Tensor:
-        logits = self.gate(inputs)
+    def forward(self, *inputs: Mapping[str, Tensor] | Tensor) -> Tensor:
+        logits = self.gate(*inputs)
         return nn.functional.one_hot(self.scripted_paths, self.num_paths).to(logits.dtype)
 
 
@@ -53,16 +57,21 @@ def seconds(run: Callable[[], object]) -> tuple[float, float]:
     return time.perf_counter() - wall_start, time.process_time() - cpu_start
 
 
-def time_side_by_side(model, scripted_gate, inputs, paths_by_fraction, repeats):
-    """Time the static full-fusion model and routed inference back to back, once per cheap fraction
-    per round, so that load from other processes hits both sides of a pair alike.
+def evenly_spread_paths(batch_size: int, num_paths: int, generator: torch.Generator) -> Tensor:
+    """A random arrangement of the batch with (about) batch_size / num_paths samples on each path."""
+    return (torch.arange(batch_size) % num_paths)[torch.randperm(batch_size, generator=generator)]
+
+
+def time_side_by_side(model, scripted_gate, inputs, paths_by_fraction, repeats, static_path=FUSION_PATH):
+    """Time the static full-fusion model (``static_path`` forced) and routed inference back to back, once
+    per path mix per round, so that load from other processes hits both sides of a pair alike.
 
     Returns per fraction the median routed and static wall seconds and the medians of the per-pair
     wall-clock and CPU-time ratios routed / static.
     """
 
     def static_run() -> None:
-        model(inputs, force_path=FUSION_PATH)
+        model(inputs, force_path=static_path)
 
     def routed_run() -> None:
         model(inputs, mode="routed")
@@ -90,12 +99,62 @@ def time_side_by_side(model, scripted_gate, inputs, paths_by_fraction, repeats):
     }
 
 
+def bench_segmentation(args: argparse.Namespace) -> dict:
+    """Routed versus static fusion-level segmentation net, paths spread evenly over a batch."""
+    torch.manual_seed(args.seed)
+    height, width = args.seg_size
+    model = build_model("nyuv2", input_size=(height, width)).eval()
+    costs = measure_path_costs(model)
+    depth_flops = depth_encoder_flops(model)
+    scripted_gate = ScriptedGate(model.gate, model.num_paths)
+    model.gate = scripted_gate
+    inputs = model.example_inputs(args.seg_batch_size)
+    paths = evenly_spread_paths(args.seg_batch_size, model.num_paths, torch.Generator().manual_seed(args.seed))
+    static_path = model.num_paths - 1
+    with torch.no_grad():
+        timing = time_side_by_side(model, scripted_gate, inputs, {EVEN: paths}, args.repeats, static_path)[EVEN]
+    flops_ratio = expected_cost_per_sample(paths, costs.path_flops) / costs.static_flops
+    expected_depth = sum(depth_flops[path] for path in paths.tolist()) / len(paths)
+    return {
+        "flops_ratio": flops_ratio,
+        "wall_ratio": timing["wall_ratio"],
+        "cpu_ratio": timing["cpu_ratio"],
+        "routed_ms": timing["routed_seconds"] * 1e3,
+        "static_ms": timing["static_seconds"] * 1e3,
+        "path_gflops": [flops / 1e9 for flops in costs.path_flops],
+        "gate_gflops": costs.gate_flops / 1e9,
+        "depth_encoder_reduction": 1 - expected_depth / depth_flops[-1],
+    }
+
+
+def print_segmentation(args: argparse.Namespace, seg: dict) -> None:
+    height, width = args.seg_size
+    per_path = args.seg_batch_size / 5
+    print(
+        f"NYU Depth V2 fusion-level net (ESANet-R34, 5 paths) at {height}x{width}, batch {args.seg_batch_size} "
+        f"spread evenly ({per_path:g} per path); GFLOPs/sample: gate {seg['gate_gflops']:.2f}, paths "
+        + ", ".join(f"{gflops:.2f}" for gflops in seg["path_gflops"])
+        + f" (static = path 4 without gate); depth-encoder compute saved {seg['depth_encoder_reduction']:.1%}"
+    )
+    print(
+        f"{'paths':>9} | {'FLOPs ratio':>11} | {'wall ratio':>10} | {'wall/FLOPs':>10} | "
+        f"{'CPU ratio':>9} | {'routed ms':>9} | {'static ms':>9}"
+    )
+    print(
+        f"{EVEN:>9} | {seg['flops_ratio']:>11.3f} | {seg['wall_ratio']:>10.3f} | "
+        f"{seg['wall_ratio'] / seg['flops_ratio']:>10.3f} | {seg['cpu_ratio']:>9.3f} | "
+        f"{seg['routed_ms']:>9.0f} | {seg['static_ms']:>9.0f}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3, help="timed (routed, static) pairs per fraction")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--seg-batch-size", type=int, default=10, help="segmentation batch (2 samples per path)")
+    parser.add_argument("--seg-size", type=int, nargs=2, default=(240, 320), metavar=("HEIGHT", "WIDTH"))
     parser.add_argument(
         "--gate-feedforward-dim",
         type=int,
@@ -119,6 +178,7 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     with torch.no_grad():
         timings = time_side_by_side(model, scripted_gate, inputs, paths_by_fraction, args.repeats)
+    seg = bench_segmentation(args)
     load_after = os.getloadavg()[0]
 
     flops_ratio = {
@@ -150,6 +210,8 @@ def main() -> None:
             f"{timings[p]['routed_seconds'] * 1e3:>9.0f} | "
             f"{timings[p]['static_seconds'] * 1e3:>9.0f}"
         )
+    print()
+    print_segmentation(args, seg)
     summary = {
         "flops_ratio_p08": round(flops_ratio[0.8], 4),
         "wall_ratio_p08": round(wall_ratio[0.8], 4),
@@ -162,6 +224,14 @@ def main() -> None:
         "repeats": args.repeats,
         "threads": torch.get_num_threads(),
         "gate_feedforward_dim": args.gate_feedforward_dim,
+        "seg_flops_ratio": round(seg["flops_ratio"], 4),
+        "seg_wall_ratio": round(seg["wall_ratio"], 4),
+        "seg_within_10pct": abs(seg["wall_ratio"] / seg["flops_ratio"] - 1) <= 0.1,
+        "seg_cpu_ratio": round(seg["cpu_ratio"], 4),
+        "seg_static_ms": round(seg["static_ms"], 1),
+        "seg_depth_encoder_reduction": round(seg["depth_encoder_reduction"], 4),
+        "seg_batch_size": args.seg_batch_size,
+        "seg_size": list(args.seg_size),
         "load_average": [round(load_before, 2), round(load_after, 2)],
     }
     print(json.dumps(summary))

@@ -10,7 +10,7 @@ from dynmm.data.format import SPLITS, read_meta
 from dynmm.data.readers import BUILTIN_DATASETS
 from dynmm.data.synthetic import BUILTIN_NUM_SAMPLES
 
-OPTION_NAMES = ("nonfinite", "boundaries", "valid_size", "num_samples", "overwrite")
+OPTION_NAMES = ("nonfinite", "boundaries", "valid_size", "num_samples", "size", "overwrite")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=[*CONVERTERS, *BUILTIN_DATASETS],
         help=f"convert {', '.join(CONVERTERS)} (needs --src) or generate {', '.join(BUILTIN_DATASETS)}",
     )
-    prepare.add_argument("--src", default=None, help="source file or folder (mosei, mmimdb, avmnist)")
+    prepare.add_argument("--src", default=None, help="source file or folder (mosei, mmimdb, avmnist, nyuv2)")
     prepare.add_argument("--out", required=True, help="output dataset folder (written atomically)")
     prepare.add_argument(
         "--nonfinite",
@@ -43,7 +43,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--valid-size",
         type=int,
         default=None,
-        help="avmnist: rows at the end of train used as valid (default 5000)",
+        help="avmnist, nyuv2: rows at the end of train used as valid (default 5000 and 80)",
+    )
+    prepare.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        metavar=("HEIGHT", "WIDTH"),
+        default=None,
+        help="nyuv2: resize every image (RGB bilinear, depth and labels nearest; default: as stored)",
     )
     prepare.add_argument(
         "--num-samples",
@@ -66,8 +74,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_prepare(args: argparse.Namespace) -> int:
     options = {name: getattr(args, name) for name in OPTION_NAMES if getattr(args, name) is not None}
-    if "boundaries" in options:
-        options["boundaries"] = tuple(options["boundaries"])
+    for name in ("boundaries", "size"):
+        if name in options:
+            options[name] = tuple(options[name])
     out_dir = prepare_dataset(args.kind, args.src, args.out, **options)
     print(f"wrote {out_dir}")
     print(format_meta(out_dir))

@@ -55,7 +55,7 @@ class EpochPrinter:
 
 
 def _quality_items(metrics: dict) -> str:
-    names = ("accuracy", "acc2", "micro_f1", "mae")
+    names = ("accuracy", "acc2", "micro_f1", "mae", "miou")
     return "  ".join(f"val {name} {metrics['val_' + name]:.4f}" for name in names if "val_" + name in metrics)
 
 

@@ -1,6 +1,6 @@
 """Datasets: the Parquet layout and its metadata (``format``), readers for Ray Data and plain PyTorch
 (``readers``), the built-in datasets (``digits``, ``synthetic``) and converters of the datasets users bring
-(``convert``). Every failure a user can fix is a ``DatasetError``.
+(``convert``, ``nyuv2``). Every failure a user can fix is a ``DatasetError``.
 
 Must not import dynmm.models, ray.train or mlflow; ``ray.data`` is imported only where a Ray dataset is
 built, so the plain reader works without starting Ray.
@@ -17,6 +17,7 @@ from dynmm.data.format import (
     read_meta,
     write_meta,
 )
+from dynmm.data.nyuv2 import convert_nyuv2
 from dynmm.data.readers import BUILTIN_DATASETS, iter_batches, load_split, ray_dataset, resolve_dataset
 from dynmm.data.synthetic import generate_synthetic_mosei
 from dynmm.errors import DatasetError
@@ -31,6 +32,7 @@ __all__ = [
     "convert_avmnist",
     "convert_mmimdb",
     "convert_mosei",
+    "convert_nyuv2",
     "dataset_writer",
     "generate_synthetic_mosei",
     "iter_batches",

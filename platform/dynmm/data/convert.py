@@ -5,6 +5,7 @@ key and row, and leaves nothing behind.
 - ``convert_mosei``: MultiBench/MulT aligned pickle ``mosei_senti_data.pkl``;
 - ``convert_mmimdb``: MultiBench HDF5 ``multimodal_imdb.hdf5`` (needs the optional h5py);
 - ``convert_avmnist``: MultiBench AV-MNIST ``.npy`` folder;
+- ``convert_nyuv2``: NYU Depth V2 in the ESANet PNG layout (``dynmm.data.nyuv2``);
 - ``prepare_dataset``: one entry point by kind, also for the built-in datasets.
 """
 
@@ -28,6 +29,7 @@ from dynmm.data.format import (
     expect_numeric,
     expect_shape,
 )
+from dynmm.data.nyuv2 import convert_nyuv2
 from dynmm.data.readers import BUILTIN_DATASETS
 from dynmm.errors import DatasetError
 
@@ -328,6 +330,7 @@ CONVERTERS: dict[str, Callable[..., Path]] = {
     "mosei": convert_mosei,
     "mmimdb": convert_mmimdb,
     "avmnist": convert_avmnist,
+    "nyuv2": convert_nyuv2,
 }
 
 
@@ -339,7 +342,7 @@ def _builtin_preparer(kind: str) -> Callable[..., Path]:
 
 
 def prepare_dataset(kind: str, src: str | Path | None, out: str | Path, **options: Any) -> Path:
-    """Convert ``src`` (converters: mosei, mmimdb, avmnist) or generate a built-in dataset (digits,
+    """Convert ``src`` (converters: mosei, mmimdb, avmnist, nyuv2) or generate a built-in dataset (digits,
     synthetic-mosei: no ``src``) into ``out``. ``options`` are the keyword arguments of that function."""
     kinds = [*CONVERTERS, *BUILTIN_DATASETS]
     if kind not in kinds:

@@ -13,7 +13,7 @@ Columns of every Parquet file:
   torch tensor in ``iter_torch_batches`` (Ray's own ``ArrowTensorTypeV2`` reads back as a bare
   ``large_list`` without Ray, so it is not used);
 - ``label``: int64 scalar (binary, multiclass), float32 scalar (regression), float32 (C,) multi-hot tensor
-  (multilabel), int64 (H, W) tensor (segmentation, 0 = void);
+  (multilabel), uint8 (H, W) tensor (segmentation, 0 = void);
 - ``sample_id``: string.
 
 Owns no reader and imports nothing from models, ray or mlflow.
@@ -52,6 +52,9 @@ PARQUET_WRITE_OPTIONS = {"compression": "lz4", "use_dictionary": False}
 ROW_GROUP_BYTES = 16 * 2**20
 
 
+_LABEL_DTYPE = {"regression": "float32", "multilabel": "float32", "segmentation": "uint8"}  # others int64
+
+
 class ModalitySpec(BaseModel):
     """Shape of one sample of a modality (without the batch axis) and its stored dtype."""
 
@@ -65,8 +68,8 @@ class DatasetMeta(BaseModel):
     """What ``dataset.json`` says about a dataset. ``splits`` holds row counts and is filled by the writer.
 
     ``label_shape`` and ``label_dtype`` default to what the task implies (regression: float32 scalar,
-    binary/multiclass: int64 scalar, multilabel: float32 (num_classes,)); segmentation must give the
-    (H, W) label shape. ``label_range`` bounds regression labels (inclusive), e.g. (-3, 3) for MOSEI.
+    binary/multiclass: int64 scalar, multilabel: float32 (num_classes,), segmentation: uint8); segmentation
+    must give the (H, W) label shape. ``label_range`` bounds regression labels (inclusive), e.g. (-3, 3) for MOSEI.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -76,7 +79,7 @@ class DatasetMeta(BaseModel):
     num_classes: int | None
     modalities: dict[str, ModalitySpec]
     label_shape: tuple[int, ...] = ()
-    label_dtype: Literal["int64", "float32"] = "float32"
+    label_dtype: Literal["int64", "float32", "uint8"] = "float32"
     label_range: tuple[float, float] | None = None
     splits: dict[str, int] = {}
     source: str = ""
@@ -90,9 +93,7 @@ class DatasetMeta(BaseModel):
         if not isinstance(data, dict):
             return data
         task = data.get("task")
-        defaults: dict[str, Any] = {
-            "label_dtype": "float32" if task in ("regression", "multilabel") else "int64"
-        }
+        defaults: dict[str, Any] = {"label_dtype": _LABEL_DTYPE.get(task, "int64")}
         if task == "multilabel":
             defaults["label_shape"] = (data.get("num_classes"),)
         return {**defaults, **data}
@@ -105,12 +106,14 @@ class DatasetMeta(BaseModel):
             raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
         if self.task == "binary" and self.num_classes != 2:
             raise ValueError(f"a binary task has num_classes 2, got {self.num_classes}")
-        expected_dtype = "float32" if self.task in ("regression", "multilabel") else "int64"
+        expected_dtype = _LABEL_DTYPE.get(self.task, "int64")
         if self.label_dtype != expected_dtype:
             raise ValueError(f"task {self.task!r} stores labels as {expected_dtype}, got {self.label_dtype}")
         expected_rank = {"multilabel": 1, "segmentation": 2}.get(self.task, 0)
         if len(self.label_shape) != expected_rank:
             raise ValueError(f"task {self.task!r} has labels of rank {expected_rank}, got {self.label_shape}")
+        if self.task == "segmentation" and self.num_classes > 255:
+            raise ValueError(f"segmentation labels are uint8: num_classes must be <= 255, got {self.num_classes}")
         if self.task == "multilabel" and self.label_shape != (self.num_classes,):
             raise ValueError(f"multilabel labels have shape (num_classes,), got {self.label_shape}")
         if self.label_range is not None and self.label_range[0] > self.label_range[1]:

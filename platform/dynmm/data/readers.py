@@ -170,7 +170,7 @@ def _row_bytes(meta: DatasetMeta, columns: Sequence[str]) -> int:
     """In-memory bytes of one row of the tensor columns among ``columns`` (sample ids are not counted)."""
     shapes = {name: spec.shape for name, spec in meta.modalities.items()}
     shapes[LABEL] = meta.label_shape
-    item_bytes = {name: 4 for name in meta.modalities} | {LABEL: 8 if meta.label_dtype == "int64" else 4}
+    item_bytes = {name: 4 for name in meta.modalities} | {LABEL: {"int64": 8, "uint8": 1}.get(meta.label_dtype, 4)}
     return sum(item_bytes[name] * math.prod(shapes[name]) for name in columns if name in shapes)
 
 

@@ -1,11 +1,13 @@
-"""Build a modality-level DynMM by task name: ``build_model("mosei", num_layers=2)``.
+"""Build a DynMM by task name: ``build_model("mosei", num_layers=2)``, ``build_model("nyuv2", preset="tiny")``.
 
 Owns the wiring of each built-in task's experts and gate (sizes as keyword arguments, reference
-sizes as defaults) and the checks on the name and the keyword arguments. Imports torch only.
+sizes as defaults), the fusion-level RGB-D net (``nyuv2``) and the checks on the name and the keyword
+arguments. Imports torch only.
 """
 
 import inspect
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 from dynmm.models.dynmm import ModalityDynMM
 from dynmm.models.experts import (
@@ -20,6 +22,16 @@ from dynmm.models.experts import (
     MoseiLateFusionExpert,
     MoseiTextExpert,
 )
+from dynmm.models.fusion import FusionDynMM, load_torchvision_resnet
+
+NYUV2_PRESETS: dict[str, dict[str, tuple[int, ...] | int]] = {
+    # ESANet-R34: ResNet-34 encoders, decoder 512-256-128, context bins (1, 5)
+    "resnet34": {"widths": (64, 128, 256, 512), "depths": (3, 4, 6, 3), "decoder_channels": (512, 256, 128),
+                 "context_bins": (1, 5), "gate_channels": 32, "se_reduction": 16},
+    # tests and smoke runs: about 25k parameters
+    "tiny": {"widths": (4, 8, 8, 16), "depths": (1, 1, 1, 1), "decoder_channels": (8, 8, 8),
+             "context_bins": (1, 2), "gate_channels": 4, "se_reduction": 2},
+}
 
 
 def build_digits_model(
@@ -139,19 +151,54 @@ def build_avmnist_model(
     )
 
 
-MODEL_BUILDERS: dict[str, Callable[..., ModalityDynMM]] = {
+def build_nyuv2_model(
+    preset: Literal["resnet34", "tiny"] = "resnet34",
+    input_size: Sequence[int] = (480, 640),
+    widths: Sequence[int] | None = None,
+    depths: Sequence[int] | None = None,
+    decoder_channels: Sequence[int] | None = None,
+    context_bins: Sequence[int] | None = None,
+    gate_channels: int | None = None,
+    se_reduction: int | None = None,
+    num_classes: int = 40,
+    pretrained_encoder: str | None = None,
+    gumbel: bool = False,
+) -> FusionDynMM:
+    """NYU Depth V2 RGB-D segmentation, fusion-level DynMM: 5 paths (path k fuses depth stages 1..k).
+
+    Sizes come from ``preset`` (``resnet34``: the reference, ``tiny``: tests); any size given explicitly
+    overrides the preset. ``input_size`` is the pipeline's (H, W), at which path FLOPs are counted.
+    ``pretrained_encoder``: a local torchvision ResNet state dict initialising both encoders.
+    """
+    if preset not in NYUV2_PRESETS:
+        raise ValueError(f"preset must be one of {', '.join(NYUV2_PRESETS)}, got {preset!r}")
+    explicit = {
+        "widths": widths, "depths": depths, "decoder_channels": decoder_channels, "context_bins": context_bins,
+        "gate_channels": gate_channels, "se_reduction": se_reduction,
+    }
+    sizes = {**NYUV2_PRESETS[preset], **{name: value for name, value in explicit.items() if value is not None}}
+    model = FusionDynMM(input_size=tuple(input_size), num_classes=num_classes, gumbel=gumbel, **sizes)
+    if pretrained_encoder is not None:
+        load_torchvision_resnet(model, pretrained_encoder)
+    return model
+
+
+MODEL_BUILDERS: dict[str, Callable[..., ModalityDynMM | FusionDynMM]] = {
     "digits": build_digits_model,
     "mosei": build_mosei_model,
     "mmimdb": build_mmimdb_model,
     "avmnist": build_avmnist_model,
+    "nyuv2": build_nyuv2_model,
 }
-MODEL_NAMES: tuple[str, ...] = tuple(MODEL_BUILDERS)
+FUSION_MODEL_NAMES: tuple[str, ...] = ("nyuv2",)
+# the modality-level tasks (two experts and a gate); the fusion-level ones are listed apart
+MODEL_NAMES: tuple[str, ...] = tuple(name for name in MODEL_BUILDERS if name not in FUSION_MODEL_NAMES)
 
 
-def build_model(name: str, **kwargs: object) -> ModalityDynMM:
+def build_model(name: str, **kwargs: object) -> ModalityDynMM | FusionDynMM:
     """Build the DynMM model of a built-in task; keyword arguments override its sizes."""
     if name not in MODEL_BUILDERS:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODEL_BUILDERS)}")
     builder = MODEL_BUILDERS[name]
     accepted = inspect.signature(builder).parameters
     unknown = sorted(set(kwargs) - set(accepted))

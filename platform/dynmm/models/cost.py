@@ -2,7 +2,8 @@
 
 FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` at batch size 1. Every sample
 pays the gate; path i costs gate + expert i; the static baseline is the most expensive expert alone
-(the full-fusion model, no gate). Imports torch only.
+(the full-fusion model, no gate). For the fusion-level net, "expert i" is the whole net with path i
+forced (both encoders up to depth stage i, fusions, decoder) at the model's input size. Imports torch only.
 """
 
 from collections.abc import Callable, Sequence
@@ -14,6 +15,7 @@ from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
 from dynmm.models.dynmm import ModalityDynMM
+from dynmm.models.fusion import FusionDynMM
 
 
 def _attention_flops(query_shape, key_shape, value_shape, *args: Any, out_shape=None, **kwargs: Any) -> int:
@@ -74,19 +76,50 @@ class PathCosts:
         return tuple(flops / most_expensive for flops in self.path_flops)
 
 
-def measure_path_costs(model: ModalityDynMM) -> PathCosts:
-    """Count the gate's and each expert's FLOPs for one sample (eval mode, no grad)."""
+def measure_path_costs(model: ModalityDynMM | FusionDynMM) -> PathCosts:
+    """Count the gate's and each path's FLOPs for one sample (eval mode, no grad)."""
     was_training = model.training
     model.eval()
     try:
         device = next(model.parameters()).device
         inputs = model.example_inputs(1, device=device)
         with torch.no_grad():
+            if isinstance(model, FusionDynMM):
+                return _fusion_path_costs(model, inputs)
             gate_flops = measure_flops(model.gate, inputs)
             expert_flops = tuple(float(measure_flops(expert, inputs)) for expert in model.experts)
     finally:
         model.train(was_training)
     return PathCosts(gate_flops=float(gate_flops), expert_flops=expert_flops)
+
+
+def _fusion_path_costs(model: FusionDynMM, inputs: dict[str, Tensor]) -> PathCosts:
+    stems = (model.rgb_encoder.stem(inputs["rgb"]), model.depth_encoder.stem(inputs["depth"]))
+    gate_flops = measure_flops(lambda stem_outputs: model.gate(*stem_outputs), stems)
+    path_flops = tuple(
+        float(measure_flops(lambda batch, path=path: model(batch, force_path=path), inputs))
+        for path in range(model.num_paths)
+    )
+    return PathCosts(gate_flops=float(gate_flops), expert_flops=path_flops)
+
+
+def depth_encoder_flops(model: FusionDynMM) -> tuple[float, ...]:
+    """FLOPs for one sample of the depth stages each path runs (the stem, read by the gate, excluded):
+    the cost DYNMM.md reports its "less depth-encoder compute" in."""
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        depth = model.example_inputs(1, device=device)["depth"]
+        with torch.no_grad():
+            features = model.depth_encoder.stem(depth)
+            per_stage = []
+            for stage in model.depth_encoder.stages:
+                per_stage.append(float(measure_flops(stage, features)))
+                features = stage(features)
+    finally:
+        model.train(was_training)
+    return tuple(float(sum(per_stage[:path])) for path in range(model.num_paths))
 
 
 def expected_cost_per_sample(decisions_or_paths: Tensor, path_flops: Sequence[float]) -> float:

@@ -39,13 +39,15 @@ class DynMMOutput:
 
     ``decisions`` (B, P) are soft weights or one-hot rows (differentiable w.r.t. the gate logits in
     the soft and hard modes); ``paths`` (B,) is the chosen path per sample; ``gate_logits`` is None
-    when the gate did not run (forced or random paths).
+    when the gate did not run (forced or random paths). ``side_outputs`` are lower-resolution outputs for
+    deep supervision (the fusion-level segmentation net in training mode), else empty.
     """
 
     output: Tensor
     decisions: Tensor
     paths: Tensor
     gate_logits: Tensor | None
+    side_outputs: tuple[Tensor, ...] = ()
 
 
 def run_routed(experts: Sequence[Expert], inputs: Mapping[str, Tensor], paths: Tensor) -> Tensor:

@@ -46,6 +46,7 @@ class WorkerJob:
     fail_once_marker: str | None = None
     fail_once_at_epoch: int | None = None
     cache_shards_in_memory: bool = False
+    class_weights: tuple[float, ...] = ()  # segmentation: per-class loss weights (empty: unweighted)
 
     def to_config(self) -> dict:
         return asdict(self)

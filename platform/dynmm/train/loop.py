@@ -2,7 +2,8 @@
 
 Ray Train calls used: ``get_context``, ``get_checkpoint``, ``get_dataset_shard``, ``prepare_model``,
 ``report``. Stages run in order (experts, gate, finetune); every epoch ends with a validation pass with
-hard gates and routed execution, metrics summed over all ranks, and a checkpoint.
+hard gates and routed execution, metrics summed over all ranks, and a checkpoint. A fusion-level model
+has no separate experts: it trains whole in the gate stage (``freeze_experts: false``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dynmm.models import TemperatureSchedule, build_model, measure_path_costs, resource_aware_loss
+from dynmm.models import ModalityDynMM, TemperatureSchedule, build_model, measure_path_costs, resource_aware_loss
 from dynmm.track.runs import EpochLogger
 from dynmm.train.checkpoints import load_state, read_experts, save_state, write_experts
 from dynmm.train.job import StageConfig, WorkerJob
@@ -103,6 +104,7 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0:
                 post_progress(job.progress_actor, {"stage": stage.name, "epoch": epoch, "epochs": stage.epochs,
                                                    "metrics": metrics})
+    logger.close()  # every epoch reaches MLflow before the run is declared done
 
 
 def _gates_were_hard(stage: StageConfig, schedule: TemperatureSchedule, epoch: int) -> int:
@@ -114,6 +116,8 @@ def _gates_were_hard(stage: StageConfig, schedule: TemperatureSchedule, epoch: i
 
 def _start_from_shared_experts(model, job: WorkerJob, stage: StageConfig, stage_index: int, resume) -> bool:
     """Load the experts trained once for this pipeline. True when the stage itself can be skipped."""
+    if not isinstance(model, ModalityDynMM):
+        return False  # the fusion-level net has no separately trained experts
     if stage.name == "experts":
         return _load_shared_experts(model, job.experts_uri)  # trained once already: never retrain
     if stage_index == 0 and resume is None and not _load_shared_experts(model, job.experts_uri):
@@ -148,12 +152,13 @@ class _AllExperts(nn.Module):
 
 
 def _prepare_stage(model, stage: StageConfig) -> nn.Module:
-    """The module this stage trains, wrapped for DDP; parameters not trained are frozen."""
+    """The module this stage trains, wrapped for DDP; parameters not trained are frozen (everything but
+    the gate counts as the experts)."""
     freeze_experts = stage.name == "gate" and stage.freeze_experts
-    for parameter in model.experts.parameters():
-        parameter.requires_grad_(not freeze_experts)
-    for parameter in model.gate.parameters():
-        parameter.requires_grad_(stage.name != "experts")
+    gate_parameters = set(model.gate.parameters())
+    for parameter in model.parameters():
+        in_gate = parameter in gate_parameters
+        parameter.requires_grad_(stage.name != "experts" if in_gate else not freeze_experts)
     module = _AllExperts(model.experts) if stage.name == "experts" else model
     # Random-path warm-up and routed groups leave some parameters without gradients in a step.
     return ray.train.torch.prepare_model(
@@ -216,7 +221,7 @@ def _train_epoch(trainable, model, stage, schedule, epoch, optimizer, job, devic
             mode = schedule.mode(epoch) if stage.name == "gate" else "hard"
             result = trainable(batch, mode="soft" if mode == "random" else mode, tau=schedule.tau(epoch),
                                random_paths=mode == "random")
-            task = task_loss(job.task, result.output, label)
+            task = task_loss(job.task, result.output, label, job.class_weights, result.side_outputs)
             loss = resource_aware_loss(task, result.decisions, normalised_costs, stage.resource_lambda, stage.budget)
             sums.add(result.output, label, loss, result.paths, path_gflops)
         loss.backward()
@@ -237,7 +242,7 @@ def _validate(model, stage, job, device, path_gflops, forced_gflops, static_gflo
         label = batch.pop("label")
         for forced in forced_paths:
             result = model(batch, mode="routed", force_path=forced)
-            loss = task_loss(job.task, result.output, label)
+            loss = task_loss(job.task, result.output, label, job.class_weights)
             sums[forced].add(result.output, label, loss, result.paths, path_gflops if forced is None else forced_gflops)
     metrics = {}
     for forced, forced_sums in sums.items():

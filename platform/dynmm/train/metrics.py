@@ -7,12 +7,13 @@ rank 0's shard. ``finalize`` turns the summed vector into named metrics. Pure to
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-TASKS = ("regression", "binary", "multiclass", "multilabel")
+TASKS = ("regression", "binary", "multiclass", "multilabel", "segmentation")
 
 # The quality metric each task is selected and tuned on (higher is better for all of them).
 QUALITY_METRIC = {
@@ -20,11 +21,21 @@ QUALITY_METRIC = {
     "binary": "accuracy",
     "multiclass": "accuracy",
     "multilabel": "micro_f1",
+    "segmentation": "miou",
 }
 
 
-def task_loss(task: str, output: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """The task loss of DYNMM.md: L1 for regression, BCE for binary / multi-label, CE for multi-class."""
+def task_loss(
+    task: str,
+    output: torch.Tensor,
+    label: torch.Tensor,
+    class_weights: Sequence[float] | torch.Tensor | None = None,
+    side_outputs: Sequence[torch.Tensor] = (),
+) -> torch.Tensor:
+    """The task loss of DYNMM.md: L1 for regression, BCE for binary / multi-label, CE for multi-class,
+    multi-scale class-weighted CE for segmentation (``side_outputs``: lower-resolution logits)."""
+    if task == "segmentation":
+        return segmentation_loss([output, *side_outputs], label, class_weights)
     if task == "regression":
         return F.l1_loss(output.reshape(-1), label.reshape(-1).to(output.dtype))
     if task == "binary":
@@ -34,6 +45,39 @@ def task_loss(task: str, output: torch.Tensor, label: torch.Tensor) -> torch.Ten
     if task == "multilabel":
         return F.binary_cross_entropy_with_logits(output, label.to(output.dtype))
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+
+
+def segmentation_loss(
+    outputs: Sequence[torch.Tensor], label: torch.Tensor, class_weights: Sequence[float] | torch.Tensor | None = None
+) -> torch.Tensor:
+    """Sum over scales of the class-weighted cross-entropy; logits (B, C, h, w) score classes 1..C, label
+    (B, H, W) holds 0 (void, ignored) or 1..C and is resized to each scale by nearest neighbour."""
+    weight = None
+    if class_weights is not None and len(class_weights):
+        weight = torch.as_tensor(class_weights, dtype=outputs[0].dtype, device=outputs[0].device)
+    target = label.long() - 1  # void becomes -1, the ignored index
+    total = outputs[0].new_zeros(())
+    for logits in outputs:
+        if logits.shape[-2:] != target.shape[-2:]:
+            scaled = F.interpolate(target.unsqueeze(1).float(), logits.shape[-2:], mode="nearest")
+            scaled_target = scaled.squeeze(1).long()
+        else:
+            scaled_target = target
+        if (scaled_target >= 0).any():
+            total = total + F.cross_entropy(logits, scaled_target, weight=weight, ignore_index=-1)
+    return total
+
+
+def median_frequency_weights(pixel_counts: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """Class weights by median-frequency balancing: ``median(f) / f_c`` with ``f_c`` the share of the
+    labelled pixels in class c; classes without pixels get weight 0."""
+    counts = torch.as_tensor(pixel_counts, dtype=torch.float64)
+    frequency = counts / counts.sum().clamp(min=1)
+    present = frequency > 0
+    if not present.any():
+        return torch.ones_like(frequency)
+    median = frequency[present].median()
+    return torch.where(present, median / frequency.clamp(min=1e-12), torch.zeros_like(frequency))
 
 
 @dataclass
@@ -59,9 +103,7 @@ class EpochSums:
         paths = paths.detach().cpu()
         batch[2] = path_gflops.double().cpu()[paths].sum()
         batch[3 : 3 + self.num_paths] = torch.bincount(paths, minlength=self.num_paths).double()
-        batch[3 + self.num_paths :] = _task_sums(
-            self.task, output.detach().cpu(), label.detach().cpu(), self.num_classes
-        )
+        batch[3 + self.num_paths :] = _task_sums(self.task, output.detach(), label.detach(), self.num_classes).cpu()
         self.values += batch
 
     def to(self, device) -> EpochSums:
@@ -85,10 +127,14 @@ def finalize(sums: EpochSums, static_gflops: float) -> dict[str, float]:
 
 
 def _task_width(task: str, num_classes: int) -> int:
-    return {"regression": 12, "binary": 4, "multiclass": 1, "multilabel": 3 * max(num_classes, 1)}[task]
+    widths = {"regression": 12, "binary": 4, "multiclass": 1, "multilabel": 3 * max(num_classes, 1),
+              "segmentation": max(num_classes, 1) ** 2}
+    return widths[task]
 
 
 def _task_sums(task: str, output: torch.Tensor, label: torch.Tensor, num_classes: int) -> torch.Tensor:
+    if task == "segmentation":
+        return confusion_matrix(output.argmax(dim=1) + 1, label, num_classes).flatten().double()
     output = output.double()
     label = label.double()
     if task == "regression":
@@ -102,6 +148,33 @@ def _task_sums(task: str, output: torch.Tensor, label: torch.Tensor, num_classes
     false_positive = (predicted & ~truth).sum(dim=0)
     false_negative = (~predicted & truth).sum(dim=0)
     return torch.cat([true_positive, false_positive, false_negative]).double()
+
+
+def confusion_matrix(predicted: torch.Tensor, label: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(C, C) pixel counts, row = true class, column = predicted class, for classes 1..C; pixels labelled
+    0 (void) are left out."""
+    label = label.long().flatten()
+    labelled = label > 0
+    cells = (label[labelled] - 1) * num_classes + (predicted.long().flatten()[labelled] - 1)
+    return torch.bincount(cells, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def segmentation_metrics(confusion: torch.Tensor) -> dict[str, float]:
+    """mIoU (mean over the classes that occur in the labels or the predictions), pixel accuracy and the
+    IoU of each class (``iou_class{c}``, c = 1..C; NaN for a class that never occurs) from one confusion
+    matrix."""
+    confusion = confusion.double()
+    true_positive = confusion.diagonal()
+    union = confusion.sum(dim=0) + confusion.sum(dim=1) - true_positive
+    iou = torch.where(union > 0, true_positive / union.clamp(min=1), torch.full_like(union, float("nan")))
+    occurring = union > 0
+    total = float(confusion.sum())
+    metrics = {
+        "miou": float(iou[occurring].mean()) if occurring.any() else 0.0,
+        "pixel_accuracy": float(true_positive.sum()) / total if total else 0.0,
+    }
+    metrics.update({f"iou_class{index + 1}": float(value) for index, value in enumerate(iou)})
+    return metrics
 
 
 def _confusion(predicted: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
@@ -147,6 +220,8 @@ def _task_metrics(task: str, sums: torch.Tensor, count: float, num_classes: int)
         }
     if task == "multiclass":
         return {"accuracy": float(sums[0]) / count}
+    if task == "segmentation":
+        return segmentation_metrics(sums.reshape(num_classes, num_classes))
     true_positive, false_positive, false_negative = sums.reshape(3, -1)
     per_class = zip(true_positive, false_positive, false_negative, strict=True)
     per_class_f1 = [_f1(float(t), float(p), float(n)) for t, p, n in per_class]

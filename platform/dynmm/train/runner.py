@@ -18,13 +18,14 @@ from pathlib import Path
 import pyarrow as pa
 import ray
 import ray.train
+import torch
 from ray.train.torch import TorchTrainer
 
 from dynmm.data.format import DatasetMeta, read_meta
-from dynmm.data.readers import ray_dataset, resolve_dataset
+from dynmm.data.readers import iter_batches, ray_dataset, resolve_dataset
 from dynmm.errors import DatasetError, SpecError, UserError
 from dynmm.home import default_datasets_root, default_storage_path
-from dynmm.models import PathCosts, build_model, measure_path_costs
+from dynmm.models import FusionDynMM, PathCosts, build_model, measure_path_costs
 from dynmm.models.export import FlatInputDynMM
 from dynmm.spec import PipelineSpec
 from dynmm.track import resolve_tracking_uri, start_job_run
@@ -32,11 +33,11 @@ from dynmm.track.runs import check_tracking_reachable, finish_run, log_final_mod
 from dynmm.train.checkpoints import load_state
 from dynmm.train.job import StageConfig, WorkerJob, stable_hash
 from dynmm.train.loop import train_loop_per_worker
-from dynmm.train.metrics import QUALITY_METRIC
+from dynmm.train.metrics import QUALITY_METRIC, median_frequency_weights
 from dynmm.train.progress import ProgressPrinter
 
 TASK_OF_DATASET = {"regression": "regression", "binary": "binary", "multiclass": "multiclass",
-                   "multilabel": "multilabel"}
+                   "multilabel": "multilabel", "segmentation": "segmentation"}
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class PreparedPipeline:
     costs: PathCosts
     storage_path: str
     experts_uri: str
+    class_weights: tuple[float, ...] = ()
 
     @property
     def quality_metric(self) -> str:
@@ -63,19 +65,51 @@ def prepare_pipeline(spec: PipelineSpec) -> PreparedPipeline:
     except DatasetError as error:
         raise DatasetError(f"data.dataset: {error}") from None
     if meta.task not in TASK_OF_DATASET:
-        raise SpecError(f"data.dataset: task {meta.task!r} of {dataset_dir} is not trained by modality-level DynMM")
+        raise SpecError(f"data.dataset: task {meta.task!r} of {dataset_dir} is not trained by DynMM")
     try:
         model = build_model(spec.model.name, **spec.model.args)
     except (ValueError, TypeError) as error:
         raise SpecError(f"model: {error}") from None
     _check_model_fits_data(model.input_shapes, meta, dataset_dir)
+    class_weights = ()
+    if isinstance(model, FusionDynMM) or meta.task == "segmentation":
+        _check_fusion_pipeline(spec, model, meta, dataset_dir)
+        class_weights = segmentation_class_weights(dataset_dir, meta.num_classes)
     storage_path = str(spec.run.storage_path or default_storage_path())
     experts_key = stable_hash(
         str(dataset_dir.resolve()), meta.model_dump(mode="json"), spec.model.model_dump(mode="json"),
         spec.stages.experts.model_dump(mode="json"), _holdout(spec), spec.seed,
     )
     experts_uri = f"{storage_path.rstrip('/')}/experts/{spec.name}-{experts_key}"
-    return PreparedPipeline(spec, dataset_dir, meta, measure_path_costs(model), storage_path, experts_uri)
+    return PreparedPipeline(
+        spec, dataset_dir, meta, measure_path_costs(model), storage_path, experts_uri, class_weights
+    )
+
+
+def _check_fusion_pipeline(spec: PipelineSpec, model, meta: DatasetMeta, dataset_dir: Path) -> None:
+    """The fusion-level net segments, and trains whole in the gate stage."""
+    if not isinstance(model, FusionDynMM) or meta.task != "segmentation":
+        raise SpecError(
+            f"model: {spec.model.name!r} does not fit the {meta.task} dataset {dataset_dir}; segmentation "
+            "datasets are trained with the fusion-level model (model.name: nyuv2) and only with it"
+        )
+    if model.num_classes != meta.num_classes:
+        raise SpecError(
+            f"model.args.num_classes: the model predicts {model.num_classes} classes, {dataset_dir} has "
+            f"{meta.num_classes}"
+        )
+    if spec.stages.experts.enabled:
+        raise SpecError("stages.experts.enabled: must be false; the fusion-level model trains whole in the gate stage")
+    if spec.stages.gate.enabled and spec.stages.gate.freeze_experts:
+        raise SpecError("stages.gate.freeze_experts: must be false; the fusion-level model has no pretrained experts")
+
+
+def segmentation_class_weights(dataset_dir: Path, num_classes: int) -> tuple[float, ...]:
+    """Median-frequency class weights from the pixel counts of the train split's labels."""
+    counts = torch.zeros(num_classes + 1, dtype=torch.float64)
+    for batch in iter_batches(dataset_dir, "train", batch_size=64, columns=["label"]):
+        counts += torch.bincount(batch["label"].flatten().long(), minlength=num_classes + 1).double()
+    return tuple(median_frequency_weights(counts[1:]).tolist())
 
 
 def _check_model_fits_data(input_shapes: dict, meta: DatasetMeta, dataset_dir: Path) -> None:
@@ -138,6 +172,7 @@ def quiet_libraries() -> None:
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     # a local raylet warns once per burst of worker start-ups beyond its CPU count (trials x workers)
     os.environ.setdefault("RAY_worker_maximum_startup_concurrency", "64")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for name in ("ray", "ray.data", "ray.train", "ray.tune", "mlflow"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
@@ -243,6 +278,7 @@ def worker_job(
         fail_once_marker=marker,
         fail_once_at_epoch=spec.run.fail_once_at_epoch,
         cache_shards_in_memory=_folder_bytes(prepared.dataset_dir) < MATERIALIZE_BELOW_BYTES,
+        class_weights=prepared.class_weights,
     )
 
 

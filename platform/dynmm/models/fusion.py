@@ -1,0 +1,402 @@
+"""Fusion-level DynMM: an RGB-D segmentation net (ESANet style) whose gate decides per sample how many
+depth-encoder stages run.
+
+Two ResNet encoders (RGB and depth: stem, four stages) are fused by squeeze-excite + add after the stem
+and after each stage; the RGB stream carries the fused features, the depth stream its own. A context
+module (pyramid pooling) and a decoder with skip connections from the fused stages produce the logits.
+A global gate reads the two stem outputs and picks one of ``num_stages + 1`` paths: path k runs and fuses
+depth stages 1..k; depth stages k+1.. are skipped.
+
+- soft / hard (training): every depth stage runs on every sample; after stage s the RGB stream is
+  ``m_s * fused + (1 - m_s) * rgb`` with ``m_s = sum_{k >= s} g_k`` (the weight of the paths that reach
+  s), so the gate gets gradients. With hard decisions ``m_s`` is exactly 0 or 1.
+- routed (inference), forced and random paths: depth stage s runs only on the samples whose path
+  reaches s; the others are never computed.
+
+Inputs are the stored values (``rgb`` 0..255 as (3, H, W), ``depth`` millimetres as (1, H, W)); the
+model normalises them itself. Imports torch only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dynmm.models.dynmm import FORWARD_MODES, DynMMOutput, ForwardMode
+from dynmm.models.gates import gate_decision
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Raw NYU Depth V2 depth statistics in millimetres (train split, as ESANet normalises it).
+NYUV2_DEPTH_MEAN_MM = 2841.95
+NYUV2_DEPTH_STD_MM = 1417.26
+
+
+def conv_bn_relu(channels_in: int, channels_out: int, kernel_size: int = 3, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(channels_in, channels_out, kernel_size, stride, padding=kernel_size // 2, bias=False),
+        nn.BatchNorm2d(channels_out),
+        nn.ReLU(inplace=True),
+    )
+
+
+class BasicBlock(nn.Module):
+    """The ResNet-18/34 block: two 3x3 convolutions and a (projected) identity shortcut.
+
+    Attribute names follow torchvision's, so its ResNet state dicts load into it."""
+
+    def __init__(self, channels_in: int, channels_out: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels_in, channels_out, 3, stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels_out)
+        self.conv2 = nn.Conv2d(channels_out, channels_out, 3, 1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels_out)
+        self.downsample = None
+        if stride != 1 or channels_in != channels_out:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(channels_in, channels_out, 1, stride, bias=False), nn.BatchNorm2d(channels_out)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        return F.relu(self.bn2(self.conv2(out)) + shortcut, inplace=True)
+
+
+class ResNetStage(nn.Module):
+    """One encoder stage: an optional max-pool (stage 1) then ``depth`` blocks, the first one strided."""
+
+    def __init__(self, channels_in: int, channels_out: int, depth: int, stride: int, pool: bool) -> None:
+        super().__init__()
+        self.pool = nn.MaxPool2d(3, 2, padding=1) if pool else nn.Identity()
+        blocks = [BasicBlock(channels_in, channels_out, stride)]
+        blocks += [BasicBlock(channels_out, channels_out) for _ in range(depth - 1)]
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.blocks(self.pool(x))
+
+
+class ResNetEncoder(nn.Module):
+    """Stem (conv 7x7 stride 2, BN, ReLU: 1/2 resolution) and four stages (1/4, 1/8, 1/16, 1/32)."""
+
+    def __init__(self, channels_in: int, widths: Sequence[int], depths: Sequence[int]) -> None:
+        super().__init__()
+        self.stem = conv_bn_relu(channels_in, widths[0], kernel_size=7, stride=2)
+        inputs = [widths[0], *widths[:-1]]
+        self.stages = nn.ModuleList(
+            ResNetStage(previous, width, depth, stride=1 if index == 0 else 2, pool=index == 0)
+            for index, (previous, width, depth) in enumerate(zip(inputs, widths, depths, strict=True))
+        )
+
+
+class SqueezeExcite(nn.Module):
+    """Channel attention: global average pool, bottleneck MLP, sigmoid weights per channel."""
+
+    def __init__(self, channels: int, reduction: int = 16) -> None:
+        super().__init__()
+        hidden = max(1, channels // reduction)
+        self.weights = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(channels, hidden, 1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, channels, 1),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.weights(x)
+
+
+class SqueezeExciteFusion(nn.Module):
+    """ESANet's fusion: ``SE_rgb(rgb) + SE_depth(depth)``."""
+
+    def __init__(self, channels: int, reduction: int = 16) -> None:
+        super().__init__()
+        self.rgb = SqueezeExcite(channels, reduction)
+        self.depth = SqueezeExcite(channels, reduction)
+
+    def forward(self, rgb: Tensor, depth: Tensor) -> Tensor:
+        return self.rgb(rgb) + self.depth(depth)
+
+
+class StemGate(nn.Module):
+    """The global gate over the two stem outputs: (conv 5x5 stride 2, BN, tanh) twice, global average
+    pool, 1x1 conv to one logit per path."""
+
+    def __init__(self, stem_channels: int, hidden_channels: int, num_paths: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(2 * stem_channels, hidden_channels, 5, 2, padding=2, bias=False),
+            nn.BatchNorm2d(hidden_channels),
+            nn.Tanh(),
+            nn.Conv2d(hidden_channels, hidden_channels, 5, 2, padding=2, bias=False),
+            nn.BatchNorm2d(hidden_channels),
+            nn.Tanh(),
+            nn.AdaptiveAvgPool2d(1),
+        )
+        self.classifier = nn.Conv2d(hidden_channels, num_paths, 1)
+
+    def forward(self, rgb_stem: Tensor, depth_stem: Tensor) -> Tensor:
+        pooled = self.features(torch.cat([rgb_stem, depth_stem], dim=1))
+        return self.classifier(pooled).flatten(1)
+
+
+class PyramidPooling(nn.Module):
+    """Context module: average pools at ``bins`` x ``bins`` cells, projected, upsampled and concatenated
+    with the input, then a 1x1 projection to ``channels_out``."""
+
+    def __init__(self, channels_in: int, channels_out: int, bins: Sequence[int]) -> None:
+        super().__init__()
+        branch_channels = max(1, channels_in // len(bins))
+        self.branches = nn.ModuleList(
+            # no batch norm after pooling: a 1x1 map of a batch of one has no batch statistics
+            nn.Sequential(nn.AdaptiveAvgPool2d(bin_size), nn.Conv2d(channels_in, branch_channels, 1), nn.ReLU())
+            for bin_size in bins
+        )
+        self.project = conv_bn_relu(channels_in + branch_channels * len(bins), channels_out, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        size = x.shape[-2:]
+        pooled = [F.interpolate(branch(x), size, mode="bilinear", align_corners=False) for branch in self.branches]
+        return self.project(torch.cat([x, *pooled], dim=1))
+
+
+class DecoderModule(nn.Module):
+    """conv 3x3 + a residual block, an optional side output (training), x2 upsampling, skip added."""
+
+    def __init__(self, channels_in: int, channels_out: int, skip_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.conv = conv_bn_relu(channels_in, channels_out)
+        self.block = BasicBlock(channels_out, channels_out)
+        self.side_output = nn.Conv2d(channels_out, num_classes, 1)
+        self.skip = conv_bn_relu(skip_channels, channels_out, 1)
+
+    def forward(self, x: Tensor, skip: Tensor) -> tuple[Tensor, Tensor | None]:
+        x = self.block(self.conv(x))
+        side = self.side_output(x) if self.training else None
+        x = F.interpolate(x, skip.shape[-2:], mode="bilinear", align_corners=False)
+        return x + self.skip(skip), side
+
+
+class SegmentationDecoder(nn.Module):
+    """Context module on the 1/32 features, three decoder modules (skips from fused stages 3, 2, 1),
+    a 3x3 classifier at 1/4 resolution upsampled to the input size."""
+
+    def __init__(
+        self,
+        encoder_widths: Sequence[int],
+        decoder_channels: Sequence[int],
+        num_classes: int,
+        context_bins: Sequence[int],
+    ) -> None:
+        super().__init__()
+        if len(decoder_channels) != len(encoder_widths) - 1:
+            raise ValueError(
+                f"decoder_channels needs {len(encoder_widths) - 1} entries (one per skip), got {list(decoder_channels)}"
+            )
+        self.context = PyramidPooling(encoder_widths[-1], decoder_channels[0], context_bins)
+        skip_widths = list(reversed(encoder_widths[:-1]))
+        inputs = [decoder_channels[0], *decoder_channels[:-1]]
+        self.stages = nn.ModuleList(
+            DecoderModule(channels_in, channels_out, skip_width, num_classes)
+            for channels_in, channels_out, skip_width in zip(inputs, decoder_channels, skip_widths, strict=True)
+        )
+        self.classifier = nn.Conv2d(decoder_channels[-1], num_classes, 3, padding=1)
+
+    def forward(self, stage_features: Sequence[Tensor], size: torch.Size) -> tuple[Tensor, tuple[Tensor, ...]]:
+        x = self.context(stage_features[-1])
+        side_outputs = []
+        for module, skip in zip(self.stages, reversed(stage_features[:-1]), strict=True):
+            x, side = module(x, skip)
+            if side is not None:
+                side_outputs.append(side)
+        logits = F.interpolate(self.classifier(x), size, mode="bilinear", align_corners=False)
+        return logits, tuple(side_outputs)
+
+
+class FusionDynMM(nn.Module):
+    """RGB-D semantic segmentation with a gate choosing how many depth stages run per sample.
+
+    ``input_size`` (H, W) is the size FLOPs are counted at (``example_inputs``); other sizes work too
+    (sizes divisible by 32 avoid rounding at the five stride-2 steps). The output holds ``num_classes``
+    logits per pixel, for the classes 1..num_classes (label 0 is void).
+    """
+
+    def __init__(
+        self,
+        input_size: tuple[int, int] = (480, 640),
+        widths: Sequence[int] = (64, 128, 256, 512),
+        depths: Sequence[int] = (3, 4, 6, 3),
+        decoder_channels: Sequence[int] = (512, 256, 128),
+        context_bins: Sequence[int] = (1, 5),
+        gate_channels: int = 32,
+        se_reduction: int = 16,
+        num_classes: int = 40,
+        depth_mean_mm: float = NYUV2_DEPTH_MEAN_MM,
+        depth_std_mm: float = NYUV2_DEPTH_STD_MM,
+        gumbel: bool = False,
+    ) -> None:
+        super().__init__()
+        if len(widths) != len(depths) or len(widths) < 2:
+            raise ValueError(f"widths and depths need one entry per stage (>= 2), got {list(widths)}, {list(depths)}")
+        if len(input_size) != 2 or min(input_size) < 1:
+            raise ValueError(f"input_size must be (height, width), got {tuple(input_size)}")
+        self.rgb_encoder = ResNetEncoder(3, widths, depths)
+        self.depth_encoder = ResNetEncoder(1, widths, depths)
+        self.fusions = nn.ModuleList(SqueezeExciteFusion(width, se_reduction) for width in [widths[0], *widths])
+        self.gate = StemGate(widths[0], gate_channels, num_paths=len(widths) + 1)
+        self.decoder = SegmentationDecoder(widths, decoder_channels, num_classes, context_bins)
+        self.register_buffer("rgb_mean", 255.0 * torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("rgb_std", 255.0 * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.depth_mean_mm = depth_mean_mm
+        self.depth_std_mm = depth_std_mm
+        self.input_shapes = {"rgb": (3, *input_size), "depth": (1, *input_size)}
+        self.num_classes = num_classes
+        self.gumbel = gumbel
+
+    @property
+    def num_paths(self) -> int:
+        return len(self.depth_encoder.stages) + 1
+
+    def example_inputs(self, batch_size: int = 1, device: torch.device | str | None = None) -> dict[str, Tensor]:
+        """Random inputs in the stored value ranges (RGB 0..255, depth 0..10 m in millimetres)."""
+        return {
+            "rgb": 255 * torch.rand((batch_size, *self.input_shapes["rgb"]), device=device),
+            "depth": 10_000 * torch.rand((batch_size, *self.input_shapes["depth"]), device=device),
+        }
+
+    def forward(
+        self,
+        inputs: Mapping[str, Tensor],
+        mode: ForwardMode = "routed",
+        tau: float = 1.0,
+        force_path: int | None = None,
+        random_paths: bool = False,
+    ) -> DynMMOutput:
+        """soft / hard: every depth stage runs, the RGB stream mixes fused and unfused features by the
+        gate's weights (training). routed: hard gate, depth stage s runs only on samples whose path
+        reaches s. force_path=k: no gate, depth stages 1..k for every sample (k = num_paths - 1 is the
+        static ESANet). random_paths=True: a uniformly random path per sample, routed (warm-up)."""
+        if mode not in FORWARD_MODES:
+            raise ValueError(f"mode must be one of {FORWARD_MODES}, got {mode!r}")
+        rgb = (inputs["rgb"] - self.rgb_mean) / self.rgb_std
+        depth = (inputs["depth"] - self.depth_mean_mm) / self.depth_std_mm
+        rgb_stem, depth_stem = self.rgb_encoder.stem(rgb), self.depth_encoder.stem(depth)
+        fused = self.fusions[0](rgb_stem, depth_stem)
+        if mode == "routed" or force_path is not None or random_paths:
+            paths, decisions, gate_logits = self._routed_paths(rgb_stem, depth_stem, tau, force_path, random_paths)
+            stage_features = self._encode_routed(fused, depth_stem, paths)
+        else:
+            gate_logits = self.gate(rgb_stem, depth_stem)
+            add_noise = self.gumbel and self.training
+            decisions = gate_decision(gate_logits, tau=tau, hard=mode == "hard", gumbel=add_noise)
+            paths = decisions.argmax(dim=-1)
+            stage_features = self._encode_mixed(fused, depth_stem, decisions)
+        logits, side_outputs = self.decoder(stage_features, rgb.shape[-2:])
+        return DynMMOutput(logits, decisions, paths, gate_logits, side_outputs)
+
+    def _routed_paths(
+        self, rgb_stem: Tensor, depth_stem: Tensor, tau: float, force_path: int | None, random_paths: bool
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Path per sample, one-hot decisions and gate logits (None when the gate does not run)."""
+        batch_size, device = rgb_stem.shape[0], rgb_stem.device
+        if force_path is not None:
+            if not 0 <= force_path < self.num_paths:
+                raise ValueError(f"force_path must be in [0, {self.num_paths - 1}], got {force_path}")
+            paths = torch.full((batch_size,), force_path, dtype=torch.long, device=device)
+        elif random_paths:
+            paths = torch.randint(self.num_paths, (batch_size,), device=device)
+        else:
+            gate_logits = self.gate(rgb_stem, depth_stem)
+            decisions = gate_decision(gate_logits, tau=tau, hard=True)
+            return decisions.argmax(dim=-1), decisions, gate_logits
+        return paths, nn.functional.one_hot(paths, self.num_paths).to(rgb_stem.dtype), None
+
+    def _encode_routed(self, rgb: Tensor, depth: Tensor, paths: Tensor) -> list[Tensor]:
+        """The fused stage outputs, running depth stage s only on the rows whose path is >= s."""
+        depth_rows = torch.arange(paths.shape[0], device=paths.device)  # rows of the batch ``depth`` holds
+        stage_features = []
+        for stage, (rgb_stage, depth_stage, fusion) in enumerate(
+            zip(self.rgb_encoder.stages, self.depth_encoder.stages, self.fusions[1:], strict=True), start=1
+        ):
+            rgb = rgb_stage(rgb)
+            reaching = paths.index_select(0, depth_rows) >= stage
+            if not reaching.all():
+                depth_rows = depth_rows[reaching]
+                depth = depth[reaching]
+            if depth_rows.numel() == paths.shape[0]:
+                depth = depth_stage(depth)
+                rgb = fusion(rgb, depth)
+            elif depth_rows.numel() > 0:
+                depth = depth_stage(depth)
+                rgb = rgb.index_copy(0, depth_rows, fusion(rgb.index_select(0, depth_rows), depth))
+            stage_features.append(rgb)
+        return stage_features
+
+    def _encode_mixed(self, rgb: Tensor, depth: Tensor, decisions: Tensor) -> list[Tensor]:
+        """The fused stage outputs with every depth stage run, mixed by the weight of reaching each stage."""
+        reach = decisions.flip(-1).cumsum(-1).flip(-1)  # reach[:, s] = sum over paths k >= s of g_k
+        stage_features = []
+        for stage, (rgb_stage, depth_stage, fusion) in enumerate(
+            zip(self.rgb_encoder.stages, self.depth_encoder.stages, self.fusions[1:], strict=True), start=1
+        ):
+            rgb = rgb_stage(rgb)
+            depth = depth_stage(depth)
+            weight = reach[:, stage].view(-1, 1, 1, 1)
+            rgb = weight * fusion(rgb, depth) + (1 - weight) * rgb
+            stage_features.append(rgb)
+        return stage_features
+
+
+def torchvision_to_encoder_state(state: Mapping[str, Tensor], channels_in: int) -> dict[str, Tensor]:
+    """A torchvision ResNet state dict (``conv1``, ``bn1``, ``layer1.0.conv1``, ..., ``fc``) under the names
+    of ``ResNetEncoder``; for a one-channel (depth) encoder the first convolution is summed over RGB."""
+    renamed = {}
+    for key, value in state.items():
+        if key.startswith("fc."):
+            continue
+        if key.startswith("conv1."):
+            if channels_in != value.shape[1]:
+                value = value.sum(dim=1, keepdim=True)
+            key = "stem.0." + key.removeprefix("conv1.")
+        elif key.startswith("bn1."):
+            key = "stem.1." + key.removeprefix("bn1.")
+        elif key.startswith("layer"):
+            stage_number, _, rest = key.removeprefix("layer").partition(".")
+            key = f"stages.{int(stage_number) - 1}.blocks.{rest}"
+        renamed[key] = value
+    return renamed
+
+
+def load_torchvision_resnet(model: FusionDynMM, path: str | Path) -> None:
+    """Initialise both encoders from a local torchvision ResNet state dict (e.g. resnet34's); shapes must
+    match ``widths`` and ``depths``. Nothing is downloaded."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ValueError(f"pretrained_encoder: {path}: file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a corrupt or foreign file fails in many ways
+        raise ValueError(f"pretrained_encoder: {path}: not a readable torch state dict ({error})") from None
+    for encoder, channels_in in ((model.rgb_encoder, 3), (model.depth_encoder, 1)):
+        renamed = torchvision_to_encoder_state(state, channels_in)
+        expected = encoder.state_dict()
+        missing = sorted(set(expected) - set(renamed))
+        unexpected = sorted(set(renamed) - set(expected))
+        mismatched = [key for key in expected if key in renamed and renamed[key].shape != expected[key].shape]
+        if missing or unexpected or mismatched:
+            problem = (
+                f"missing {missing[:3]}" if missing
+                else f"unexpected {unexpected[:3]}" if unexpected
+                else f"shape of {mismatched[0]} is {tuple(renamed[mismatched[0]].shape)}, "
+                f"expected {tuple(expected[mismatched[0]].shape)}"
+            )
+            raise ValueError(
+                f"pretrained_encoder: {path}: does not fit an encoder with these widths and depths ({problem})"
+            )
+        encoder.load_state_dict(renamed)
