@@ -15,11 +15,11 @@ EXIT_USER_ERROR = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dynmm.cli import data, train, tune
+    from dynmm.cli import data, evaluate, jobs, models, submit, train, tune
 
     parser = argparse.ArgumentParser(prog="dynmm", description="Train, tune and register DynMM models.")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for module in (train, tune, data):
+    for module in (train, tune, data, models, submit, jobs, evaluate):
         module.register(subparsers)
     return parser
 

@@ -1,0 +1,246 @@
+"""dynmm submit and dynmm jobs against a real two-node Ray cluster with token authentication.
+
+The cluster runs on this machine: both nodes are ``ray start --block`` processes in sessions of their own, each
+with its own temp dir, ports picked free, the dashboard on 127.0.0.1 and a marker variable in their environment.
+Teardown stops exactly these: SIGTERM to the two ``ray start`` processes (each shuts its node down), then
+SIGKILL to their process groups and to any process still carrying the marker (Ray workers start process groups
+of their own). Another Ray on this machine is untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+from mlflow.tracking import MlflowClient
+
+from dynmm.cli import main
+
+REPO = Path(__file__).parents[2]
+pytestmark = pytest.mark.integration
+
+RAY = Path(sys.executable).parent / "ray"
+WORKER_SLOT = "dynmm_worker_slot"  # one per node: a training worker takes one, so two workers use both nodes
+SECOND_NODE = "dynmm_second_node"  # only the second node has it
+MARKER = "DYNMM_TEST_CLUSTER"  # in the environment of every process of the test cluster
+
+
+@dataclass(frozen=True)
+class LocalCluster:
+    address: str
+    token: str
+
+    def get(self, endpoint: str) -> dict:
+        response = requests.get(self.address + endpoint, headers={"Authorization": f"Bearer {self.token}"}, timeout=10)
+        response.raise_for_status()
+        return response.json()
+
+    def alive_nodes(self) -> list[dict]:
+        nodes = self.get("/api/v0/nodes?detail=1&limit=100")["data"]["result"]["result"]
+        return [node for node in nodes if node["state"] == "ALIVE"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def ray_start(arguments: list[str], env: dict, log: Path) -> subprocess.Popen:
+    common = ["--block", "--node-ip-address", "127.0.0.1", "--object-store-memory", str(200 * 2**20),
+              "--dashboard-agent-listen-port", str(free_port()), "--disable-usage-stats"]
+    with open(log, "w") as output:
+        return subprocess.Popen([str(RAY), "start", *arguments, *common], env=env, stdout=output,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for(condition, what: str, timeout_seconds: float, logs: list[Path]) -> None:
+    deadline = time.monotonic() + timeout_seconds
+    while time.monotonic() < deadline:
+        try:
+            if condition():
+                return
+        except (requests.RequestException, KeyError):
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{what} within {timeout_seconds} s; " + " | ".join(log.read_text()[-2000:] for log in logs))
+
+
+def processes_with(marker: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if marker.encode() in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def stop(starters: list[subprocess.Popen], marker: str) -> None:
+    for starter in starters:
+        starter.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    for starter in starters:
+        try:
+            starter.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass  # killed below with the rest
+    for starter in starters:  # each is the leader of its own session: its group holds only its node
+        try:
+            os.killpg(starter.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for pid in processes_with(marker):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for starter in starters:
+        starter.wait()
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster(tmp_path_factory):
+    # Unix socket paths under Ray's temp dir must stay short: not under pytest's deep tmp path.
+    temp_dir = Path(tempfile.mkdtemp(prefix="dynmm-ray-"))
+    base = tmp_path_factory.mktemp("cluster")
+    token = secrets.token_hex(32)
+    marker_value = secrets.token_hex(8)
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("RAY_", "MLFLOW_"))}
+    env.update({
+        "PATH": f"{RAY.parent}{os.pathsep}{env.get('PATH', '')}",  # the job's `dynmm` is this venv's
+        "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "DYNMM_HOME": str(base / "home"),
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+        "RAY_worker_maximum_startup_concurrency": "64", MARKER: marker_value,
+    })
+    gcs_port, dashboard_port = free_port(), free_port()
+    logs = [base / "head.log", base / "second.log"]
+    head = ray_start(["--head", "--port", str(gcs_port), "--dashboard-host", "127.0.0.1", "--dashboard-port",
+                      str(dashboard_port), "--ray-client-server-port", str(free_port()), "--num-cpus", "2",
+                      "--temp-dir", str(temp_dir / "head"), "--resources", json.dumps({WORKER_SLOT: 1})], env, logs[0])
+    starters = [head]
+    try:
+        cluster = LocalCluster(f"http://127.0.0.1:{dashboard_port}", token)
+        wait_for(lambda: len(cluster.alive_nodes()) == 1, "the head did not come up", 120, logs[:1])
+        # its own temp dir, as on another machine: nodes sharing one would unpack each job's files into the
+        # same folder, and a node setting up a job's files replaces them under the other node's processes
+        second = ray_start(["--address", f"127.0.0.1:{gcs_port}", "--num-cpus", "1", "--temp-dir",
+                            str(temp_dir / "second"), "--resources",
+                            json.dumps({WORKER_SLOT: 1, SECOND_NODE: 1})], env, logs[1])
+        starters.insert(0, second)
+        wait_for(lambda: len(cluster.alive_nodes()) == 2, "the second node did not join", 120, logs)
+        yield cluster
+    finally:
+        stop(starters, f"{MARKER}={marker_value}")
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def tiny_digits_on_two_nodes(tmp_path: Path) -> list[str]:
+    settings = {
+        "data.root": tmp_path / "datasets",
+        "run.storage_path": tmp_path / "runs",
+        "stages.experts.epochs": 2,
+        "stages.gate.epochs": 2,
+        "stages.gate.epoch_hard": 1,
+        "scaling.num_workers": 2,
+        "scaling.resources_per_worker": f"{{{WORKER_SLOT}: 1}}",
+    }
+    return [argument for key, value in settings.items() for argument in ("--set", f"{key}={value}")]
+
+
+def test_digits_trains_on_both_nodes_and_lands_in_mlflow(two_node_cluster, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", two_node_cluster.token)
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+
+    code = main(["submit", "pipelines/digits.yaml", "--address", two_node_cluster.address,
+                 *tiny_digits_on_two_nodes(tmp_path)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    job_id = re.search(r"^submitted (\S+)$", printed, re.MULTILINE).group(1)
+    assert job_id.startswith("dynmm-digits-train-")
+    assert f"dynmm jobs logs {job_id} --follow" in printed
+
+    code = main(["jobs", "logs", job_id, "--follow", "--address", two_node_cluster.address])
+    logs = capsys.readouterr()
+    assert code == 0, logs.out[-3000:] + logs.err[-3000:]
+    assert re.search(r"^gate\s+2/2 ", logs.out, re.MULTILINE), logs.out[-3000:]
+    assert f"job {job_id} SUCCEEDED" in logs.err
+
+    nodes = {node["node_id"]: node for node in two_node_cluster.alive_nodes()}
+    second = next(node_id for node_id, node in nodes.items() if SECOND_NODE in node["resources_total"])
+    actors = two_node_cluster.get("/api/v0/actors?detail=1&limit=1000")["data"]["result"]["result"]
+    worker_nodes = [actor["node_id"] for actor in actors
+                    if actor["class_name"] == "RayTrainWorker" and actor["job_id"] is not None]
+    assert len(worker_nodes) == 2 and set(worker_nodes) == set(nodes) and second in worker_nodes
+
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("digits").experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["scaling.num_workers"] == "2"
+    assert 0.0 <= run.data.metrics["val_accuracy"] <= 1.0
+    assert [entry.step for entry in client.get_metric_history(run.info.run_id, "val_loss")] == [0, 1, 2, 3]
+
+    code = main(["jobs", "list", "--address", two_node_cluster.address])
+    assert code == 0 and re.search(rf"^{job_id}\s+SUCCEEDED", capsys.readouterr().out, re.MULTILINE)
+    code = main(["jobs", "status", job_id, "--address", two_node_cluster.address])
+    assert code == 0 and re.search(r"^status\s+SUCCEEDED$", capsys.readouterr().out, re.MULTILINE)
+    code = main(["jobs", "stop", job_id, "--address", two_node_cluster.address])
+    assert code == 0 and capsys.readouterr().out.strip() == f"{job_id} had already ended"
+
+
+def run_cli(capsys, *arguments: str) -> tuple[int, str]:
+    code = main(list(arguments))
+    return code, capsys.readouterr().err.strip()
+
+
+def test_wrong_token_is_refused_in_one_line(two_node_cluster, monkeypatch, capsys):
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "not-the-cluster-token")
+    code, error = run_cli(capsys, "jobs", "list", "--address", two_node_cluster.address)
+    assert code == 2 and len(error.splitlines()) == 1
+    assert "refused the authentication token from RAY_AUTH_TOKEN" in error
+
+
+def test_missing_token_says_where_to_put_it(two_node_cluster, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    code, error = run_cli(capsys, "jobs", "status", "anything", "--address", two_node_cluster.address)
+    assert code == 2 and len(error.splitlines()) == 1
+    assert "requires an authentication token and none was found" in error and "RAY_AUTH_TOKEN" in error
+
+
+def test_wrong_port_is_unreachable_in_one_line(two_node_cluster, monkeypatch, capsys):
+    monkeypatch.setenv("RAY_AUTH_TOKEN", two_node_cluster.token)
+    port = free_port()
+    with socket.socket() as probe:  # nothing listens there
+        assert probe.connect_ex(("127.0.0.1", port)) != 0
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")  # the default address
+    code, error = run_cli(capsys, "jobs", "list")
+    assert code == 2 and len(error.splitlines()) == 1
+    assert f"cannot reach the Ray job server at http://127.0.0.1:{port}" in error
+
+
+def test_unknown_job_is_named(two_node_cluster, monkeypatch, capsys):
+    monkeypatch.setenv("RAY_AUTH_TOKEN", two_node_cluster.token)
+    code, error = run_cli(capsys, "jobs", "logs", "dynmm-no-such-job", "--address", two_node_cluster.address)
+    assert code == 2 and "no job 'dynmm-no-such-job'" in error
