@@ -1,0 +1,118 @@
+"""Search efficiency on digits: MO-TPE vs random vs the paper's 16-point lambda grid, and MO-ASHA vs FIFO.
+
+Four studies of the same pipeline run one after the other on one local Ray, sharing the experts (trained
+once) and therefore the hypervolume reference point (worst expert's validation quality, static fusion
+GFLOPs): TPE + FIFO, random + FIFO, grid + FIFO, TPE + MO-ASHA. Each trial is a 2-worker Ray Train run.
+
+    .venv/bin/python bench/search_efficiency.py [--trials 16] [--set stages.gate.epochs=10 ...]
+
+Targets (issue 5): MO-TPE >= grid; MO-ASHA keeps >= 95% of FIFO's hypervolume with <= 60% of its
+trial-epochs; the front holds a model within 0.5 points of static fusion with >= 25% less compute.
+Hypervolumes are normalised to [0, 1]. Last line: JSON with hv_tpe, hv_random, hv_grid,
+hv_moasha_vs_fifo, epochs_moasha_vs_fifo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from dynmm.spec import load_pipeline
+from dynmm.tune.front import build_front, static_baselines
+from dynmm.tune.study import run_study
+
+PIPELINE = Path(__file__).parents[1] / "pipelines" / "digits.yaml"
+STUDIES = {  # name -> sampler, scheduler
+    "MO-TPE + FIFO": ("tpe", "fifo"),
+    "random + FIFO": ("random", "fifo"),
+    "lambda grid + FIFO": ("grid", "fifo"),
+    "MO-TPE + MO-ASHA": ("tpe", "moasha"),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=16)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args()
+    rows = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        shared = [f"run.storage_path={scratch}/runs", f"tracking.uri=sqlite:///{scratch}/mlflow.db",
+                  f"search.num_trials={args.trials}", *args.overrides]
+        for name, (sampler, scheduler) in STUDIES.items():
+            spec = load_pipeline(PIPELINE, [*shared, f"search.sampler={sampler}",
+                                            f"search.scheduler.kind={scheduler}"])
+            started = time.monotonic()
+            run = run_study(spec, show_line=lambda line: None)
+            rows[name] = summarise(run, time.monotonic() - started)
+            print(f"  {name}: done in {rows[name]['minutes']:.1f} min", flush=True)
+    print_table(rows, spec)
+
+
+def summarise(run, seconds: float) -> dict:
+    prepared = run.prepared
+    quality = prepared.quality_metric
+    baselines = static_baselines(run.experts_metrics, [f / 1e9 for f in prepared.costs.expert_flops], quality)
+    report = build_front(run.trials, list(run.objectives.metrics), list(run.objectives.modes), baselines)
+    fusion = max(baselines, key=lambda b: b["gflops"])
+    gflops_index = run.objectives.metrics.index("val_gflops_per_sample")
+    # the claim: a front member within 0.5 points of static fusion with >= 25% less compute
+    claims = [m for m in report.members if m["values"][0] >= fusion["quality"] - 0.005
+              and 1 - m["values"][gflops_index] / fusion["gflops"] >= 0.25]
+    best_saving = max((1 - m["values"][gflops_index] / fusion["gflops"] for m in report.members
+                       if m["values"][0] >= fusion["quality"] - 0.005), default=0.0)
+    # normalised by the box between the reference point and the ideal (quality 1, no compute): in [0, 1]
+    box = (1.0 - report.reference[0]) * report.reference[gflops_index]
+    return {
+        "hypervolume": report.hypervolume / box if box > 0 else 0.0,
+        "reference": report.reference,
+        "front": len(report.members),
+        "completed": sum(t["state"] == "complete" for t in run.trials),
+        "pruned": sum(t["state"] == "pruned" for t in run.trials),
+        "epochs": sum(max(t["epochs"], 0) for t in run.trials),
+        "fusion_quality": fusion["quality"],
+        "claim_met": bool(claims),
+        "best_saving_within_half_point": best_saving,
+        "minutes": seconds / 60,
+    }
+
+
+def print_table(rows: dict[str, dict], spec) -> None:
+    any_row = next(iter(rows.values()))
+    gate = spec.stages.gate
+    print(f"\ndigits, {spec.search.num_trials} trials per study, gate {gate.epochs} epochs (hard from "
+          f"{gate.epoch_hard}), 2 workers per trial; hypervolume as a fraction of the box between the reference "
+          f"point {[round(v, 6) for v in any_row['reference']]} and the ideal (quality 1, 0 GFLOPs)")
+    print(f"  {'study':<20} {'hypervolume':>12} {'front':>6} {'done':>5} {'pruned':>7} {'trial-epochs':>13} "
+          f"{'within 0.5pt of fusion, saved':>30} {'minutes':>8}")
+    for name, row in rows.items():
+        print(f"  {name:<20} {row['hypervolume']:>12.4g} {row['front']:>6} {row['completed']:>5} {row['pruned']:>7} "
+              f"{row['epochs']:>13} {row['best_saving_within_half_point']:>30.1%} {row['minutes']:>8.1f}")
+    tpe = fifo = rows["MO-TPE + FIFO"]  # MO-ASHA is compared with the same sampler run to the end
+    asha = rows["MO-TPE + MO-ASHA"]
+    hv_ratio = asha["hypervolume"] / fifo["hypervolume"] if fifo["hypervolume"] else float("nan")
+    epoch_ratio = asha["epochs"] / fifo["epochs"] if fifo["epochs"] else float("nan")
+    grid = rows["lambda grid + FIFO"]
+    print(f"\n  MO-TPE vs grid hypervolume: {tpe['hypervolume']:.4g} vs {grid['hypervolume']:.4g} "
+          f"(target: MO-TPE >= grid) -> {'met' if tpe['hypervolume'] >= grid['hypervolume'] else 'MISSED'}")
+    print(f"  MO-ASHA vs FIFO: {hv_ratio:.3f} of the hypervolume with {epoch_ratio:.3f} of the trial-epochs "
+          f"(targets: >= 0.95 and <= 0.60) -> "
+          f"{'met' if hv_ratio >= 0.95 and epoch_ratio <= 0.60 else 'MISSED'}")
+    claim = any(row["claim_met"] for row in rows.values())
+    print(f"  a front model within 0.5 points of static fusion ({tpe['fusion_quality']:.4f}) with >= 25% less "
+          f"compute: {'yes' if claim else 'no'}")
+    print(json.dumps({
+        "hv_tpe": round(tpe["hypervolume"], 4),
+        "hv_random": round(rows["random + FIFO"]["hypervolume"], 4),
+        "hv_grid": round(grid["hypervolume"], 4),
+        "hv_moasha_vs_fifo": round(hv_ratio, 4),
+        "epochs_moasha_vs_fifo": round(epoch_ratio, 4),
+        "front_model_within_half_point_at_25pct_less": claim,
+    }))
+
+
+if __name__ == "__main__":
+    main()
