@@ -1,4 +1,5 @@
-"""dynmm tune on a real local Ray: a tiny study whose driver is killed, resumed, and writes its front."""
+"""dynmm tune on a real local Ray, tracked to a real ``mlflow server``: a tiny study whose driver is killed and
+resumed; its front files, its runs, its registered models read back from the server, and REST serving."""
 
 from __future__ import annotations
 
@@ -7,35 +8,53 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
+import mlflow
+import numpy as np
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
 from dynmm.spec import load_pipeline
 from dynmm.tune.study import open_study_storage, study_name
+from server_process import BIN, free_port, wait_for_http
 
 PIPELINE = Path(__file__).parents[2] / "pipelines" / "digits.yaml"
+TRIALS = 3
 pytestmark = pytest.mark.integration
 
 
-def tiny_study_overrides(tmp_path: Path) -> list[str]:
+def tiny_study_overrides(tmp_path: Path, tracking_uri: str) -> list[str]:
     settings = {
         "data.root": tmp_path / "datasets",
         "run.storage_path": tmp_path / "runs",
-        "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "tracking.uri": tracking_uri,
         "stages.experts.epochs": 3,
         "stages.gate.epochs": 2,
         "stages.gate.epoch_hard": 1,
-        "search.num_trials": 4,
+        "search.num_trials": TRIALS,
         "search.scheduler.kind": "fifo",
     }
     return [f"{key}={value}" for key, value in settings.items()]
 
 
-def test_killed_study_resumes_without_rerunning_finished_trials_and_writes_its_front(ray_session, tmp_path):
-    overrides = tiny_study_overrides(tmp_path)
+@dataclass
+class ResumedStudy:
+    server: object
+    name: str
+    results_dir: Path
+    before: list
+    stdout: str
+
+
+@pytest.fixture(scope="module")
+def resumed_study(mlflow_server, ray_session, tmp_path_factory) -> ResumedStudy:
+    tmp_path = tmp_path_factory.mktemp("study")
+    overrides = tiny_study_overrides(tmp_path, mlflow_server.url)
     command = [str(Path(sys.executable).parent / "dynmm"), "tune", str(PIPELINE), "--address",
                ray_session.get_runtime_context().gcs_address]
     for override in overrides:
@@ -50,37 +69,107 @@ def test_killed_study_resumes_without_rerunning_finished_trials_and_writes_its_f
     first.wait()
     assert any("trials: 2 done" in line for line in seen), "".join(seen)
 
-    spec = load_pipeline(PIPELINE, overrides)
-    name = study_name(spec)
+    name = study_name(load_pipeline(PIPELINE, overrides))
     results_dir = tmp_path / "runs" / name
     before = optuna.load_study(study_name=name, storage=open_study_storage(results_dir)).get_trials()
-    finished_before = {t.number for t in before if t.state == optuna.trial.TrialState.COMPLETE}
-    assert len(finished_before) == 2
-
     second = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    return ResumedStudy(mlflow_server, name, results_dir, before, second.stdout)
 
-    after = optuna.load_study(study_name=name, storage=open_study_storage(results_dir)).get_trials()
+
+def test_killed_study_resumes_without_rerunning_finished_trials_and_writes_its_front(resumed_study):
     states = optuna.trial.TrialState
-    assert sum(t.state in (states.COMPLETE, states.PRUNED) for t in after) == 4, "the budget is 4 trials"
+    finished_before = {t.number for t in resumed_study.before if t.state == states.COMPLETE}
+    assert len(finished_before) == 2
+    after = optuna.load_study(study_name=resumed_study.name,
+                              storage=open_study_storage(resumed_study.results_dir)).get_trials()
+    assert sum(t.state in (states.COMPLETE, states.PRUNED) for t in after) == TRIALS, "the budget is 3 trials"
     assert not [t for t in after if t.state == states.RUNNING], "no trial may be left running in the study"
     assert {t.number for t in after if t.state == states.COMPLETE} >= finished_before
-    for trial in before:
+    for trial in resumed_study.before:
         if trial.number in finished_before:
             assert after[trial.number].values == trial.values, "a finished trial was run again"
 
+    results_dir = resumed_study.results_dir
     front = json.loads((results_dir / "front.json").read_text())
     assert front["members"] and front["hypervolume"] >= 0
     assert front["metrics"] == ["val_accuracy", "val_gflops_per_sample"]
     assert all("test_accuracy" in member["test_metrics"] for member in front["members"])
     assert (results_dir / "front.csv").read_text().startswith("trial_id")
     assert (results_dir / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "Pareto front:" in second.stdout
+    assert "Pareto front:" in resumed_study.stdout
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("digits")
-    trial_runs = client.search_runs([experiment.experiment_id], "tags.`dynmm.kind` = 'trial'")
-    trial_ids = [run.data.tags["trial_id"] for run in trial_runs]
+
+def test_runs_front_and_registry_read_back_from_the_server(resumed_study, tmp_path):
+    client = MlflowClient(resumed_study.server.url)
+    runs = client.search_runs([client.get_experiment_by_name("digits").experiment_id])
+    kinds: dict[str, list] = {}
+    for run in runs:
+        kinds.setdefault(run.data.tags["dynmm.kind"], []).append(run)
+    assert len(kinds["experts"]) == 1 and len(kinds["study"]) == 1, "experts and study: one run each, even resumed"
+    study = kinds["study"][0]
+    assert study.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(study.info.run_id, "hypervolume")] == [1, 2, 3]
+    assert {"pareto_front.json", "front"} <= {a.path for a in client.list_artifacts(study.info.run_id)}
+    assert {a.path for a in client.list_artifacts(study.info.run_id, "front")} == {
+        "front/front.json", "front/front.csv", "front/front.png"}
+    table = json.loads(Path(client.download_artifacts(study.info.run_id, "pareto_front.json", str(tmp_path)))
+                       .read_text())
+    assert "trial_id" in table["columns"] and "val_accuracy" in table["columns"]
+
+    trial_ids = [run.data.tags["trial_id"] for run in kinds["trial"]]
     assert len(trial_ids) == len(set(trial_ids)), "exactly one MLflow run per trial"
-    finished_runs = [run for run in trial_runs if run.info.status == "FINISHED"]
-    assert len(finished_runs) == 4
+    finished = [run for run in kinds["trial"] if run.info.status == "FINISHED"]
+    assert len(finished) == TRIALS
+    for trial in finished:
+        tags = trial.data.tags
+        assert tags["study"] == resumed_study.name and tags["mlflow.parentRunId"] == study.info.run_id
+        assert [m.step for m in client.get_metric_history(trial.info.run_id, "global_step")] == [0, 1]
+        assert 0 <= trial.data.metrics["test_accuracy"] <= 1 and "val_accuracy" in trial.data.metrics
+        assert any(a.path == "checkpoint" for a in client.list_artifacts(trial.info.run_id))
+
+    front = json.loads((resumed_study.results_dir / "front.json").read_text())
+    versions = client.search_model_versions("name = 'digits-dynmm'")
+    assert sorted(v.tags["trial_id"] for v in versions) == sorted(m["trial_id"] for m in front["members"])
+    assert {"max-quality", "min-compute", "knee"} <= set(client.get_registered_model("digits-dynmm").aliases)
+    knee = client.get_model_version_by_alias("digits-dynmm", "knee")
+    assert knee.tags["trial_id"] == front["knee_trial_id"] and knee.tags["pareto"] == "true"
+    stdout = resumed_study.stdout
+    assert "Registered model digits-dynmm" in stdout and "dynmm models pick digits-dynmm --max-gflops" in stdout
+
+
+def test_registered_model_answers_rest_requests(resumed_study, tmp_path):
+    server = resumed_study.server
+    port = free_port()
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
+    serving = subprocess.Popen(
+        [str(BIN / "mlflow"), "models", "serve", "-m", "models:/digits-dynmm@knee", "--env-manager", "local",
+         "-h", "127.0.0.1", "-p", str(port)],
+        env={**environment, "MLFLOW_TRACKING_URI": server.url,
+             "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"},  # the server execs the venv's uvicorn
+        stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/ping", serving, timeout=120)
+        rng = np.random.default_rng(0)
+        top, bottom = rng.random((3, 4, 8), dtype=np.float32) * 16, rng.random((3, 4, 8), dtype=np.float32) * 16
+        rows = _post(port, {"inputs": {"top": top.tolist(), "bottom": bottom.tolist()}})["predictions"]
+        assert len(rows) == 3 and {"prediction", "path", "path_name", "gflops"} <= set(rows[0])
+        mlflow.set_tracking_uri(server.url)
+        local = mlflow.pyfunc.load_model("models:/digits-dynmm@knee").predict({"top": top, "bottom": bottom})
+        assert [row["prediction"] for row in rows] == local["prediction"].tolist()
+        assert [row["path"] for row in rows] == local["path"].tolist()
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            _post(port, {"inputs": {"top": top.tolist()}})
+        assert refused.value.code == 400 and "bottom" in refused.value.read().decode()
+    finally:
+        if serving.poll() is None:
+            os.killpg(serving.pid, signal.SIGTERM)
+            serving.wait(timeout=30)
+
+
+def _post(port: int, payload: dict) -> dict:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())

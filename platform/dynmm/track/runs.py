@@ -100,11 +100,13 @@ class EpochLogger:
     may resume from a checkpoint older than the last logged epoch, so a step already in the run is
     never logged twice (the first values stay)."""
 
-    STEP_KEY = "global_step"
     MAX_DELAY_SECONDS = 5.0
 
-    def __init__(self, tracking_uri: str | None, run_id: str | None, enabled: bool = True) -> None:
+    def __init__(self, tracking_uri: str | None, run_id: str | None, enabled: bool = True,
+                 step_key: str = "global_step") -> None:
+        """``step_key``: a metric present at every step; its history says which steps the run already has."""
         self.enabled = enabled and bool(tracking_uri and run_id)
+        self.step_key = step_key
         self.run_id = run_id
         self.client = MlflowClient(tracking_uri) if self.enabled else None
         self._logged_steps: set[int] | None = None
@@ -168,7 +170,7 @@ class EpochLogger:
 
     def _steps_already_logged(self) -> set[int]:
         if self._logged_steps is None:
-            history = self.client.get_metric_history(self.run_id, self.STEP_KEY)
+            history = self.client.get_metric_history(self.run_id, self.step_key)
             self._logged_steps = {entry.step for entry in history}
         return self._logged_steps
 

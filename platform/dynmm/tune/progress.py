@@ -20,12 +20,21 @@ class StudyProgress(ray.tune.Callback):
         self.baselines = static_baselines(
             experts_metrics, [f / 1e9 for f in prepared.costs.expert_flops], prepared.quality_metric
         )
-        self.logger = EpochLogger(tracking_uri, parent_run_id)
+        self.logger = EpochLogger(tracking_uri, parent_run_id, step_key="hypervolume")
         self.show = show
         self.started = started
         self.last_results: dict[str, dict] = {}
         self.states: dict[str, str] = {}
         self.best_hypervolume = 0.0
+
+    def on_step_begin(self, iteration, trials, **info) -> None:
+        """A restored study: trials that ended before the restart count too (in the order they ended), so the
+        hypervolume steps continue where the killed driver stopped (steps already logged are skipped)."""
+        restored = [t for t in trials if t.trial_id not in self.states and t.status == "TERMINATED" and t.last_result]
+        for trial in sorted(restored, key=lambda t: t.last_result.get("timestamp", 0)):
+            self.last_results[trial.trial_id] = trial.last_result
+            self.states[trial.trial_id] = "complete" if trial.last_result.get("finished") else "pruned"
+            self._update_front()
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self.states[trial.trial_id] = "running"

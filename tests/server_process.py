@@ -48,8 +48,15 @@ class MlflowServer:
                    "--backend-store-uri", self.backend_uri, "--artifacts-destination", str(self.root / "artifacts"),
                    "--workers", "1"]
         log = open(self.root / "server.log", "a")  # noqa: SIM115 - owned by the process
-        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for_http(f"{self.url}/health", self.process)
+        # no job-runner side processes (they add six Python processes and nothing these tests use)
+        environment = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                        env=environment)
+        try:
+            wait_for_http(f"{self.url}/health", self.process)
+        except BaseException:
+            self.stop()  # never leave a half-started server behind
+            raise
 
     def stop(self) -> None:
         if self.process is None:
