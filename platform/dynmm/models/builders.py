@@ -17,6 +17,7 @@ from dynmm.models.experts import (
     AvmnistGate,
     AvmnistImageExpert,
     ConcatMLP,
+    ConfidenceGate,
     MmimdbLateFusionExpert,
     MoseiGate,
     MoseiLateFusionExpert,
@@ -41,15 +42,27 @@ def build_digits_model(
     gate_modalities: Sequence[str] = ("top",),
     num_classes: int = 10,
     gumbel: bool = False,
+    gate: Literal["mlp", "confidence"] = "mlp",
 ) -> ModalityDynMM:
     """Two-view 8x8 digits: path 0 = MLP on ``top`` (rows 0-3), path 1 = MLP on top + bottom.
 
-    The default sizes make the fusion path cost about 10x the cheap path (gate included).
+    ``gate="mlp"``: an MLP on ``gate_modalities`` (sizes ``gate_hidden``); the default sizes make the fusion
+    path cost about 10x the cheap path (gate included). ``gate="confidence"``: a ``ConfidenceGate`` over a
+    frozen copy of the cheap expert (loaded after the expert stage); dearer (fusion path ~7x the cheap
+    one) but it knows which samples the cheap expert gets right.
     """
     view_features = 4 * 8
     cheap = ConcatMLP(("top",), [view_features, cheap_hidden, num_classes])
     fusion = ConcatMLP(("top", "bottom"), [2 * view_features, fusion_hidden, fusion_hidden, num_classes])
-    gate = ConcatMLP(gate_modalities, [view_features * len(gate_modalities), gate_hidden, 2])
+    if gate == "confidence":
+        gate_network = ConfidenceGate(ConcatMLP(("top",), [view_features, cheap_hidden, num_classes]), 2, 0)
+    elif gate == "mlp":
+        gate_network = ConcatMLP(gate_modalities, [view_features * len(gate_modalities), gate_hidden, 2])
+    else:
+        raise ValueError(f"gate must be 'mlp' or 'confidence', got {gate!r}")
+    return ModalityDynMM(
+        [cheap, fusion], gate_network, DIGITS_INPUT_SHAPES, gumbel, expert_names=("top", "fusion")
+    )
     return ModalityDynMM([cheap, fusion], gate, DIGITS_INPUT_SHAPES, gumbel, expert_names=("top", "fusion"))
 
 

@@ -116,6 +116,16 @@ class ModalityDynMM(nn.Module):
     def num_paths(self) -> int:
         return len(self.experts)
 
+    def init_gate_from_experts(self) -> bool:
+        """Load the trained weights of the expert a gate copies (``gate.source_expert``, as in
+        ``ConfidenceGate``) into the gate's body; called once the experts are trained, before the gate
+        stage. Returns whether anything was loaded (False for gates that copy no expert)."""
+        source = getattr(self.gate, "source_expert", None)
+        if source is None:
+            return False
+        self.gate.body.load_state_dict(self.experts[source].state_dict())
+        return True
+
     def example_inputs(
         self, batch_size: int = 1, device: torch.device | str | None = None
     ) -> dict[str, Tensor]:

@@ -48,6 +48,38 @@ class ConcatMLP(nn.Module):
         return self.layers(concat_flat(inputs, self.modalities))
 
 
+class ConfidenceGate(nn.Module):
+    """A gate that routes by how sure a copy of one expert is: the copy's class probabilities are
+    summarised as (top probability, margin to the second, entropy) and a linear head turns those three
+    numbers into path logits.
+
+    The copy (``body``) must have the architecture of expert ``source_expert``; ``ModalityDynMM.
+    init_gate_from_experts`` loads that expert's trained weights into it before the gate stage, and the
+    body stays frozen (it runs without gradients): the gate learns only the 3 x num_paths head, which a
+    few hundred held-out samples can fit. A gate that learns difficulty from raw inputs alone needs far
+    more data. Every path pays the body's cost, as for any gate.
+    """
+
+    def __init__(self, body: nn.Module, num_paths: int, source_expert: int = 0) -> None:
+        super().__init__()
+        self.body = body
+        self.modalities = tuple(body.modalities)
+        self.source_expert = source_expert
+        self.head = nn.Linear(3, num_paths)
+        # starts indifferent (equal logits): the resource term and the task loss alone move the threshold,
+        # not a random initial preference (which made results swing with the seed)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, inputs: Mapping[str, Tensor]) -> Tensor:
+        with torch.no_grad():
+            probabilities = torch.softmax(self.body(inputs), dim=-1)
+        top_two = probabilities.topk(2, dim=-1).values
+        entropy = -(probabilities * probabilities.clamp_min(1e-8).log()).sum(dim=-1)
+        features = torch.stack([top_two[:, 0], top_two[:, 0] - top_two[:, 1], entropy], dim=-1)
+        return self.head(features)
+
+
 # --- CMU-MOSEI -----------------------------------------------------------------------------------
 
 

@@ -75,6 +75,8 @@ def train_loop_per_worker(config: dict) -> None:
         first_epoch = resume["epoch"] + 1 if resuming_this_stage else 0
         if not resuming_this_stage and _start_from_shared_experts(model, job, stage, stage_index, resume):
             continue
+        if stage.name == "gate" and not resuming_this_stage and isinstance(model, ModalityDynMM):
+            model.init_gate_from_experts()  # a gate that copies a trained expert (ConfidenceGate) gets it now
         trainable = _prepare_stage(model, stage)
         optimizer = _build_optimizer(stage, model)
         if resuming_this_stage:
