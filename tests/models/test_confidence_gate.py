@@ -1,5 +1,6 @@
 """The confidence gate: a frozen copy of a trained expert plus a head over its confidence."""
 
+import pytest
 import torch
 
 from dynmm.models import build_model, measure_path_costs
@@ -73,3 +74,8 @@ def test_routed_equals_hard_and_every_path_pays_the_gates_body():
     assert costs.path_flops[0] == costs.gate_flops + costs.expert_flops[0]
     assert costs.path_flops[1] > costs.path_flops[0] * 5
     assert costs.gate_flops > mlp_costs.gate_flops
+
+
+def test_unknown_gate_kind_is_named():
+    with pytest.raises(ValueError, match="'mlp' or 'confidence'.*'attention'"):
+        build_model("digits", gate="attention")

@@ -63,7 +63,6 @@ def build_digits_model(
     return ModalityDynMM(
         [cheap, fusion], gate_network, DIGITS_INPUT_SHAPES, gumbel, expert_names=("top", "fusion")
     )
-    return ModalityDynMM([cheap, fusion], gate, DIGITS_INPUT_SHAPES, gumbel, expert_names=("top", "fusion"))
 
 
 def build_mosei_model(
