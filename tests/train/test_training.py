@@ -40,7 +40,7 @@ def logged_steps(tracking_uri: str, run_id: str, key: str = "val_loss") -> list[
 
 
 def test_worker_crash_is_recovered_from_the_last_checkpoint_without_gaps_in_mlflow(ray_session, tmp_path):
-    spec = load_pipeline(PIPELINE, small_digits_overrides(tmp_path, **{"run.fail_once_at_epoch": 2}))
+    spec = load_pipeline(PIPELINE, small_digits_overrides(tmp_path, **{"run.fail_once_at_epoch": 2, "stages.gate.lambda": 0.3}))
     shown = []
     result = run_training(spec, show=shown.append)
 
@@ -53,7 +53,7 @@ def test_worker_crash_is_recovered_from_the_last_checkpoint_without_gaps_in_mlfl
     assert logged_steps(result.tracking_uri, result.mlflow_run_id) == list(range(7))
     run = MlflowClient(result.tracking_uri).get_run(result.mlflow_run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.params["stages.gate.lambda"] == "0.2"
+    assert run.data.params["stages.gate.lambda"] == "0.3"  # the --set override, not the recipe's value
     assert 0.0 <= run.data.metrics["val_path0_fraction"] <= 1.0
     assert run.data.metrics["val_accuracy"] > 0.5
 
