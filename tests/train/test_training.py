@@ -40,7 +40,8 @@ def logged_steps(tracking_uri: str, run_id: str, key: str = "val_loss") -> list[
 
 
 def test_worker_crash_is_recovered_from_the_last_checkpoint_without_gaps_in_mlflow(ray_session, tmp_path):
-    spec = load_pipeline(PIPELINE, small_digits_overrides(tmp_path, **{"run.fail_once_at_epoch": 2, "stages.gate.lambda": 0.3}))
+    overrides = small_digits_overrides(tmp_path, **{"run.fail_once_at_epoch": 2, "stages.gate.lambda": 0.3})
+    spec = load_pipeline(PIPELINE, overrides)
     shown = []
     result = run_training(spec, show=shown.append)
 
