@@ -151,6 +151,12 @@ class SearchSpec(_Frozen):
         ],
         min_length=2,
     )
+    startup_trials: int = Field(5, ge=1, description="trials of a model-based sampler (tpe, gp) before it models")
+    startup: Literal["ladder", "random"] = Field(
+        "ladder",
+        description="ladder: the start-up trials spread lambda log-evenly over its range, other parameters at "
+        "the recipe's gate-stage values; random: Optuna's own random start-up",
+    )
     max_gflops: float | None = Field(None, gt=0, description="compute budget, an Optuna constraint on GFLOPs")
     max_concurrent_trials: int | None = Field(None, ge=1, description="default: what the cluster can hold")
     trial_driver_cpus: float = Field(0.01, gt=0, description="CPUs of the Tune function that drives a trial")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import optuna
 from ray.tune.search.optuna import OptunaSearch
 
-from dynmm.spec.models import SearchSpec
+from dynmm.spec.models import GateStageSpec, SearchSpec
 
 CONSTRAINT_ATTR = "constraint"
 
@@ -40,6 +40,35 @@ def optuna_space(search: SearchSpec) -> dict[str, optuna.distributions.BaseDistr
     return space
 
 
+def startup_ladder(search: SearchSpec, gate: GateStageSpec) -> list[dict[str, float]]:
+    """The first trials of a model-based sampler when ``search.startup`` is ``ladder``.
+
+    lambda is what moves a trial along the front (cheap and rough at one end, full fusion at the other):
+    the ladder spreads it log-evenly over its range, so the sampler's model sees both ends from the start
+    instead of whatever a few random draws covered. Every other searched parameter sits at the recipe's
+    gate-stage value, clipped into its range (the middle of the range where the recipe has none).
+    Empty for the grid and random samplers, for ``startup: random`` and when lambda is not searched.
+    """
+    if search.sampler not in ("tpe", "gp") or search.startup != "ladder" or "lambda" not in search.parameters:
+        return []
+    count = min(search.startup_trials, search.num_trials)
+    points = []
+    for step in range(count):
+        point = {}
+        for name, parameter in search.parameters.items():
+            low, high = parameter.low, parameter.high
+            if name == "lambda":
+                share = step / (count - 1) if count > 1 else 0.5
+                value = low * (high / low) ** share if parameter.log else low + (high - low) * share
+            else:
+                recipe = getattr(gate, STAGE_FIELD[name])
+                middle = (low * high) ** 0.5 if parameter.log else (low + high) / 2
+                value = middle if recipe is None else min(max(float(recipe), low), high)
+            point[name] = int(round(value)) if name == "epoch_hard" else float(value)
+        points.append(point)
+    return points
+
+
 def budget_constraint(trial: optuna.trial.FrozenTrial) -> list[float]:
     """Optuna's constraints_func: read what ``StudySearch`` stored when the trial completed."""
     return trial.user_attrs.get(CONSTRAINT_ATTR, [0.0])
@@ -50,13 +79,15 @@ def build_sampler(search: SearchSpec, num_objectives: int) -> optuna.samplers.Ba
     seed = search.seed
     if search.sampler == "tpe":
         return optuna.samplers.TPESampler(
-            seed=seed, multivariate=True, constraints_func=constraints, n_startup_trials=min(5, search.num_trials)
+            seed=seed, multivariate=True, constraints_func=constraints, n_startup_trials=search.startup_trials
         )
     if search.sampler == "nsga2":
         population = max(2, min(search.num_trials // 2, 20))
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=population, constraints_func=constraints)
     if search.sampler == "gp":
-        return optuna.samplers.GPSampler(seed=seed, constraints_func=constraints)
+        return optuna.samplers.GPSampler(
+            seed=seed, constraints_func=constraints, n_startup_trials=search.startup_trials
+        )
     if search.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.GridSampler(dict(search.grid), seed=seed)

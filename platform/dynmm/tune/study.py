@@ -43,7 +43,7 @@ from dynmm.train.runner import (
 from dynmm.tune.front import FrontReport, build_front, front_row, static_baselines, write_front
 from dynmm.tune.moasha import MoAshaScheduler
 from dynmm.tune.progress import StudyProgress
-from dynmm.tune.search import STAGE_FIELD, StudySearch, build_sampler, optuna_space
+from dynmm.tune.search import STAGE_FIELD, StudySearch, build_sampler, optuna_space, startup_ladder
 
 GFLOPS_METRIC = "val_gflops_per_sample"
 
@@ -237,13 +237,17 @@ def run_study(
 
 def build_searcher(spec: PipelineSpec, objectives: Objectives, name: str, results_dir: Path) -> StudySearch:
     search = spec.search
+    storage = open_study_storage(results_dir)
+    # the start-up ladder is queued once, when the study is created: a study found in the journal has it
+    fresh = all(study.study_name != name for study in storage.get_all_studies())
     return StudySearch(
         optuna_space(search),
         metric=list(objectives.metrics),
         mode=list(objectives.modes),
         sampler=build_sampler(search, len(objectives.metrics)),
+        points_to_evaluate=startup_ladder(search, spec.stages.gate) if fresh else None,
         study_name=name,
-        storage=open_study_storage(results_dir),
+        storage=storage,
         gflops_metric=GFLOPS_METRIC,
         max_gflops=search.max_gflops,
     )

@@ -1,0 +1,70 @@
+"""The searcher's start-up ladder: values, which samplers get it, and queued once per study (no Ray)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+
+from dynmm.spec import load_pipeline
+from dynmm.tune.search import startup_ladder
+from dynmm.tune.study import Objectives, build_searcher, open_study_storage
+
+PIPELINE = Path(__file__).parents[2] / "pipelines" / "digits.yaml"
+OBJECTIVES = Objectives(("val_accuracy", "val_gflops_per_sample"), ("max", "min"))
+
+
+def digits(*overrides: str):
+    return load_pipeline(PIPELINE, list(overrides))
+
+
+def test_ladder_spreads_lambda_log_evenly_and_keeps_the_recipe_values_of_the_rest():
+    spec = digits("search.parameters.lambda.low=0.01", "search.parameters.lambda.high=1.0",
+                  "search.startup_trials=3", "stages.gate.tau_start=1.0", "stages.gate.tau_end=0.001")
+    points = startup_ladder(spec.search, spec.stages.gate)
+    assert [round(point["lambda"], 9) for point in points] == [0.01, 0.1, 1.0]
+    assert all(point["tau_start"] == 1.0 for point in points)
+    # the recipe's tau_end lies below the searched range [0.01, 0.5]: clipped to its low end
+    assert all(point["tau_end"] == spec.search.parameters["tau_end"].low for point in points)
+
+
+def test_ladder_takes_the_middle_of_a_range_the_recipe_leaves_unset_and_rounds_epoch_hard():
+    spec = digits("search.startup_trials=2", "search.parameters.budget.low=0.1", "search.parameters.budget.high=0.4",
+                  "search.parameters.epoch_hard.low=2", "search.parameters.epoch_hard.high=7",
+                  "search.parameters.epoch_hard.log=false")
+    assert spec.stages.gate.budget is None
+    points = startup_ladder(spec.search, spec.stages.gate)
+    assert [point["budget"] for point in points] == pytest.approx([0.2, 0.2])  # geometric middle of 0.1..0.4
+    assert [point["epoch_hard"] for point in points] == [4, 4]  # the recipe's epoch_hard, an int
+    assert [point["lambda"] for point in points] == pytest.approx([0.05, 2.0])
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["search.sampler=random"], ["search.sampler=nsga2"], ["search.startup=random"],
+     ["search.sampler=grid"]],
+    ids=["random", "nsga2", "startup-random", "grid"],
+)
+def test_no_ladder_for_samplers_that_do_not_model_or_when_asked_for_random(overrides):
+    spec = digits(*overrides)
+    assert startup_ladder(spec.search, spec.stages.gate) == []
+
+
+def test_ladder_never_exceeds_the_number_of_trials():
+    spec = digits("search.num_trials=2", "search.startup_trials=5")
+    assert len(startup_ladder(spec.search, spec.stages.gate)) == 2
+
+
+def test_the_study_queues_the_ladder_once_and_suggests_it_first(tmp_path):
+    spec = digits("search.startup_trials=4")
+    ladder = [point["lambda"] for point in startup_ladder(spec.search, spec.stages.gate)]
+    build_searcher(spec, OBJECTIVES, "s", tmp_path)
+    stored = optuna.load_study(study_name="s", storage=open_study_storage(tmp_path)).get_trials()
+    assert [trial.state for trial in stored] == [optuna.trial.TrialState.WAITING] * 4
+    # a searcher built again on the same journal (a resume Tune could not restore) queues nothing more
+    searcher = build_searcher(spec, OBJECTIVES, "s", tmp_path)
+    assert len(optuna.load_study(study_name="s", storage=open_study_storage(tmp_path)).get_trials()) == 4
+    suggested = [searcher.suggest(f"trial-{index}")["lambda"] for index in range(4)]
+    assert suggested == pytest.approx(ladder)
+    assert ladder[0] == pytest.approx(0.05) and ladder[-1] == pytest.approx(2.0)
