@@ -10,7 +10,7 @@ from __future__ import annotations
 import optuna
 from ray.tune.search.optuna import OptunaSearch
 
-from dynmm.spec.models import GateStageSpec, SearchSpec
+from dynmm.spec.models import GateStageSpec, ParameterSpec, SearchSpec
 
 CONSTRAINT_ATTR = "constraint"
 
@@ -56,17 +56,22 @@ def startup_ladder(search: SearchSpec, gate: GateStageSpec) -> list[dict[str, fl
     for step in range(count):
         point = {}
         for name, parameter in search.parameters.items():
-            low, high = parameter.low, parameter.high
+            recipe = getattr(gate, STAGE_FIELD[name])
             if name == "lambda":
-                share = step / (count - 1) if count > 1 else 0.5
-                value = low * (high / low) ** share if parameter.log else low + (high - low) * share
+                value = _along(parameter, step / (count - 1) if count > 1 else 0.5)
+            elif recipe is None:
+                value = _along(parameter, 0.5)
             else:
-                recipe = getattr(gate, STAGE_FIELD[name])
-                middle = (low * high) ** 0.5 if parameter.log else (low + high) / 2
-                value = middle if recipe is None else min(max(float(recipe), low), high)
+                value = min(max(float(recipe), parameter.low), parameter.high)
             point[name] = int(round(value)) if name == "epoch_hard" else float(value)
         points.append(point)
     return points
+
+
+def _along(parameter: ParameterSpec, share: float) -> float:
+    """The point ``share`` (0..1) of the way through a range, on its own (log or linear) scale."""
+    low, high = parameter.low, parameter.high
+    return low * (high / low) ** share if parameter.log else low + (high - low) * share
 
 
 def budget_constraint(trial: optuna.trial.FrozenTrial) -> list[float]:
