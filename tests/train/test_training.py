@@ -10,13 +10,15 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import ray.train
 import torch
 from mlflow.tracking import MlflowClient
 
 from dynmm.cli import main
 from dynmm.data.readers import load_split
 from dynmm.spec import load_pipeline
-from dynmm.train.runner import run_training
+from dynmm.train.evaluate import evaluate_split
+from dynmm.train.runner import load_model_from_checkpoint, prepare_pipeline, run_training
 
 PIPELINE = Path(__file__).parents[2] / "pipelines" / "digits.yaml"
 pytestmark = pytest.mark.integration
@@ -57,6 +59,15 @@ def test_worker_crash_is_recovered_from_the_last_checkpoint_without_gaps_in_mlfl
     assert run.data.params["stages.gate.lambda"] == "0.3"  # the --set override, not the recipe's value
     assert 0.0 <= run.data.metrics["val_path0_fraction"] <= 1.0
     assert run.data.metrics["val_accuracy"] > 0.5
+
+    # the 2 workers' validation shares cover every row exactly once: their summed metrics equal one plain pass
+    final = load_model_from_checkpoint(spec, ray.train.Checkpoint(result.checkpoint_path))
+    prepared = prepare_pipeline(spec)
+    one_pass = evaluate_split(final, prepared.dataset_dir, "valid", "multiclass", 10, prepared.costs)
+    rows = len(load_split(prepared.dataset_dir, "valid")["label"])
+    assert result.final_metrics["val_samples"] == one_pass["samples"] == rows
+    assert result.final_metrics["val_accuracy"] == pytest.approx(one_pass["accuracy"], abs=1e-9)
+    assert result.final_metrics["val_loss"] == pytest.approx(one_pass["loss"], rel=1e-4)
 
     model = mlflow.pytorch.load_model(f"runs:/{result.mlflow_run_id}/model")
     test = load_split(tmp_path / "datasets" / "digits", "test")

@@ -19,7 +19,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dynmm.models import ModalityDynMM, TemperatureSchedule, build_model, measure_path_costs, resource_aware_loss
+from dynmm.models import (
+    ModalityDynMM,
+    PathCosts,
+    TemperatureSchedule,
+    build_model,
+    measure_path_costs,
+    resource_aware_loss,
+)
 from dynmm.track.runs import EpochLogger
 from dynmm.train.checkpoints import load_state, read_experts, save_state, write_experts
 from dynmm.train.job import StageConfig, WorkerJob
@@ -49,7 +56,8 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
 
     model = build_model(job.model_name, **job.model_args)
-    costs = measure_path_costs(model)
+    # counting FLOPs takes seconds per process: the driver's count travels with the job
+    costs = PathCosts(job.gate_flops, job.expert_flops) if job.expert_flops else measure_path_costs(model)
     path_gflops = torch.tensor(costs.path_gflops, dtype=torch.float64)
     # a forced path skips the gate: it costs what the expert alone would cost as a static model
     forced_gflops = torch.tensor([flops / 1e9 for flops in costs.expert_flops], dtype=torch.float64)
@@ -192,8 +200,7 @@ def _batches(
         yield from shard.iter_torch_batches(batch_size=batch_size, device=device, **shuffle)
         return
     if split not in cache:
-        parts = list(ray.train.get_dataset_shard(split).iter_torch_batches(batch_size=4096, device=device))
-        cache[split] = {key: torch.cat([part[key] for part in parts]) for key in parts[0]} if parts else {}
+        cache[split] = _rank_slice(ray.train.get_dataset_shard(split), device)
     columns = cache[split]
     if not columns:
         return
@@ -203,6 +210,21 @@ def _batches(
     for start in range(0, rows, batch_size):
         chosen = order[start : start + batch_size]
         yield {key: values[chosen] for key, values in columns.items()}
+
+
+def _rank_slice(whole_split, device) -> dict[str, torch.Tensor]:
+    """This rank's contiguous share of a small split that every rank reads whole (datasets a worker keeps in
+    memory are not split by Ray Train: a streaming split starts a coordinator actor per dataset, which costs
+    seconds per run). Ranks see the same order, so the shares are disjoint and cover every row."""
+    parts = list(whole_split.iter_torch_batches(batch_size=4096, device=device))
+    if not parts:
+        return {}
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    columns = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+    rows = len(next(iter(columns.values())))
+    start, end = rank * rows // world_size, (rank + 1) * rows // world_size
+    return {key: values[start:end] for key, values in columns.items()}
 
 
 def _train_epoch(trainable, model, stage, schedule, epoch, optimizer, job, device, normalised_costs, path_gflops):

@@ -116,6 +116,7 @@ def finalize(sums: EpochSums, static_gflops: float) -> dict[str, float]:
     count = max(float(values[0]), 1.0)
     expected_gflops = float(values[2]) / count
     metrics = {
+        "samples": float(values[0]),  # over all ranks: shows the epoch saw each row once
         "loss": float(values[1]) / count,
         "gflops_per_sample": expected_gflops,
         "compute_reduction": 1.0 - expected_gflops / static_gflops if static_gflops > 0 else 0.0,

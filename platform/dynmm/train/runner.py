@@ -182,7 +182,8 @@ def build_datasets(prepared: PreparedPipeline, stage_names: Sequence[str]) -> di
     only those the stages read are built.
 
     Datasets smaller than ``MATERIALIZE_BELOW_BYTES`` are read once into Ray's object store, so an epoch
-    does not re-read Parquet; larger ones stream from the files every epoch."""
+    does not re-read Parquet, and every worker takes its share of them itself (``keeps_data_in_memory``);
+    larger ones stream from the files every epoch, split among the workers by Ray Train."""
     holdout = _holdout(prepared.spec)
     valid = ray_dataset(prepared.dataset_dir, "valid")
     if holdout == 0:
@@ -198,9 +199,15 @@ def build_datasets(prepared: PreparedPipeline, stage_names: Sequence[str]) -> di
         }
     needed = {"valid"} | {"train_experts" if name == "experts" else "train_gate" for name in stage_names}
     datasets = {name: dataset for name, dataset in datasets.items() if name in needed}
-    if _folder_bytes(prepared.dataset_dir) < MATERIALIZE_BELOW_BYTES:
+    if keeps_data_in_memory(prepared):
         datasets = {name: dataset.materialize() for name, dataset in datasets.items()}
+        for dataset in datasets.values():
+            dataset.context.execution_options.preserve_order = True  # every rank slices the same order
     return datasets
+
+
+def keeps_data_in_memory(prepared: PreparedPipeline) -> bool:
+    return _folder_bytes(prepared.dataset_dir) < MATERIALIZE_BELOW_BYTES
 
 
 MATERIALIZE_BELOW_BYTES = 256 * 2**20
@@ -227,7 +234,9 @@ def build_trainer(
     job: WorkerJob,
     run_name: str,
     callbacks: Sequence[object] = (),
+    datasets: dict[str, ray.data.Dataset] | None = None,
 ) -> TorchTrainer:
+    """``datasets``: built once by a caller that fits many trainers (a study); else built here."""
     spec = prepared.spec
     resources = {"CPU": spec.scaling.cpus_per_worker, **spec.scaling.resources_per_worker}
     if spec.scaling.use_gpu:
@@ -245,7 +254,9 @@ def build_trainer(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.checkpoint.num_to_keep),
             callbacks=list(callbacks),
         ),
-        datasets=build_datasets(prepared, [stage.name for stage in job.stages]),
+        datasets=datasets if datasets is not None else build_datasets(prepared, [stage.name for stage in job.stages]),
+        # small datasets: every worker reads each whole and keeps its own share in memory (see _rank_slice)
+        dataset_config=ray.train.DataConfig(datasets_to_split=[] if job.cache_shards_in_memory else "all"),
     )
 
 
@@ -277,8 +288,10 @@ def worker_job(
         progress_actor=progress_actor,
         fail_once_marker=marker,
         fail_once_at_epoch=spec.run.fail_once_at_epoch,
-        cache_shards_in_memory=_folder_bytes(prepared.dataset_dir) < MATERIALIZE_BELOW_BYTES,
+        cache_shards_in_memory=keeps_data_in_memory(prepared),
         class_weights=prepared.class_weights,
+        gate_flops=prepared.costs.gate_flops,
+        expert_flops=prepared.costs.expert_flops,
     )
 
 

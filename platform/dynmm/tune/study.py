@@ -32,6 +32,7 @@ from dynmm.train.evaluate import evaluate_split
 from dynmm.train.job import stable_hash
 from dynmm.train.runner import (
     PreparedPipeline,
+    build_datasets,
     build_trainer,
     connect_ray,
     load_model_from_checkpoint,
@@ -46,6 +47,7 @@ from dynmm.tune.progress import StudyProgress
 from dynmm.tune.search import STAGE_FIELD, StudySearch, build_sampler, optuna_space, startup_ladder
 
 GFLOPS_METRIC = "val_gflops_per_sample"
+TRIAL_STAGES = ("gate", "finetune")  # the experts are trained once, before the study
 
 
 @dataclass(frozen=True)
@@ -109,8 +111,11 @@ def ensure_experts(prepared: PreparedPipeline, tracking_uri: str, show: Callable
     return metrics
 
 
-def run_trial(config: dict, *, prepared: PreparedPipeline, tracking_uri: str, parent_run_id: str, study: str) -> None:
-    """One Tune trial: a full multi-worker Ray Train run of the gate (and finetune) stages."""
+def run_trial(
+    config: dict, *, prepared: PreparedPipeline, datasets: dict, tracking_uri: str, parent_run_id: str, study: str
+) -> None:
+    """One Tune trial: a full multi-worker Ray Train run of the gate (and finetune) stages, on the datasets
+    the study built once."""
     trial_id = ray.tune.get_context().get_trial_id()
     spec = trial_spec(prepared.spec, config)
     trial_prepared = replace(prepared, spec=spec)
@@ -121,8 +126,8 @@ def run_trial(config: dict, *, prepared: PreparedPipeline, tracking_uri: str, pa
         tags={"dynmm.pipeline": spec.name, "dynmm.kind": "trial", "study": study, "trial_id": trial_id,
               "mlflow.parentRunId": parent_run_id},
     )
-    job = worker_job(trial_prepared, stage_configs(spec, ("gate", "finetune")), run_name, tracking_uri, run_id)
-    trainer = build_trainer(trial_prepared, job, run_name, callbacks=[TuneReportCallback()])
+    job = worker_job(trial_prepared, stage_configs(spec, TRIAL_STAGES), run_name, tracking_uri, run_id)
+    trainer = build_trainer(trial_prepared, job, run_name, callbacks=[TuneReportCallback()], datasets=datasets)
     result = trainer.fit()
     # A trial restarted after its Train run had already finished reports nothing new: hand Tune the
     # final result again so the searcher and the front still see it (a repeat changes no decision).
@@ -205,8 +210,10 @@ def run_study(
         params=spec.model_dump(mode="json", by_alias=True), tags={"dynmm.pipeline": spec.name, "dynmm.kind": "study",
                                                                   "study": name},
     )
+    datasets = build_datasets(prepared, [stage.name for stage in stage_configs(spec, TRIAL_STAGES)])
     trainable = ray.tune.with_parameters(
-        run_trial, prepared=prepared, tracking_uri=tracking_uri, parent_run_id=parent_run_id, study=name
+        run_trial, prepared=prepared, datasets=datasets, tracking_uri=tracking_uri, parent_run_id=parent_run_id,
+        study=name,
     )
     trainable = ray.tune.with_resources(trainable, {"cpu": spec.search.trial_driver_cpus})
     progress = StudyProgress(objectives, experts_metrics, prepared, tracking_uri, parent_run_id, show_line, started)
@@ -224,6 +231,7 @@ def run_study(
                 scheduler=build_scheduler(spec, objectives),
                 num_samples=spec.search.num_trials,
                 max_concurrent_trials=max_concurrent_trials(spec),
+                reuse_actors=True,  # a trial's driver process (torch, Ray Train imported) serves the next trial
             ),
             run_config=run_config,
         )
