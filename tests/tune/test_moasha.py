@@ -27,12 +27,29 @@ def test_first_trial_at_a_rung_goes_on_and_a_dominated_one_is_stopped():
     assert scheduler.on_result("bad", 1, (0.80, 2.0)) == STOP
 
 
-def test_on_one_front_the_extremes_go_before_the_crowded_middle():
+def test_a_trial_nothing_dominates_is_never_stopped_whatever_its_arrival():
     scheduler = rungs()
     scheduler.on_result("accurate", 1, (0.95, 5.0))
-    assert scheduler.on_result("cheap", 1, (0.70, 1.0)) == STOP  # ceil(2/2) = 1 place, taken by arrival
-    assert scheduler.on_result("middle", 1, (0.80, 3.0)) == STOP  # 2 places, both extremes ahead of it
-    assert scheduler.on_result("cheapest", 1, (0.60, 0.5)) == CONTINUE  # a new extreme
+    assert scheduler.on_result("cheap", 1, (0.70, 1.0)) == CONTINUE  # ceil(2/2) = 1 place, but on the front
+    assert scheduler.on_result("middle", 1, (0.80, 3.0)) == CONTINUE
+    assert scheduler.on_result("dominated", 1, (0.75, 4.0)) == STOP  # middle is better on both
+
+
+def test_ties_share_the_front_and_go_on_together():
+    scheduler = rungs()
+    assert [scheduler.on_result(t, 1, (0.96, 2.0)) for t in "abcd"] == [CONTINUE] * 4  # all still on fusion
+    assert scheduler.on_result("cheaper", 1, (0.96, 1.5)) == CONTINUE
+    fresh = rungs()
+    fresh.on_result("cheaper", 1, (0.96, 1.5))
+    assert fresh.on_result("tie", 1, (0.96, 2.0)) == STOP  # dominated, 2nd of ceil(2/2) = 1 place
+
+
+def test_a_dominated_trial_among_the_best_places_goes_on():
+    scheduler = rungs(reduction_factor=2)
+    scheduler.on_result("a", 1, (0.90, 1.0))
+    assert scheduler.on_result("x", 1, (0.50, 5.0)) == STOP  # dominated, 2nd of ceil(2/2) = 1 place
+    assert scheduler.on_result("y", 1, (0.40, 6.0)) == STOP
+    assert scheduler.on_result("z", 1, (0.85, 1.2)) == CONTINUE  # dominated by a, but 2nd of ceil(4/2) = 2
 
 
 def test_promotion_ranks_by_front_not_by_one_objective():

@@ -2,11 +2,13 @@
 
 At each rung (``grace_period * reduction_factor**k`` hard-gate epochs) a trial arriving is compared with
 every trial recorded at that rung so far: all of them are ordered by non-dominated sorting (front, then
-crowding distance, then arrival) and the trial goes on only if it is among the best
-``ceil(n / reduction_factor)``. Rungs count only epochs after gates turn hard, so the costs of soft gates,
-which no deployed model can realise, never decide. ``MoAshaRungs`` is the decision logic on plain numbers;
-``MoAshaScheduler`` adapts it to Ray Tune and remembers which trials it stopped (they are pruned in the
-study and never reach the front).
+crowding distance, then arrival) and the trial goes on if it is among the best ``ceil(n / reduction_factor)``
+or if nothing at the rung dominates it. Only dominated trials are ever stopped: within one front the order
+is a tie-break (crowding, arrival), and early rungs are full of ties (on digits, after one hard epoch many
+trials still route every sample to fusion and sit on the same point). Rungs count only epochs after gates
+turn hard, so the costs of soft gates, which no deployed model can realise, never decide.
+``MoAshaRungs`` is the decision logic on plain numbers; ``MoAshaScheduler`` adapts it to Ray Tune and
+remembers which trials it stopped (they are pruned in the study and never reach the front).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
-from dynmm.tune.pareto import selection_order
+from dynmm.tune.pareto import pareto_front, selection_order
 
 CONTINUE, STOP = "continue", "stop"
 
@@ -59,9 +61,12 @@ class MoAshaRungs:
 
     def _promoted(self, rung: dict[str, tuple[float, ...]], trial_id: str) -> bool:
         trial_ids = list(rung)  # arrival order
-        order = selection_order([rung[t] for t in trial_ids], self.directions)
+        points = [rung[t] for t in trial_ids]
+        index = trial_ids.index(trial_id)
+        if index in pareto_front(points, self.directions):
+            return True
         keep = math.ceil(len(trial_ids) / self.reduction_factor)
-        return trial_ids.index(trial_id) in order[:keep]
+        return index in selection_order(points, self.directions)[:keep]
 
 
 class MoAshaScheduler(FIFOScheduler):
