@@ -231,7 +231,10 @@ def run_study(
                 scheduler=build_scheduler(spec, objectives),
                 num_samples=spec.search.num_trials,
                 max_concurrent_trials=max_concurrent_trials(spec),
-                reuse_actors=True,  # a trial's driver process (torch, Ray Train imported) serves the next trial
+                # a finished trial's driver process (torch, Ray Train imported) serves the next trial; not with
+                # early stopping: a trial stopped inside trainer.fit() cannot be reset, and Tune would fail the
+                # trial that was to reuse its process
+                reuse_actors=spec.search.scheduler.kind == "fifo",
             ),
             run_config=run_config,
         )
