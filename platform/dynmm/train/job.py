@@ -47,8 +47,8 @@ class WorkerJob:
     fail_once_at_epoch: int | None = None
     cache_shards_in_memory: bool = False
     class_weights: tuple[float, ...] = ()  # segmentation: per-class loss weights (empty: unweighted)
-    # FLOPs per sample of the gate and of each expert, counted once by the driver (empty: count them here)
-    gate_flops: float | None = None
+    # FLOPs per sample of the gate and of each expert, counted once by the driver (``worker_job`` sets them)
+    gate_flops: float = 0.0
     expert_flops: tuple[float, ...] = ()
 
     def to_config(self) -> dict:

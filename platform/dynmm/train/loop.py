@@ -24,7 +24,6 @@ from dynmm.models import (
     PathCosts,
     TemperatureSchedule,
     build_model,
-    measure_path_costs,
     resource_aware_loss,
 )
 from dynmm.track.runs import EpochLogger
@@ -56,8 +55,7 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
 
     model = build_model(job.model_name, **job.model_args)
-    # counting FLOPs takes seconds per process: the driver's count travels with the job
-    costs = PathCosts(job.gate_flops, job.expert_flops) if job.expert_flops else measure_path_costs(model)
+    costs = PathCosts(job.gate_flops, job.expert_flops)  # counted once by the driver (seconds per process)
     path_gflops = torch.tensor(costs.path_gflops, dtype=torch.float64)
     # a forced path skips the gate: it costs what the expert alone would cost as a static model
     forced_gflops = torch.tensor([flops / 1e9 for flops in costs.expert_flops], dtype=torch.float64)
