@@ -39,6 +39,7 @@ def test_set_overrides_a_nested_field_with_a_typed_value(tmp_path):
         ({"stages.gate.lambda": -0.1}, "stages.gate.lambda"),
         ({"stages.gate.tau_end": 5.0}, "tau_end (5.0) must not exceed tau_start"),
         ({"scaling.num_workers": 0}, "scaling.num_workers"),
+        ({"stages.gate.lr_schedule": "linear"}, "stages.gate.lr_schedule"),
     ],
 )
 def test_malformed_field_is_one_error_naming_file_and_field(tmp_path, changes, field):

@@ -42,7 +42,9 @@ def logged_steps(tracking_uri: str, run_id: str, key: str = "val_loss") -> list[
 
 
 def test_worker_crash_is_recovered_from_the_last_checkpoint_without_gaps_in_mlflow(ray_session, tmp_path):
-    overrides = small_digits_overrides(tmp_path, **{"run.fail_once_at_epoch": 2, "stages.gate.lambda": 0.3})
+    overrides = small_digits_overrides(
+        tmp_path, **{"run.fail_once_at_epoch": 2, "stages.gate.lambda": 0.3, "stages.gate.lr_schedule": "cosine"}
+    )
     spec = load_pipeline(PIPELINE, overrides)
     shown = []
     result = run_training(spec, show=shown.append)
@@ -54,6 +56,11 @@ def test_worker_crash_is_recovered_from_the_last_checkpoint_without_gaps_in_mlfl
     assert epochs[:4] == [("experts", 0), ("experts", 1), ("experts", 2), ("gate", 0)]
     assert all(epochs.count(("experts", e)) == 1 for e in range(3)) and epochs[-1] == ("gate", 3)
     assert logged_steps(result.tracking_uri, result.mlflow_run_id) == list(range(7))
+    # the gate's cosine learning rate is a function of the epoch: the resumed epochs carry on the same curve
+    lr_history = MlflowClient(result.tracking_uri).get_metric_history(result.mlflow_run_id, "lr")
+    gate_lrs = [entry.value for entry in sorted(lr_history, key=lambda entry: entry.step)][3:]
+    lr = spec.stages.gate.lr
+    assert gate_lrs == pytest.approx([lr, lr * (1 + 2**-0.5) / 2, lr / 2, lr * (1 - 2**-0.5) / 2])
     run = MlflowClient(result.tracking_uri).get_run(result.mlflow_run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["stages.gate.lambda"] == "0.3"  # the --set override, not the recipe's value
@@ -136,3 +143,8 @@ def test_digits_trains_on_gpus_with_nccl(ray_session, tmp_path):
     result = run_training(load_pipeline(PIPELINE, overrides))
     assert result.final_metrics["val_accuracy"] > 0.5
     assert logged_steps(result.tracking_uri, result.mlflow_run_id) == list(range(7))
+    # the gate's cosine learning rate is a function of the epoch: the resumed epochs carry on the same curve
+    lr_history = MlflowClient(result.tracking_uri).get_metric_history(result.mlflow_run_id, "lr")
+    gate_lrs = [entry.value for entry in sorted(lr_history, key=lambda entry: entry.step)][3:]
+    lr = spec.stages.gate.lr
+    assert gate_lrs == pytest.approx([lr, lr * (1 + 2**-0.5) / 2, lr / 2, lr * (1 - 2**-0.5) / 2])

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Optimizer = Literal["adamw", "adam", "sgd"]
+LrSchedule = Literal["constant", "cosine"]
 
 
 class _Frozen(BaseModel):
@@ -29,6 +30,9 @@ class _OptimiserFields(_Frozen):
     enabled: bool = True
     epochs: int = Field(1, ge=1)
     lr: float = Field(1e-3, gt=0)
+    lr_schedule: LrSchedule = Field(
+        "constant", description="constant, or cosine: decays per epoch from lr towards 0 over the stage"
+    )
     optimizer: Optimizer = "adamw"
     weight_decay: float = Field(0.0, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")

@@ -14,6 +14,7 @@ class StageConfig:
     name: str
     epochs: int
     lr: float
+    lr_schedule: str = "constant"
     optimizer: str = "adamw"
     weight_decay: float = 0.0
     momentum: float = 0.9

@@ -8,6 +8,7 @@ has no separate experts: it trains whole in the gate stage (``freeze_experts: fa
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import time
@@ -91,6 +92,8 @@ def train_loop_per_worker(config: dict) -> None:
         for epoch in range(first_epoch, stage.epochs):
             started = time.perf_counter()
             _maybe_fail_once(job, stage, epoch, rank)
+            for group in optimizer.param_groups:
+                group["lr"] = epoch_lr(stage, epoch)
             train_sums = _train_epoch(
                 trainable, model, stage, schedule, epoch, optimizer, job, device, normalised_costs, path_gflops
             )
@@ -101,6 +104,7 @@ def train_loop_per_worker(config: dict) -> None:
             last_epoch = epoch == stage.epochs - 1
             metrics.update(
                 stage_index=stage_index, epoch=epoch, global_step=global_step, tau=schedule.tau(epoch),
+                lr=epoch_lr(stage, epoch),
                 epoch_seconds=time.perf_counter() - started, hard_epochs=hard_epochs,
                 finished=float(last_epoch and stage_index == len(job.stages) - 1),
             )
@@ -113,6 +117,14 @@ def train_loop_per_worker(config: dict) -> None:
                 post_progress(job.progress_actor, {"stage": stage.name, "epoch": epoch, "epochs": stage.epochs,
                                                    "metrics": metrics})
     logger.close()  # every epoch reaches MLflow before the run is declared done
+
+
+def epoch_lr(stage: StageConfig, epoch: int) -> float:
+    """The learning rate of ``epoch`` (from 0): ``lr`` throughout, or a per-epoch cosine from ``lr`` towards 0
+    over the stage (a function of the epoch alone, so a resumed stage picks up the same rate)."""
+    if stage.lr_schedule == "cosine":
+        return stage.lr * 0.5 * (1 + math.cos(math.pi * epoch / stage.epochs))
+    return stage.lr
 
 
 def _gates_were_hard(stage: StageConfig, schedule: TemperatureSchedule, epoch: int) -> int:
