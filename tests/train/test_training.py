@@ -143,8 +143,3 @@ def test_digits_trains_on_gpus_with_nccl(ray_session, tmp_path):
     result = run_training(load_pipeline(PIPELINE, overrides))
     assert result.final_metrics["val_accuracy"] > 0.5
     assert logged_steps(result.tracking_uri, result.mlflow_run_id) == list(range(7))
-    # the gate's cosine learning rate is a function of the epoch: the resumed epochs carry on the same curve
-    lr_history = MlflowClient(result.tracking_uri).get_metric_history(result.mlflow_run_id, "lr")
-    gate_lrs = [entry.value for entry in sorted(lr_history, key=lambda entry: entry.step)][3:]
-    lr = spec.stages.gate.lr
-    assert gate_lrs == pytest.approx([lr, lr * (1 + 2**-0.5) / 2, lr / 2, lr * (1 - 2**-0.5) / 2])
