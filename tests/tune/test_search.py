@@ -1,4 +1,5 @@
-"""The searcher's start-up ladder: values, which samplers get it, and queued once per study (no Ray)."""
+"""The searcher's start-up ladder: values, which samplers get it, and queued once per study; the gate a trial
+trains from its sampled values (no Ray)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 
 from dynmm.spec import load_pipeline
 from dynmm.tune.search import startup_ladder
-from dynmm.tune.study import Objectives, build_searcher, open_study_storage
+from dynmm.tune.study import Objectives, build_searcher, open_study_storage, trained_gate
 
 PIPELINE = Path(__file__).parents[2] / "pipelines" / "digits.yaml"
 OBJECTIVES = Objectives(("val_accuracy", "val_gflops_per_sample"), ("max", "min"))
@@ -68,3 +69,11 @@ def test_the_study_queues_the_ladder_once_and_suggests_it_first(tmp_path):
     suggested = [searcher.suggest(f"trial-{index}")["lambda"] for index in range(4)]
     assert suggested == pytest.approx(ladder)
     assert ladder[0] == pytest.approx(0.05) and ladder[-1] == pytest.approx(2.0)
+
+
+def test_a_trial_trains_its_sampled_values_over_the_recipe_ones_with_tau_end_capped():
+    spec = digits("stages.gate.tau_start=1.0", "stages.gate.tau_end=0.1", "stages.gate.lambda=0.5")
+    # the lambda grid samples lambda alone: tau is the stage's
+    assert trained_gate(spec, {"lambda": 0.36}) == {"lambda": 0.36, "tau_start": 1.0, "tau_end": 0.1}
+    # a sampled tau_end above the sampled tau_start is trained at tau_start
+    assert trained_gate(spec, {"tau_start": 0.6, "tau_end": 0.9}) == {"lambda": 0.5, "tau_start": 0.6, "tau_end": 0.6}

@@ -41,7 +41,7 @@ def tune_and_report(spec, *, address=None, verbose=False, resume=False) -> None:
     printer = EpochPrinter()
     run = run_study(spec, address=address, verbose=verbose, resume=resume, show_epoch=printer, show_line=print)
     report, paths = report_study(run)
-    print_front(report)
+    print_front(report, run.prepared.spec)
     aliases = register_study_front(run, report)
     print()
     print(f"  front            {paths['json']}  (and .csv)")
@@ -69,7 +69,9 @@ def print_registry(run, report, aliases: dict[str, str]) -> None:
     print(f"  load in Python   mlflow.pyfunc.load_model('models:/{name}@knee')")
 
 
-def print_front(report) -> None:
+def print_front(report, spec) -> None:
+    from dynmm.tune.study import trained_gate
+
     quality = report.metrics[0]
     gflops = report.metrics.index("val_gflops_per_sample")
     test_quality = "test_" + quality.removeprefix("val_")
@@ -81,11 +83,11 @@ def print_front(report) -> None:
     print(header)
     static = max(b["gflops"] for b in report.baselines)
     for member in report.members:
-        params = member["params"]
-        tau = f"{params.get('tau_start', float('nan')):.2g}->{params.get('tau_end', float('nan')):.2g}"
+        gate = trained_gate(spec, member["params"])
+        tau = f"{gate['tau_start']:.2g}->{gate['tau_end']:.2g}"
         knee = "  <- knee" if member["trial_id"] == report.knee_trial_id else ""
         cost = member["values"][gflops]
-        print(f"  {member['trial_id']:<14} {params.get('lambda', float('nan')):>8.3g} {tau:>13} "
+        print(f"  {member['trial_id']:<14} {gate['lambda']:>8.3g} {tau:>13} "
               f"{member['values'][0]:>14.4f} {cost:>10.3g} {1 - cost / static:>7.1%} "
               f"{member.get('test_metrics', {}).get(test_quality, float('nan')):>14.4f}{knee}")
     for baseline in report.baselines:

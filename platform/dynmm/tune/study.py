@@ -86,6 +86,13 @@ def trial_spec(spec: PipelineSpec, params: dict) -> PipelineSpec:
     return spec.model_copy(update={"stages": stages})
 
 
+def trained_gate(spec: PipelineSpec, params: dict) -> dict[str, float]:
+    """lambda and tau of the gate a trial trained: its sampled values over the pipeline's own (a grid
+    or a search without tau still trained with the stage's tau)."""
+    gate = trial_spec(spec, params).stages.gate
+    return {"lambda": gate.resource_lambda, "tau_start": gate.tau_start, "tau_end": gate.tau_end}
+
+
 def ensure_experts(prepared: PreparedPipeline, tracking_uri: str, show: Callable[[dict], None]) -> dict:
     """Train the experts once (their own Ray Train run and MLflow run); later calls reuse them."""
     if read_experts(prepared.experts_uri) is None:
@@ -338,9 +345,9 @@ def register_study_front(run: StudyRun, report: FrontReport) -> dict[str, str]:
     for member in report.members:
         params = member["params"]
         cost = member["values"][gflops_index]
-        tags = {name: f"{value:.6g}" for name, value in params.items()}
-        tags["tau"] = f"{params.get('tau_start', prepared.spec.stages.gate.tau_start):.3g}->" \
-                      f"{params.get('tau_end', prepared.spec.stages.gate.tau_end):.3g}"
+        gate = trained_gate(prepared.spec, params)
+        tags = {name: f"{value:.6g}" for name, value in {**params, **gate}.items()}
+        tags["tau"] = f"{gate['tau_start']:.3g}->{gate['tau_end']:.3g}"
         if test_quality in member.get("test_metrics", {}):
             tags[test_quality] = f"{member['test_metrics'][test_quality]:.6g}"
         members.append(FrontModel(
