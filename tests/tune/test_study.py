@@ -98,6 +98,10 @@ def test_killed_study_resumes_without_rerunning_finished_trials_and_writes_its_f
     assert (results_dir / "front.csv").read_text().startswith("trial_id")
     assert (results_dir / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Pareto front:" in resumed_study.stdout
+    # the compact live view, not Tune's own console output (its experiment box, paths and trial table)
+    assert "trials: " in resumed_study.stdout
+    assert not any(tune_line in resumed_study.stdout
+                   for tune_line in ("Configuration for experiment", "View detailed results", "Trial status"))
 
 
 def test_runs_front_and_registry_read_back_from_the_server(resumed_study, tmp_path):

@@ -26,32 +26,33 @@ WEIGHTS = "weights"
 CONFIG = "config"
 
 
-# inputs are checked against the logged tensor signature, not against type hints on ``predict``
-warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
+# MLflow warns, at class creation, that ``predict`` has no type hints (inside its own warning filters, so a
+# filter here cannot silence it). Inputs are checked against the logged tensor signature and by
+# ``modality_tensors`` instead, so the warning is caught here and dropped.
+with warnings.catch_warnings(record=True):
 
+    class DynMMPyfunc(mlflow.pyfunc.PythonModel):
+        """Loads the weights into a freshly built model and predicts with routed execution."""
 
-class DynMMPyfunc(mlflow.pyfunc.PythonModel):
-    """Loads the weights into a freshly built model and predicts with routed execution."""
+        def load_context(self, context) -> None:
+            from dynmm.models import build_model
 
-    def load_context(self, context) -> None:
-        from dynmm.models import build_model
+            self.config = json.loads(Path(context.artifacts[CONFIG]).read_text())
+            model = build_model(self.config["model_name"], **self.config["model_args"])
+            model.load_state_dict(torch.load(context.artifacts[WEIGHTS], map_location="cpu", weights_only=True))
+            self.model = model.eval()
 
-        self.config = json.loads(Path(context.artifacts[CONFIG]).read_text())
-        model = build_model(self.config["model_name"], **self.config["model_args"])
-        model.load_state_dict(torch.load(context.artifacts[WEIGHTS], map_location="cpu", weights_only=True))
-        self.model = model.eval()
-
-    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        inputs = modality_tensors(model_input, self.config["input_shapes"])
-        with torch.no_grad():
-            result = self.model(inputs, mode="routed")
-        paths = result.paths.cpu().numpy().astype(np.int64)
-        return pd.DataFrame({
-            "prediction": predictions(self.config["task"], result.output),
-            "path": paths,
-            "path_name": [self.config["path_names"][p] for p in paths],
-            "gflops": np.asarray(self.config["path_gflops"], dtype=np.float64)[paths],
-        })
+        def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
+            inputs = modality_tensors(model_input, self.config["input_shapes"])
+            with torch.no_grad():
+                result = self.model(inputs, mode="routed")
+            paths = result.paths.cpu().numpy().astype(np.int64)
+            return pd.DataFrame({
+                "prediction": predictions(self.config["task"], result.output),
+                "path": paths,
+                "path_name": [self.config["path_names"][p] for p in paths],
+                "gflops": np.asarray(self.config["path_gflops"], dtype=np.float64)[paths],
+            })
 
 
 def modality_tensors(model_input, input_shapes: Mapping[str, list[int]]) -> dict[str, torch.Tensor]:

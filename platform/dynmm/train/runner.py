@@ -173,7 +173,10 @@ def quiet_libraries() -> None:
     # a local raylet warns once per burst of worker start-ups beyond its CPU count (trials x workers)
     os.environ.setdefault("RAY_worker_maximum_startup_concurrency", "64")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    for name in ("ray", "ray.data", "ray.train", "ray.tune", "mlflow"):
+    # Tune's default console output prints its experiment box and result paths even at verbose=0; the
+    # older reporter it keeps behind this switch is silent at 0 (dynmm prints its own live view).
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    for name in ("ray", "ray.data", "ray.train", "ray.tune", "mlflow", "optuna"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
