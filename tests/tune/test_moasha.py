@@ -1,8 +1,14 @@
 """MO-ASHA decisions on scripted trial results (quality maximised, GFLOPs minimised)."""
 
+from pathlib import Path
+
 import pytest
 
+from dynmm.spec import load_pipeline
 from dynmm.tune.moasha import CONTINUE, STOP, MoAshaRungs
+from dynmm.tune.study import Objectives, build_scheduler
+
+PIPELINE = Path(__file__).parents[2] / "pipelines" / "digits.yaml"
 
 
 def rungs(**kwargs):
@@ -44,6 +50,15 @@ def test_ties_share_the_front_and_go_on_together():
     assert fresh.on_result("tie", 1, (0.96, 2.0)) == STOP  # dominated, 2nd of ceil(2/2) = 1 place
 
 
+def test_classic_halving_stops_front_members_beyond_the_best_places():
+    scheduler = rungs(keep_front=False)
+    scheduler.on_result("accurate", 1, (0.95, 5.0))
+    assert scheduler.on_result("cheap", 1, (0.70, 1.0)) == STOP  # on the front, but ceil(2/2) = 1 place
+    # a tie: the first arrival takes the one place, the second is stopped though nothing dominates it
+    tied = rungs(keep_front=False)
+    assert [tied.on_result(t, 1, (0.96, 2.0)) for t in "ab"] == [CONTINUE, STOP]
+
+
 def test_a_dominated_trial_among_the_best_places_goes_on():
     scheduler = rungs(reduction_factor=2)
     scheduler.on_result("a", 1, (0.90, 1.0))
@@ -74,3 +89,12 @@ def test_a_trial_is_judged_once_per_rung_and_again_at_the_next():
 def test_invalid_settings_are_named(argument, value):
     with pytest.raises(ValueError, match=argument):
         rungs(**{argument: value})
+
+
+def test_the_pipeline_scheduler_section_reaches_the_rungs():
+    spec = load_pipeline(PIPELINE, ["search.scheduler.kind=moasha", "search.scheduler.keep_front=false",
+                                    "search.scheduler.reduction_factor=3", "stages.gate.epochs=16",
+                                    "stages.gate.epoch_hard=4"])
+    scheduler = build_scheduler(spec, Objectives(("val_accuracy", "val_gflops_per_sample"), ("max", "min")))
+    assert scheduler.rungs.keep_front is False
+    assert scheduler.rungs.milestones == [1, 3, 9]  # hard epochs only: 16 - 4 = 12 of them

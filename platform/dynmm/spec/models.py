@@ -138,6 +138,9 @@ class SchedulerSpec(_Frozen):
     kind: Literal["moasha", "fifo"] = "moasha"
     grace_period: int = Field(1, ge=1, description="hard-gate epochs before the first rung")
     reduction_factor: int = Field(2, ge=2)
+    keep_front: bool = Field(
+        True, description="never stop a trial nothing at its rung dominates; false: keep the best 1/reduction_factor"
+    )
 
 
 class SearchSpec(_Frozen):

@@ -3,10 +3,12 @@
 At each rung (``grace_period * reduction_factor**k`` hard-gate epochs) a trial arriving is compared with
 every trial recorded at that rung so far: all of them are ordered by non-dominated sorting (front, then
 crowding distance, then arrival) and the trial goes on if it is among the best ``ceil(n / reduction_factor)``
-or if nothing at the rung dominates it. Only dominated trials are ever stopped: within one front the order
-is a tie-break (crowding, arrival), and early rungs are full of ties (on digits, after one hard epoch many
-trials still route every sample to fusion and sit on the same point). Rungs count only epochs after gates
-turn hard, so the costs of soft gates, which no deployed model can realise, never decide.
+or, with ``keep_front`` (the default), if nothing at the rung dominates it. Then only dominated trials are
+ever stopped: within one front the order is a tie-break (crowding, arrival), and early rungs are full of
+ties (on digits, after one hard epoch many trials still route every sample to one path and sit on the
+same point). ``keep_front=False`` is classic successive halving on that order: it saves more epochs and,
+where early rungs say little about where a trial ends, loses front members with them. Rungs count only
+epochs after gates turn hard, so the costs of soft gates, which no deployed model can realise, never decide.
 ``MoAshaRungs`` is the decision logic on plain numbers; ``MoAshaScheduler`` adapts it to Ray Tune and
 remembers which trials it stopped (they are pruned in the study and never reach the front).
 """
@@ -30,6 +32,7 @@ class MoAshaRungs:
     max_t: int
     grace_period: int = 1
     reduction_factor: int = 2
+    keep_front: bool = True
     recorded: dict[int, dict[str, tuple[float, ...]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -63,7 +66,7 @@ class MoAshaRungs:
         trial_ids = list(rung)  # arrival order
         points = [rung[t] for t in trial_ids]
         index = trial_ids.index(trial_id)
-        if index in pareto_front(points, self.directions):
+        if self.keep_front and index in pareto_front(points, self.directions):
             return True
         keep = math.ceil(len(trial_ids) / self.reduction_factor)
         return index in selection_order(points, self.directions)[:keep]
@@ -79,12 +82,13 @@ class MoAshaScheduler(FIFOScheduler):
         max_t: int,
         grace_period: int = 1,
         reduction_factor: int = 2,
+        keep_front: bool = True,
         time_attr: str = "hard_epochs",
     ) -> None:
         super().__init__()
         self.metrics = list(metrics)
         self.time_attr = time_attr
-        self.rungs = MoAshaRungs(list(modes), max_t, grace_period, reduction_factor)
+        self.rungs = MoAshaRungs(list(modes), max_t, grace_period, reduction_factor, keep_front)
         self.stopped_trials: set[str] = set()
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:

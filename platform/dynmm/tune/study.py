@@ -281,6 +281,7 @@ def build_scheduler(spec: PipelineSpec, objectives: Objectives):
     return MoAshaScheduler(
         objectives.metrics, objectives.modes, max_t=max(hard_epochs, 1),
         grace_period=scheduler.grace_period, reduction_factor=scheduler.reduction_factor,
+        keep_front=scheduler.keep_front,
     )
 
 
