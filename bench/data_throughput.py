@@ -6,9 +6,6 @@ Measures, on this machine, samples per second of
   ``iter_torch_batches`` settings, and from a materialized copy in the object store for reference;
 - an in-memory tensor loader: the split pre-loaded as tensors, sliced into batches of 256 and copied
   into fresh batch tensors as a DataLoader's collate would (pure views are shown too, for reference);
-- for the team's storage decision (reference, not the product's format): the same train split with each
-  tensor column stored as Arrow ``fixed_size_binary`` and viewed back as a tensor column without a copy,
-  through the same Ray Data path (Parquet decodes tensor columns as nested lists, value by value);
 - one training step of the MOSEI DynMM (``build_model("mosei")``, forward ``mode="soft"`` + L1 loss +
   backward + AdamW step) at batch 256, i.e. how fast training consumes samples;
 and the peak RSS of generating the dataset at two sizes, each in a fresh subprocess.
@@ -24,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -33,11 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
-from dynmm.data.format import split_files
 from dynmm.data.readers import iter_batches, load_split, ray_dataset
 from dynmm.data.synthetic import generate_synthetic_mosei
 
@@ -100,62 +93,6 @@ def ray_epochs(
     return [
         samples_per_second(lambda: dataset.iter_torch_batches(batch_size=BATCH_SIZE, **iter_options))
         for _ in range(epochs)
-    ]
-
-
-def binary_copy(directory: Path, out_dir: Path) -> dict[str, list[int]]:
-    """The train split's files rewritten with every tensor column as ``fixed_size_binary`` (same rows, same
-    file layout, uncompressed); returns the tensor shapes to view the bytes back with."""
-    out_dir.mkdir(parents=True)
-    shapes = {}
-    for file in split_files(directory, "train"):
-        table = pq.read_table(file)
-        columns = {}
-        for name in table.column_names:
-            column = table.column(name).combine_chunks()
-            if isinstance(column.type, pa.FixedShapeTensorType):
-                shapes[name] = list(column.type.shape)
-                values = column.storage.flatten()  # this array's rows only, whatever its offset
-                item = values.type.byte_width
-                data = values.buffers()[1].slice(values.offset * item, len(values) * item)
-                column = pa.FixedSizeBinaryArray.from_buffers(
-                    pa.binary(column.type.storage_type.list_size * item), len(column), [None, data]
-                )
-            columns[name] = column
-        pq.write_table(pa.table(columns), out_dir / file.name, compression="none", use_dictionary=False)
-    return shapes
-
-
-def binary_as_tensors(shapes: dict[str, list[int]]):
-    """A Ray Data ``map_batches`` function: ``fixed_size_binary`` columns -> float32 tensor columns, no copy."""
-
-    def view(batch: pa.Table) -> pa.Table:
-        columns = {}
-        for name in batch.column_names:
-            column = batch.column(name).combine_chunks()
-            if name in shapes:
-                size = math.prod(shapes[name])
-                values = pa.Array.from_buffers(pa.float32(), len(column) * size, [None, column.buffers()[1]],
-                                               offset=column.offset * size)
-                storage = pa.FixedSizeListArray.from_arrays(values, size)
-                column = pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(pa.float32(), shapes[name]), storage)
-            columns[name] = column
-        return pa.table(columns)
-
-    return view
-
-
-def ray_binary_epochs(directory: Path, shapes: dict[str, list[int]], epochs: int) -> list[float]:
-    import ray.data
-
-    files = sorted(str(file) for file in directory.glob("*.parquet"))
-    context = ray.data.DataContext.get_current()
-    context.use_datasource_v2 = False  # as ``ray_dataset`` does
-    dataset = ray.data.read_parquet(files, columns=["label", *shapes]).map_batches(
-        binary_as_tensors(shapes), batch_format="pyarrow", zero_copy_batch=True, batch_size=None
-    )
-    return [
-        samples_per_second(lambda: dataset.iter_torch_batches(batch_size=BATCH_SIZE)) for _ in range(epochs)
     ]
 
 
@@ -237,7 +174,6 @@ def run(args: argparse.Namespace, scratch: Path) -> None:
     memory_dataloader = samples_per_second(dataloader_batches(split), min_seconds=2.0)
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    shapes = binary_copy(directory, scratch / "train-as-binary")
     ray.init(include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     ray.data.DataContext.get_current().enable_progress_bars = False
     ray_runs = {
@@ -245,14 +181,11 @@ def run(args: argparse.Namespace, scratch: Path) -> None:
         "Ray Data -> torch, prefetch_batches=4": ray_epochs(directory, 2, prefetch_batches=4),
         "Ray Data -> torch, unordered, prefetch 4": ray_epochs(directory, 2, False, prefetch_batches=4),
         "Ray Data, materialized in object store": ray_epochs(directory, 2, materialize=True),
-        "Ray Data, fixed_size_binary storage (ref.)": ray_binary_epochs(scratch / "train-as-binary", shapes, 3),
     }
     ray.shutdown()
     # Epoch 1 of the first run also pays for starting Ray's workers; later epochs show the steady rate.
     # The targets are judged on streaming from Parquet, as training does, not on the materialized copy.
-    # The binary-storage row is a reference for a storage decision, not the product's format.
-    ingest = max(rate for name, rates in ray_runs.items() if "materialized" not in name and "(ref.)" not in name
-                 for rate in rates[1:])
+    ingest = max(rate for name, rates in ray_runs.items() if "materialized" not in name for rate in rates[1:])
 
     train_soft = train_step_rate(split, args.train_steps, mode="soft")
     train_text_only = train_step_rate(split, args.train_steps, force_path=0)
@@ -287,7 +220,6 @@ def run(args: argparse.Namespace, scratch: Path) -> None:
         "ingest_vs_train_step": round(ingest / train_soft, 1),
         "rss_ratio_100k_vs_20k": round(rss[large][1] / rss[small][1], 3),
         "ingest_vs_dataloader": round(ingest / memory_dataloader, 3),
-        "binary_storage_vs_ingest": round(max(ray_runs["Ray Data, fixed_size_binary storage (ref.)"][1:]) / ingest, 2),
     }
     print(
         f"\nbest steady Ray ingestion {ingest:,.0f}/s: {summary['ingest_vs_memory']:.0%} of in-memory "
