@@ -92,8 +92,9 @@ def train_loop_per_worker(config: dict) -> None:
         for epoch in range(first_epoch, stage.epochs):
             started = time.perf_counter()
             _maybe_fail_once(job, stage, epoch, rank)
+            lr = epoch_lr(stage, epoch)
             for group in optimizer.param_groups:
-                group["lr"] = epoch_lr(stage, epoch)
+                group["lr"] = lr
             train_sums = _train_epoch(
                 trainable, model, stage, schedule, epoch, optimizer, job, device, normalised_costs, path_gflops
             )
@@ -104,7 +105,7 @@ def train_loop_per_worker(config: dict) -> None:
             last_epoch = epoch == stage.epochs - 1
             metrics.update(
                 stage_index=stage_index, epoch=epoch, global_step=global_step, tau=schedule.tau(epoch),
-                lr=epoch_lr(stage, epoch),
+                lr=lr,
                 epoch_seconds=time.perf_counter() - started, hard_epochs=hard_epochs,
                 finished=float(last_epoch and stage_index == len(job.stages) - 1),
             )
