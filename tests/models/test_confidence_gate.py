@@ -41,15 +41,62 @@ def test_head_starts_indifferent_and_learns_while_the_body_stays_frozen():
     assert model.gate.head.weight.grad is not None and model.gate.head.weight.grad.abs().sum() > 0
 
 
-def test_confidence_features_rank_samples_by_the_copied_experts_certainty():
+def _log_odds_of_top_class(model, inputs):
+    probabilities = torch.softmax(model.experts[0](inputs).double(), dim=-1)
+    top = probabilities.max(dim=-1).values
+    return (top / (1 - top)).log().float()
+
+
+def test_confidence_features_are_the_copied_experts_log_odds_log_ratio_and_log_entropy():
     model = _trained_looking_digits()
     model.init_gate_from_experts()
-    with torch.no_grad():
+    # small inputs: moderate confidence, where float32 log-probabilities are exact to 1e-4
+    inputs = {name: values * 0.01 for name, values in model.example_inputs(batch_size=32).items()}
+    probabilities = torch.softmax(model.experts[0](inputs).double(), dim=-1)
+    top_two = probabilities.topk(2, dim=-1).values
+    entropy = -(probabilities * probabilities.log()).sum(dim=-1)
+    expected = torch.stack(
+        [_log_odds_of_top_class(model, inputs).double(), (top_two[:, 0] / top_two[:, 1]).log(), entropy.log()], dim=-1
+    )
+    features = model.gate.confidence_features(inputs)
+    assert torch.allclose(features.double(), expected, atol=1e-4)
+    with torch.no_grad():  # unfitted scaling is the identity: path 0's logit is the first feature
         model.gate.head.weight.zero_()
-        model.gate.head.weight[0, 0] = 1.0  # path 0 logit = the copied expert's top probability
-    inputs = model.example_inputs(batch_size=32)
-    top_probability = torch.softmax(model.experts[0](inputs), dim=-1).max(dim=-1).values
-    assert torch.allclose(model.gate(inputs)[:, 0], top_probability)
+        model.gate.head.weight[0, 0] = 1.0
+    assert torch.allclose(model.gate(inputs)[:, 0], features[:, 0])
+
+
+def test_feature_scaling_fitted_from_summed_moments_standardises_the_fitting_samples():
+    model = _trained_looking_digits()
+    model.init_gate_from_experts()
+    inputs = model.example_inputs(batch_size=200)
+    halves = [{name: values[rows] for name, values in inputs.items()} for rows in (slice(0, 120), slice(120, None))]
+    # moments of two workers' shares, summed, describe the whole set
+    model.gate.fit_feature_scaling(model.gate.feature_moments(halves[0]) + model.gate.feature_moments(halves[1]))
+    features = model.gate.confidence_features(inputs)
+    assert torch.allclose(model.gate.feature_mean, features.mean(dim=0), atol=1e-4)
+    assert torch.allclose(model.gate.feature_std, features.std(dim=0), rtol=1e-4)
+    with torch.no_grad():
+        model.gate.head.weight.copy_(torch.eye(2, 3))
+    standardised = model.gate(inputs)
+    assert torch.allclose(standardised.mean(dim=0), torch.zeros(2), atol=1e-4)
+    assert torch.allclose(standardised.std(dim=0), torch.ones(2), atol=1e-4)
+    # the fitted scaling travels with the state dict (checkpoints, registered models)
+    assert {"gate.feature_mean", "gate.feature_std"} <= set(model.state_dict())
+    with pytest.raises(ValueError, match="at least 2 samples, got 1"):
+        one_sample = {name: values[:1] for name, values in inputs.items()}
+        model.gate.fit_feature_scaling(model.gate.feature_moments(one_sample))
+
+
+def test_features_stay_finite_for_a_certain_expert():
+    model = _trained_looking_digits()
+    model.init_gate_from_experts()
+    with torch.no_grad():  # logits 1000 apart: probability 1 in float32, zero entropy
+        model.gate.body.layers[-1].weight.zero_()
+        model.gate.body.layers[-1].bias.copy_(torch.arange(10.0) * 1000)
+    features = model.gate.confidence_features(model.example_inputs(batch_size=4))
+    assert torch.isfinite(features).all()
+    assert torch.equal(features, torch.tensor([[30.0, 30.0, -27.631021]]).expand(4, 3))
 
 
 def test_routed_equals_hard_and_every_path_pays_the_gates_body():
@@ -58,9 +105,8 @@ def test_routed_equals_hard_and_every_path_pays_the_gates_body():
     model.eval()
     inputs = model.example_inputs(batch_size=64)
     with torch.no_grad():  # cheap path for the more confident half of the batch
-        top_probability = torch.softmax(model.experts[0](inputs), dim=-1).max(dim=-1).values
         model.gate.head.weight[0, 0] = 1.0
-        model.gate.head.bias[1] = top_probability.median()
+        model.gate.head.bias[1] = _log_odds_of_top_class(model, inputs).median()
     hard = model(inputs, mode="hard", tau=1.0)
     routed = model(inputs, mode="routed")
     assert 0 < int((routed.paths == 0).sum()) < 64  # both paths used

@@ -18,7 +18,7 @@ from dynmm.cli import main
 from dynmm.data.readers import load_split
 from dynmm.spec import load_pipeline
 from dynmm.train.evaluate import evaluate_split
-from dynmm.train.runner import load_model_from_checkpoint, prepare_pipeline, run_training
+from dynmm.train.runner import in_gate_holdout, load_model_from_checkpoint, prepare_pipeline, run_training
 
 PIPELINE = Path(__file__).parents[2] / "pipelines" / "digits.yaml"
 pytestmark = pytest.mark.integration
@@ -75,6 +75,15 @@ def test_worker_crash_is_recovered_from_the_last_checkpoint_without_gaps_in_mlfl
     assert result.final_metrics["val_samples"] == one_pass["samples"] == rows
     assert result.final_metrics["val_accuracy"] == pytest.approx(one_pass["accuracy"], abs=1e-9)
     assert result.final_metrics["val_loss"] == pytest.approx(one_pass["loss"], rel=1e-4)
+
+    # the gate's feature scaling was fitted once, before the gate stage, on the holdout rows of both ranks
+    # together; the workers that resumed after the crash kept it from the checkpoint
+    train = load_split(prepared.dataset_dir, "train")
+    holdout = torch.tensor([in_gate_holdout(row, spec.stages.gate.holdout_fraction) for row in train["sample_id"]])
+    features = final.gate.confidence_features({"top": train["top"][holdout]})
+    assert 0 < int(holdout.sum()) < len(holdout)
+    assert torch.allclose(final.gate.feature_mean, features.mean(dim=0), atol=1e-4)
+    assert torch.allclose(final.gate.feature_std, features.std(dim=0), rtol=1e-3)
 
     model = mlflow.pytorch.load_model(f"runs:/{result.mlflow_run_id}/model")
     test = load_split(tmp_path / "datasets" / "digits", "test")

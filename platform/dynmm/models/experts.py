@@ -49,35 +49,73 @@ class ConcatMLP(nn.Module):
 
 
 class ConfidenceGate(nn.Module):
-    """A gate that routes by how sure a copy of one expert is: the copy's class probabilities are
-    summarised as (top probability, margin to the second, entropy) and a linear head turns those three
-    numbers into path logits.
+    """A gate that routes by how sure a copy of one expert is: the copy's class log-probabilities are
+    summarised as three confidence features (log-odds of the top class, log-ratio of the top class to the
+    second, log of the entropy), standardised, and a linear head turns them into path logits.
 
     The copy (``body``) must have the architecture of expert ``source_expert``; ``ModalityDynMM.
     init_gate_from_experts`` loads that expert's trained weights into it before the gate stage, and the
     body stays frozen (it runs without gradients): the gate learns only the 3 x num_paths head, which a
     few hundred held-out samples can fit. A gate that learns difficulty from raw inputs alone needs far
     more data. Every path pays the body's cost, as for any gate.
+
+    Why log scale and standardised: a trained expert puts most samples near probability 1, where raw
+    probabilities, margins and entropies differ in the third decimal. A head over those sees every sample
+    at almost the same point, so its bias alone decides and the routing flips between all-cheap and
+    all-fusion from one epoch to the next. In log scale the samples spread out; ``fit_feature_scaling``
+    (before the gate stage, from ``feature_moments`` over the gate's training samples) centres and scales
+    each feature, so a step of the head moves the threshold between samples, not past all of them.
     """
+
+    num_features = 3
+    max_log_ratio = 30.0  # float32 probabilities saturate around here; keeps one sample from setting the scale
 
     def __init__(self, body: nn.Module, num_paths: int, source_expert: int = 0) -> None:
         super().__init__()
         self.body = body
         self.modalities = tuple(body.modalities)
         self.source_expert = source_expert
-        self.head = nn.Linear(3, num_paths)
+        self.head = nn.Linear(self.num_features, num_paths)
         # starts indifferent (equal logits): the resource term and the task loss alone move the threshold,
         # not a random initial preference (which made results swing with the seed)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+        self.register_buffer("feature_mean", torch.zeros(self.num_features))
+        self.register_buffer("feature_std", torch.ones(self.num_features))
+
+    @torch.no_grad()
+    def confidence_features(self, inputs: Mapping[str, Tensor]) -> Tensor:
+        """(B, 3) unscaled features of the body's class distribution: log(p1 / (1 - p1)), log(p1 / p2),
+        log(entropy), with p1 >= p2 the two largest class probabilities."""
+        log_probabilities = torch.log_softmax(self.body(inputs).float(), dim=-1)
+        top_two, top_index = log_probabilities.topk(2, dim=-1)
+        others = log_probabilities.scatter(-1, top_index[:, :1], float("-inf")).logsumexp(dim=-1)
+        log_odds = top_two[:, 0] - others
+        log_ratio = top_two[:, 0] - top_two[:, 1]
+        entropy = -(log_probabilities.exp() * log_probabilities).sum(dim=-1)
+        features = torch.stack([log_odds, log_ratio, entropy.clamp_min(1e-12).log()], dim=-1)
+        return features.clamp(-self.max_log_ratio, self.max_log_ratio)
+
+    def feature_moments(self, inputs: Mapping[str, Tensor]) -> Tensor:
+        """(count, sum per feature, sum of squares per feature) over a batch: sums that add across batches
+        and workers before ``fit_feature_scaling``."""
+        features = self.confidence_features(inputs).double()
+        count = features.new_tensor([features.shape[0]])
+        return torch.cat([count, features.sum(dim=0), features.square().sum(dim=0)])
+
+    def fit_feature_scaling(self, moments: Tensor) -> None:
+        """Standardise each feature by the mean and standard deviation that ``moments`` (summed) describe."""
+        count = float(moments[0])
+        if count < 2:
+            raise ValueError(f"fitting the gate's feature scaling needs at least 2 samples, got {count:.0f}")
+        mean = moments[1 : 1 + self.num_features] / count
+        variance = (moments[1 + self.num_features :] / count - mean.square()).clamp_min(0.0) * count / (count - 1)
+        self.feature_mean.copy_(mean.float())
+        self.feature_std.copy_(variance.sqrt().clamp_min(1e-3).float())
 
     def forward(self, inputs: Mapping[str, Tensor]) -> Tensor:
-        with torch.no_grad():
-            probabilities = torch.softmax(self.body(inputs), dim=-1)
-        top_two = probabilities.topk(2, dim=-1).values
-        entropy = -(probabilities * probabilities.clamp_min(1e-8).log()).sum(dim=-1)
-        features = torch.stack([top_two[:, 0], top_two[:, 0] - top_two[:, 1], entropy], dim=-1)
-        return self.head(features)
+        features = self.confidence_features(inputs)
+        return self.head((features - self.feature_mean) / self.feature_std)
 
 
 # --- CMU-MOSEI -----------------------------------------------------------------------------------

@@ -84,6 +84,7 @@ def train_loop_per_worker(config: dict) -> None:
             continue
         if stage.name == "gate" and not resuming_this_stage and isinstance(model, ModalityDynMM):
             model.init_gate_from_experts()  # a gate that copies a trained expert (ConfidenceGate) gets it now
+            _fit_gate_feature_scaling(model, job, device)
         trainable = _prepare_stage(model, stage)
         optimizer = _build_optimizer(stage, model)
         if resuming_this_stage:
@@ -126,6 +127,21 @@ def epoch_lr(stage: StageConfig, epoch: int) -> float:
     if stage.lr_schedule == "cosine":
         return stage.lr * 0.5 * (1 + math.cos(math.pi * epoch / stage.epochs))
     return stage.lr
+
+
+def _fit_gate_feature_scaling(model: ModalityDynMM, job: WorkerJob, device) -> None:
+    """A gate over standardised features (``ConfidenceGate``) fits their scaling on the gate's training
+    samples before the stage, summed over every rank so that all ranks hold the same values."""
+    gate = model.gate
+    if not hasattr(gate, "fit_feature_scaling"):
+        return
+    moments = torch.zeros(1 + 2 * gate.num_features, dtype=torch.float64, device=device)
+    for batch in _batches("train_gate", job.eval_batch_size, device, cache=_SHARD_CACHE.get(job)):
+        batch.pop("label")
+        moments += gate.feature_moments(batch)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(moments, op=dist.ReduceOp.SUM)
+    gate.fit_feature_scaling(moments.cpu())
 
 
 def _gates_were_hard(stage: StageConfig, schedule: TemperatureSchedule, epoch: int) -> int:

@@ -220,13 +220,15 @@ def _folder_bytes(folder: Path) -> int:
     return sum(file.stat().st_size for file in folder.rglob("*.parquet"))
 
 
-def _holdout_filter(fraction: float, keep_holdout: bool) -> Callable[[pa.Table], pa.Table]:
-    """Rows go to the holdout by a stable hash of their sample id: the same rows in every run."""
-    threshold = int(fraction * 10_000)
+def in_gate_holdout(sample_id: str, fraction: float) -> bool:
+    """Whether a train row belongs to the gate's holdout: a stable hash of its sample id, the same rows in
+    every run."""
+    return zlib.crc32(sample_id.encode()) % 10_000 < int(fraction * 10_000)
 
+
+def _holdout_filter(fraction: float, keep_holdout: bool) -> Callable[[pa.Table], pa.Table]:
     def select(table: pa.Table) -> pa.Table:
-        in_holdout = [zlib.crc32(sample.encode()) % 10_000 < threshold for sample in table["sample_id"].to_pylist()]
-        keep = [flag == keep_holdout for flag in in_holdout]
+        keep = [in_gate_holdout(sample, fraction) == keep_holdout for sample in table["sample_id"].to_pylist()]
         return table.filter(pa.array(keep)).drop_columns(["sample_id"])
 
     return select
