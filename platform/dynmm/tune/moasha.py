@@ -4,10 +4,9 @@ At each rung (``grace_period * reduction_factor**k`` hard-gate epochs) a trial a
 every trial recorded at that rung so far: all of them are ordered by non-dominated sorting (front, then
 crowding distance, then arrival) and the trial goes on if it is among the best ``ceil(n / reduction_factor)``
 or, with ``keep_front`` (the default), if nothing at the rung dominates it. Then only dominated trials are
-ever stopped: within one front the order is a tie-break (crowding, arrival), and early rungs are full of
-ties (on digits, after one hard epoch many trials still route every sample to one path and sit on the
-same point). ``keep_front=False`` is classic successive halving on that order: it saves more epochs and,
-where early rungs say little about where a trial ends, loses front members with them. Rungs count only
+ever stopped: within one front the order is only a tie-break (crowding, arrival), and a search that works
+puts most trials on the front, each holding its own part of the trade-off. ``keep_front=False`` is classic
+successive halving on that order: it saves more epochs and loses front members with them. Rungs count only
 epochs after gates turn hard, so the costs of soft gates, which no deployed model can realise, never decide.
 ``MoAshaRungs`` is the decision logic on plain numbers; ``MoAshaScheduler`` adapts it to Ray Tune and
 remembers which trials it stopped (they are pruned in the study and never reach the front).
