@@ -63,8 +63,7 @@ def main() -> None:
 
 def summarise(run, seconds: float) -> dict:
     prepared = run.prepared
-    quality = prepared.quality_metric
-    baselines = static_baselines(run.experts_metrics, [f / 1e9 for f in prepared.costs.expert_flops], quality)
+    baselines = static_baselines(run.experts_metrics, prepared)
     report = build_front(run.trials, list(run.objectives.metrics), list(run.objectives.modes), baselines)
     fusion = max(baselines, key=lambda b: b["gflops"])
     gflops_index = run.objectives.metrics.index("val_gflops_per_sample")

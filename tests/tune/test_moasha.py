@@ -59,6 +59,21 @@ def test_classic_halving_stops_front_members_beyond_the_best_places():
     assert [tied.on_result(t, 1, (0.96, 2.0)) for t in "ab"] == [CONTINUE, STOP]
 
 
+def test_with_the_studys_reference_halving_keeps_the_trials_that_add_most_hypervolume():
+    # reference: quality 0.8 (the worst expert), 6 GFLOPs (static fusion). "cheap" is on the rung's front
+    # but less accurate than the reference: it adds nothing, and crowding alone would rank it first.
+    arrivals = [("accurate", (0.95, 5.0)), ("cheap", (0.70, 1.0)), ("middle", (0.90, 2.0)),
+                ("balanced", (0.93, 3.0))]
+    by_crowding, by_hypervolume = rungs(keep_front=False), rungs(keep_front=False, reference=(0.8, 6.0))
+    crowding_decisions = [by_crowding.on_result(t, 1, v) for t, v in arrivals]
+    hypervolume_decisions = [by_hypervolume.on_result(t, 1, v) for t, v in arrivals]
+    # "cheap" is 2nd of ceil(2/2) = 1 place either way. Then crowding gives the extremes (accurate, cheap) the
+    # places; by contribution middle (0.3 of 0.45, then 0.10 of 0.51) and balanced (0.06 of 0.51) beat
+    # accurate (0.05, then 0.02) and cheap (0): the trials that hold the volume go on
+    assert crowding_decisions == [CONTINUE, STOP, STOP, STOP]
+    assert hypervolume_decisions == [CONTINUE, STOP, CONTINUE, CONTINUE]
+
+
 def test_a_dominated_trial_among_the_best_places_goes_on():
     scheduler = rungs(reduction_factor=2)
     scheduler.on_result("a", 1, (0.90, 1.0))
@@ -98,3 +113,9 @@ def test_the_pipeline_scheduler_section_reaches_the_rungs():
     scheduler = build_scheduler(spec, Objectives(("val_accuracy", "val_gflops_per_sample"), ("max", "min")))
     assert scheduler.rungs.keep_front is False
     assert scheduler.rungs.milestones == [1, 3, 9]  # hard epochs only: 16 - 4 = 12 of them
+    assert scheduler.rungs.reference is None  # no experts' baselines given: rungs rank fronts by crowding
+    baselines = [{"name": "expert0 alone", "quality": 0.84, "gflops": 1.3e-6},
+                 {"name": "expert1 alone", "quality": 0.97, "gflops": 1.8e-5}]
+    scheduler = build_scheduler(spec, Objectives(("val_accuracy", "val_gflops_per_sample"), ("max", "min")),
+                                baselines)
+    assert scheduler.rungs.reference == [0.84, 1.8e-5]  # the front's reference point: worst expert, fusion

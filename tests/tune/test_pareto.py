@@ -8,6 +8,7 @@ from dynmm.tune.pareto import (
     crowding_distance,
     dominates,
     hypervolume,
+    hypervolume_contributions,
     knee_point,
     non_dominated_sort,
     pareto_front,
@@ -76,3 +77,24 @@ def test_selection_order_ranks_by_front_then_spread():
     points = [(0.5, 1.0), (0.7, 3.0), (0.9, 9.0), (0.6, 5.0)]
     assert selection_order(points, QUALITY_VS_COST)[:3] == [0, 2, 1]
     assert selection_order(points, QUALITY_VS_COST)[-1] == 3
+
+
+def test_hypervolume_contribution_is_the_volume_lost_without_the_point():
+    # reference (0.4, 10): (0.5, 2) alone covers 0.1*8 = 0.8, (0.8, 6) alone 0.4*4 = 1.6, together
+    # 0.8 + (0.8-0.5)*(10-6) = 2.0; so each adds 2.0 minus the other's volume
+    points = [(0.5, 2.0), (0.8, 6.0), (0.8, 6.0), (0.3, 1.0), (0.6, 7.0)]
+    contributions = hypervolume_contributions(points, (0.4, 10.0), QUALITY_VS_COST)
+    assert contributions[0] == pytest.approx(2.0 - 1.6)
+    # a duplicate, a point beyond the reference and a dominated point add nothing
+    assert contributions[1:] == pytest.approx([0.0, 0.0, 0.0, 0.0])
+
+
+def test_with_a_reference_a_front_is_ranked_by_hypervolume_contribution():
+    # front (0.5, 1), (0.7, 3), (0.9, 9) against reference (0.55, 10): the cheap extreme is less accurate than
+    # the reference and adds nothing; (0.7, 3) covers 0.15*7 = 1.05, (0.9, 9) 0.35*1, overlapping 0.15*1
+    front = [(0.5, 1.0), (0.7, 3.0), (0.9, 9.0)]
+    assert hypervolume_contributions(front, (0.55, 10.0), QUALITY_VS_COST) == pytest.approx(
+        [0.0, 1.05 - 0.15, 0.35 - 0.15])
+    points = [*front, (0.6, 5.0)]
+    assert selection_order(points, QUALITY_VS_COST)[:3] == [0, 2, 1]  # crowding: the extremes first
+    assert selection_order(points, QUALITY_VS_COST, reference=(0.55, 10.0)) == [1, 2, 0, 3]

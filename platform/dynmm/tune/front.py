@@ -32,15 +32,20 @@ class FrontReport:
         return asdict(self)
 
 
-def static_baselines(experts_metrics: dict, expert_gflops: list[float], quality_metric: str) -> list[dict]:
-    """Each expert alone on every sample (no gate): the reference points of the plot."""
+def static_baselines(experts_metrics: dict, prepared) -> list[dict]:
+    """Each expert alone on every sample (no gate) of a prepared pipeline: the reference points of the plot."""
+    quality_metric = prepared.quality_metric
     return [
-        {"name": f"expert{i} alone", "quality": experts_metrics.get(f"val_expert{i}_{quality_metric}"), "gflops": g}
-        for i, g in enumerate(expert_gflops)
+        {"name": f"expert{i} alone", "quality": experts_metrics.get(f"val_expert{i}_{quality_metric}"),
+         "gflops": flops / 1e9}
+        for i, flops in enumerate(prepared.costs.expert_flops)
     ]
 
 
-def reference_point(metrics, modes, completed_values, baselines) -> list[float]:
+def reference_point(metrics, modes, completed_values, baselines) -> list[float] | None:
+    """The hypervolume's reference point: static fusion's GFLOPs, the worst expert's quality, and for any
+    other objective the worst completed value; None when that is needed and ``completed_values`` is None
+    (before any trial has finished)."""
     reference = []
     for index, (metric, mode) in enumerate(zip(metrics, modes, strict=True)):
         if metric == GFLOPS_METRIC:
@@ -48,6 +53,8 @@ def reference_point(metrics, modes, completed_values, baselines) -> list[float]:
         elif index == 0 and all(b["quality"] is not None for b in baselines):
             qualities = [b["quality"] for b in baselines]
             reference.append(min(qualities) if mode == "max" else max(qualities))
+        elif completed_values is None:
+            return None
         else:
             column = [values[index] for values in completed_values] or [0.0]
             reference.append(min(column) if mode == "max" else max(column))

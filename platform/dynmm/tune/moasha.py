@@ -2,11 +2,13 @@
 
 At each rung (``grace_period * reduction_factor**k`` hard-gate epochs) a trial arriving is compared with
 every trial recorded at that rung so far: all of them are ordered by non-dominated sorting (front, then
-crowding distance, then arrival) and the trial goes on if it is among the best ``ceil(n / reduction_factor)``
-or, with ``keep_front`` (the default), if nothing at the rung dominates it. Then only dominated trials are
-ever stopped: within one front the order is only a tie-break (crowding, arrival), and a search that works
-puts most trials on the front, each holding its own part of the trade-off. ``keep_front=False`` is classic
-successive halving on that order: it saves more epochs and loses front members with them. Rungs count only
+hypervolume contribution when the study's reference point is known, then crowding distance, then arrival)
+and the trial goes on if it is among the best ``ceil(n / reduction_factor)`` or, with ``keep_front`` (the
+default), if nothing at the rung dominates it. Then only dominated trials are ever stopped, and a search
+that works puts most trials on the front. ``keep_front=False`` is classic successive halving on that order:
+it saves more epochs and loses front members with them, the ones that add least to the hypervolume (ranked
+by crowding alone it kept each front's extremes, such as a cheap trial less accurate than any expert, which
+add nothing to it). Rungs count only
 epochs after gates turn hard, so the costs of soft gates, which no deployed model can realise, never decide.
 ``MoAshaRungs`` is the decision logic on plain numbers; ``MoAshaScheduler`` adapts it to Ray Tune and
 remembers which trials it stopped (they are pruned in the study and never reach the front).
@@ -32,6 +34,7 @@ class MoAshaRungs:
     grace_period: int = 1
     reduction_factor: int = 2
     keep_front: bool = True
+    reference: Sequence[float] | None = None  # the study's hypervolume reference point, when known
     recorded: dict[int, dict[str, tuple[float, ...]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -68,7 +71,7 @@ class MoAshaRungs:
         if self.keep_front and index in pareto_front(points, self.directions):
             return True
         keep = math.ceil(len(trial_ids) / self.reduction_factor)
-        return index in selection_order(points, self.directions)[:keep]
+        return index in selection_order(points, self.directions, self.reference)[:keep]
 
 
 class MoAshaScheduler(FIFOScheduler):
@@ -82,12 +85,14 @@ class MoAshaScheduler(FIFOScheduler):
         grace_period: int = 1,
         reduction_factor: int = 2,
         keep_front: bool = True,
+        reference: Sequence[float] | None = None,
         time_attr: str = "hard_epochs",
     ) -> None:
         super().__init__()
         self.metrics = list(metrics)
         self.time_attr = time_attr
-        self.rungs = MoAshaRungs(list(modes), max_t, grace_period, reduction_factor, keep_front)
+        self.rungs = MoAshaRungs(list(modes), max_t, grace_period, reduction_factor, keep_front,
+                                 None if reference is None else list(reference))
         self.stopped_trials: set[str] = set()
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:

@@ -119,10 +119,25 @@ def knee_point(points: Sequence[Point], directions: Sequence[str]) -> int | None
     return front[min(range(len(front)), key=lambda k: (distance(values[k]), k))]
 
 
-def selection_order(points: Sequence[Point], directions: Sequence[str]) -> list[int]:
-    """Indices best first: by front, then by crowding distance (spread out first), then by index."""
+def hypervolume_contributions(points: Sequence[Point], reference: Point, directions: Sequence[str]) -> list[float]:
+    """What each point alone adds to the hypervolume of ``points``: the volume lost without it. Dominated
+    points, duplicates and points outside the reference box add nothing."""
+    total = hypervolume(points, reference, directions)
+    return [total - hypervolume([p for j, p in enumerate(points) if j != i], reference, directions)
+            for i in range(len(points))]
+
+
+def selection_order(points: Sequence[Point], directions: Sequence[str], reference: Point | None = None) -> list[int]:
+    """Indices best first: by front, then within a front by crowding distance (spread out first), then by
+    index. With a ``reference`` point, a front is ordered first by hypervolume contribution: crowding puts
+    each front's extremes first, and an extreme beyond the reference (say, cheap but less accurate than
+    any expert alone) adds nothing to the hypervolume a study is judged by."""
     order: list[int] = []
     for front in non_dominated_sort(points, directions):
-        crowding = crowding_distance([points[i] for i in front], directions)
-        order.extend(i for _, i in sorted((-c, i) for c, i in zip(crowding, front, strict=True)))
+        members = [points[i] for i in front]
+        crowding = crowding_distance(members, directions)
+        contribution = (hypervolume_contributions(members, reference, directions) if reference is not None
+                        else [0.0] * len(front))
+        order.extend(i for *_, i in sorted(zip((-v for v in contribution), (-c for c in crowding), front,
+                                               strict=True)))
     return order

@@ -17,9 +17,7 @@ class StudyProgress(ray.tune.Callback):
     def __init__(self, objectives, experts_metrics, prepared, tracking_uri, parent_run_id,
                  show: Callable[[str], None], started: float) -> None:
         self.metrics, self.modes = list(objectives.metrics), list(objectives.modes)
-        self.baselines = static_baselines(
-            experts_metrics, [f / 1e9 for f in prepared.costs.expert_flops], prepared.quality_metric
-        )
+        self.baselines = static_baselines(experts_metrics, prepared)
         self.logger = EpochLogger(tracking_uri, parent_run_id, step_key="hypervolume")
         self.show = show
         self.started = started

@@ -41,7 +41,7 @@ from dynmm.train.runner import (
     stage_configs,
     worker_job,
 )
-from dynmm.tune.front import FrontReport, build_front, front_row, static_baselines, write_front
+from dynmm.tune.front import FrontReport, build_front, front_row, reference_point, static_baselines, write_front
 from dynmm.tune.moasha import MoAshaScheduler
 from dynmm.tune.progress import StudyProgress
 from dynmm.tune.search import STAGE_FIELD, StudySearch, build_sampler, optuna_space, startup_ladder
@@ -235,7 +235,7 @@ def run_study(
             trainable,
             tune_config=ray.tune.TuneConfig(
                 search_alg=build_searcher(spec, objectives, name, results_dir),
-                scheduler=build_scheduler(spec, objectives),
+                scheduler=build_scheduler(spec, objectives, static_baselines(experts_metrics, prepared)),
                 num_samples=spec.search.num_trials,
                 max_concurrent_trials=max_concurrent_trials(spec),
                 # a finished trial's driver process (torch, Ray Train imported) serves the next trial; not with
@@ -271,7 +271,9 @@ def build_searcher(spec: PipelineSpec, objectives: Objectives, name: str, result
     )
 
 
-def build_scheduler(spec: PipelineSpec, objectives: Objectives):
+def build_scheduler(spec: PipelineSpec, objectives: Objectives, baselines: list[dict] | None = None):
+    """FIFO, or MO-ASHA over hard-gate epochs; with the experts' ``baselines`` its rungs know the front's
+    hypervolume reference point and rank each front by hypervolume contribution."""
     scheduler = spec.search.scheduler
     if scheduler.kind == "fifo":
         return ray.tune.schedulers.FIFOScheduler()
@@ -282,6 +284,7 @@ def build_scheduler(spec: PipelineSpec, objectives: Objectives):
         objectives.metrics, objectives.modes, max_t=max(hard_epochs, 1),
         grace_period=scheduler.grace_period, reduction_factor=scheduler.reduction_factor,
         keep_front=scheduler.keep_front,
+        reference=reference_point(objectives.metrics, objectives.modes, None, baselines) if baselines else None,
     )
 
 
@@ -313,9 +316,7 @@ def close_orphaned_trials(results_dir: Path, name: str) -> None:
 def report_study(run: StudyRun, evaluate_on_test: bool = True) -> tuple[FrontReport, dict[str, Path]]:
     """Front of the completed trials; members re-evaluated on the test split; JSON, CSV and PNG written."""
     prepared = run.prepared
-    baselines = static_baselines(
-        run.experts_metrics, [f / 1e9 for f in prepared.costs.expert_flops], prepared.quality_metric
-    )
+    baselines = static_baselines(run.experts_metrics, prepared)
     report = build_front(run.trials, list(run.objectives.metrics), list(run.objectives.modes), baselines)
     if evaluate_on_test:
         for member in report.members:
