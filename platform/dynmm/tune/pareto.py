@@ -121,10 +121,12 @@ def knee_point(points: Sequence[Point], directions: Sequence[str]) -> int | None
 
 def hypervolume_contributions(points: Sequence[Point], reference: Point, directions: Sequence[str]) -> list[float]:
     """What each point alone adds to the hypervolume of ``points``: the volume lost without it. Dominated
-    points, duplicates and points outside the reference box add nothing."""
+    points, duplicates and points outside the reference box add nothing (exactly 0: rounding noise below
+    1e-12 of the total is dropped, so such points tie and the next key orders them)."""
     total = hypervolume(points, reference, directions)
-    return [total - hypervolume([p for j, p in enumerate(points) if j != i], reference, directions)
+    lost = [total - hypervolume([p for j, p in enumerate(points) if j != i], reference, directions)
             for i in range(len(points))]
+    return [value if value > 1e-12 * total else 0.0 for value in lost]
 
 
 def selection_order(points: Sequence[Point], directions: Sequence[str], reference: Point | None = None) -> list[int]:
