@@ -91,8 +91,7 @@ class MoAshaScheduler(FIFOScheduler):
         super().__init__()
         self.metrics = list(metrics)
         self.time_attr = time_attr
-        self.rungs = MoAshaRungs(list(modes), max_t, grace_period, reduction_factor, keep_front,
-                                 None if reference is None else list(reference))
+        self.rungs = MoAshaRungs(list(modes), max_t, grace_period, reduction_factor, keep_front, reference)
         self.stopped_trials: set[str] = set()
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
