@@ -3,10 +3,13 @@
 from pathlib import Path
 
 import pytest
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import TrialScheduler
 
+from dynmm.errors import SpecError
 from dynmm.spec import load_pipeline
-from dynmm.tune.moasha import CONTINUE, STOP, MoAshaRungs
-from dynmm.tune.study import Objectives, build_scheduler
+from dynmm.tune.moasha import CONTINUE, STOP, MoAshaRungs, MoAshaScheduler
+from dynmm.tune.study import Objectives, build_scheduler, check_scheduler_objectives
 
 PIPELINE = Path(__file__).parents[2] / "pipelines" / "digits.yaml"
 
@@ -106,10 +109,86 @@ def test_invalid_settings_are_named(argument, value):
         rungs(**{argument: value})
 
 
+# min_contribution: reference quality 0.8 (worst expert), 6 GFLOPs (static fusion); rungs at 1, 2, 4 hard epochs
+def by_contribution(share=0.05):
+    return rungs(reference=(0.8, 6.0), min_contribution=share)
+
+
+def finish(scheduler, trial_id, values_by_rung, final):
+    for hard_epochs, values in values_by_rung.items():
+        assert scheduler.on_result(trial_id, hard_epochs, values) == CONTINUE
+    scheduler.on_complete(trial_id, final)
+
+
+def test_prediction_adds_the_mean_change_from_a_rung_to_the_end_of_completed_trials():
+    scheduler = by_contribution()
+    scheduler.on_result("new", 1, (0.90, 2.0))
+    assert scheduler.predicted("new", 1) == (0.90, 2.0)  # nothing completed yet: the value itself
+    finish(scheduler, "a", {1: (0.91, 1.0)}, (0.93, 1.5))  # +0.02, +0.5 from rung 1 to the end
+    finish(scheduler, "b", {1: (0.95, 4.0)}, (0.99, 5.5))  # +0.04, +1.5
+    assert scheduler.predicted("new", 1) == pytest.approx((0.93, 3.0))
+
+
+def test_a_trial_heading_next_to_a_completed_front_member_is_stopped():
+    scheduler = by_contribution(0.05)
+    finish(scheduler, "done", {1: (0.93, 2.5), 2: (0.94, 2.8)}, (0.95, 3.0))
+    # at rung 1 it looks cheaper than "done", but it is heading for the same point: it would add nothing
+    assert scheduler.on_result("twin", 1, (0.93, 2.5)) == STOP
+    # heading for (0.88, 1.3): a part of the trade-off nothing else covers (it adds 0.14 of a 0.59 volume)
+    assert scheduler.on_result("cheap", 1, (0.86, 0.8)) == CONTINUE
+    assert "twin" not in scheduler.alive and "cheap" in scheduler.alive
+
+
+def test_a_running_trial_a_later_one_made_redundant_is_stopped_at_its_next_rung():
+    scheduler = by_contribution(0.05)
+    assert scheduler.on_result("first", 1, (0.90, 3.0)) == CONTINUE
+    assert scheduler.on_result("better", 1, (0.92, 2.0)) == CONTINUE  # dominates first's point
+    assert scheduler.on_result("first", 2, (0.90, 3.0)) == STOP
+    assert scheduler.on_result("better", 2, (0.92, 2.0)) == CONTINUE
+
+
+def test_nothing_is_stopped_before_a_trial_lies_inside_the_reference_box():
+    scheduler = by_contribution()
+    assert scheduler.on_result("rough", 1, (0.70, 1.0)) == CONTINUE  # less accurate than the worst expert
+    assert scheduler.on_result("good", 1, (0.90, 2.0)) == CONTINUE
+    assert scheduler.on_result("rough", 2, (0.70, 1.0)) == STOP  # now there is a volume: it adds none
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"reference": (0.8, 6.0), "min_contribution": 1.5}, "min_contribution must be in"),
+    ({"min_contribution": 0.01}, "min_contribution needs the hypervolume reference point"),
+])
+def test_invalid_contribution_settings_are_named(settings, message):
+    with pytest.raises(ValueError, match=message):
+        rungs(**settings)
+
+
+def test_the_ray_scheduler_feeds_completions_and_forgets_stopped_and_failed_trials():
+    scheduler = MoAshaScheduler(("val_accuracy", "val_gflops_per_sample"), ("max", "min"), max_t=8,
+                                reference=(0.8, 6.0), min_contribution=0.05)
+    done, twin, failed = (Trial("__fake", stub=True, trial_id=name) for name in ("done", "twin", "failed"))
+
+    def result(hard_epochs, quality, gflops, finished=0.0):
+        return {"hard_epochs": hard_epochs, "val_accuracy": quality, "val_gflops_per_sample": gflops,
+                "finished": finished}
+
+    assert scheduler.on_trial_result(None, done, result(0, 0.5, 9.0)) == TrialScheduler.CONTINUE  # soft epoch
+    assert scheduler.on_trial_result(None, done, result(1, 0.93, 2.5)) == TrialScheduler.CONTINUE
+    scheduler.on_trial_complete(None, done, result(6, 0.95, 3.0, finished=1.0))
+    assert scheduler.rungs.alive["done"] == (0.95, 3.0)
+    assert scheduler.on_trial_result(None, twin, result(1, 0.93, 2.5)) == TrialScheduler.STOP
+    scheduler.on_trial_complete(None, twin, result(1, 0.93, 2.5))  # Tune reports the stop as a completion
+    assert "twin" in scheduler.stopped_trials and "twin" not in scheduler.rungs.alive
+    assert scheduler.rungs.changes[1] == [pytest.approx((0.02, 0.5))]  # only the finished trial taught it
+    assert scheduler.on_trial_result(None, failed, result(1, 0.86, 0.8)) == TrialScheduler.CONTINUE
+    scheduler.on_trial_error(None, failed)
+    assert set(scheduler.rungs.alive) == {"done"}
+
+
 def test_the_pipeline_scheduler_section_reaches_the_rungs():
     spec = load_pipeline(PIPELINE, ["search.scheduler.kind=moasha", "search.scheduler.keep_front=false",
                                     "search.scheduler.reduction_factor=3", "stages.gate.epochs=16",
-                                    "stages.gate.epoch_hard=4"])
+                                    "stages.gate.epoch_hard=4", "search.scheduler.min_contribution=null"])
     scheduler = build_scheduler(spec, Objectives(("val_accuracy", "val_gflops_per_sample"), ("max", "min")))
     assert scheduler.rungs.keep_front is False
     assert scheduler.rungs.milestones == [1, 3, 9]  # hard epochs only: 16 - 4 = 12 of them
@@ -119,3 +198,17 @@ def test_the_pipeline_scheduler_section_reaches_the_rungs():
     scheduler = build_scheduler(spec, Objectives(("val_accuracy", "val_gflops_per_sample"), ("max", "min")),
                                 baselines)
     assert scheduler.rungs.reference == [0.84, 1.8e-5]  # the front's reference point: worst expert, fusion
+
+
+def test_the_recipes_min_contribution_reaches_the_rungs_and_needs_bounded_objectives():
+    spec = load_pipeline(PIPELINE, ["search.scheduler.kind=moasha"])
+    objectives = Objectives(("val_accuracy", "val_gflops_per_sample"), ("max", "min"))
+    check_scheduler_objectives(spec, objectives)
+    baselines = [{"name": "expert0 alone", "quality": 0.84, "gflops": 1.3e-6},
+                 {"name": "expert1 alone", "quality": 0.97, "gflops": 1.8e-5}]
+    scheduler = build_scheduler(spec, objectives, baselines)
+    assert scheduler.rungs.min_contribution == spec.search.scheduler.min_contribution == 0.01
+    # a third objective has no reference value from the experts: refused before any training starts
+    with pytest.raises(SpecError, match=r"search.scheduler.min_contribution: .*\['val_loss'\]"):
+        check_scheduler_objectives(spec, Objectives(("val_accuracy", "val_gflops_per_sample", "val_loss"),
+                                                    ("max", "min", "min")))

@@ -141,6 +141,11 @@ class SchedulerSpec(_Frozen):
     keep_front: bool = Field(
         True, description="never stop a trial nothing at its rung dominates; false: keep the best 1/reduction_factor"
     )
+    min_contribution: float | None = Field(
+        None, gt=0, lt=1,
+        description="instead of ranking each rung: stop a trial whose predicted final point adds less than this "
+        "share of the hypervolume of all trials not stopped (e.g. 0.01)",
+    )
 
 
 class SearchSpec(_Frozen):

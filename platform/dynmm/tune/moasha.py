@@ -8,8 +8,18 @@ default), if nothing at the rung dominates it. Then only dominated trials are ev
 that works puts most trials on the front. ``keep_front=False`` is classic successive halving on that order:
 it saves more epochs and loses front members with them, the ones that add least to the hypervolume (ranked
 by crowding alone it kept each front's extremes, such as a cheap trial less accurate than any expert, which
-add nothing to it). Rungs count only
-epochs after gates turn hard, so the costs of soft gates, which no deployed model can realise, never decide.
+add nothing to it).
+
+``min_contribution`` replaces the rung ranking with a look at where each trial is heading. Halving compares
+a trial only with the trials that reached the same rung, so it keeps promoting what a good sampler keeps
+proposing: trials next to members the front already has. Instead, at each rung, the trial's final point is
+predicted (its value there plus the mean change from that rung to the end among the trials that completed;
+the value itself before any has) and it goes on only while that point adds at least ``min_contribution`` of
+the hypervolume of every trial not stopped (completed ones at their final points, running ones at their
+predictions). A trial that a later, better one has made redundant is stopped at its next rung.
+
+Rungs count only epochs after gates turn hard, so the costs of soft gates, which no deployed model can
+realise, never decide.
 ``MoAshaRungs`` is the decision logic on plain numbers; ``MoAshaScheduler`` adapts it to Ray Tune and
 remembers which trials it stopped (they are pruned in the study and never reach the front).
 """
@@ -22,7 +32,7 @@ from dataclasses import dataclass, field
 
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
-from dynmm.tune.pareto import pareto_front, selection_order
+from dynmm.tune.pareto import hypervolume, hypervolume_contributions, pareto_front, selection_order
 
 CONTINUE, STOP = "continue", "stop"
 
@@ -35,14 +45,25 @@ class MoAshaRungs:
     reduction_factor: int = 2
     keep_front: bool = True
     reference: Sequence[float] | None = None  # the study's hypervolume reference point, when known
+    min_contribution: float | None = None
     recorded: dict[int, dict[str, tuple[float, ...]]] = field(default_factory=dict)
+    # min_contribution only: every trial not stopped at its final or predicted point, and per rung the
+    # change from that rung's values to the final ones of each trial that completed
+    alive: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    changes: dict[int, list[tuple[float, ...]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.grace_period < 1:
             raise ValueError(f"grace_period must be >= 1, got {self.grace_period}")
         if self.reduction_factor < 2:
             raise ValueError(f"reduction_factor must be >= 2, got {self.reduction_factor}")
+        if self.min_contribution is not None:
+            if not 0 < self.min_contribution < 1:
+                raise ValueError(f"min_contribution must be in (0, 1), got {self.min_contribution}")
+            if self.reference is None:
+                raise ValueError("min_contribution needs the hypervolume reference point (reference)")
         self.recorded = {milestone: {} for milestone in self.milestones}
+        self.changes = {milestone: [] for milestone in self.milestones}
 
     @property
     def milestones(self) -> list[int]:
@@ -60,9 +81,42 @@ class MoAshaRungs:
         for milestone in reached:
             rung = self.recorded[milestone]
             rung[trial_id] = tuple(float(v) for v in objectives)
-            if not self._promoted(rung, trial_id):
+            promoted = (self._adds_enough(trial_id, milestone) if self.min_contribution is not None
+                        else self._promoted(rung, trial_id))
+            if not promoted:
+                self.alive.pop(trial_id, None)
                 return STOP
         return CONTINUE
+
+    def on_complete(self, trial_id: str, objectives: Sequence[float]) -> None:
+        """A trial that ran all its epochs: its final point joins the comparison set, and its changes from
+        each rung to the end inform the predictions of later trials."""
+        final = tuple(float(v) for v in objectives)
+        self.alive[trial_id] = final
+        for milestone, rung in self.recorded.items():
+            if trial_id in rung:
+                self.changes[milestone].append(tuple(f - v for f, v in zip(final, rung[trial_id], strict=True)))
+
+    def on_remove(self, trial_id: str) -> None:
+        """A trial that ended without finishing (error, or stopped from outside) is no longer compared."""
+        self.alive.pop(trial_id, None)
+
+    def predicted(self, trial_id: str, milestone: int) -> tuple[float, ...]:
+        value = self.recorded[milestone][trial_id]
+        changes = self.changes[milestone]
+        if not changes:
+            return value
+        return tuple(v + sum(change[k] for change in changes) / len(changes) for k, v in enumerate(value))
+
+    def _adds_enough(self, trial_id: str, milestone: int) -> bool:
+        self.alive[trial_id] = self.predicted(trial_id, milestone)
+        trial_ids = list(self.alive)
+        points = [self.alive[t] for t in trial_ids]
+        total = hypervolume(points, self.reference, self.directions)
+        if total <= 0:
+            return True  # no trial inside the reference box yet: nothing to judge against
+        contribution = hypervolume_contributions(points, self.reference, self.directions)[trial_ids.index(trial_id)]
+        return contribution >= self.min_contribution * total
 
     def _promoted(self, rung: dict[str, tuple[float, ...]], trial_id: str) -> bool:
         trial_ids = list(rung)  # arrival order
@@ -86,12 +140,15 @@ class MoAshaScheduler(FIFOScheduler):
         reduction_factor: int = 2,
         keep_front: bool = True,
         reference: Sequence[float] | None = None,
+        min_contribution: float | None = None,
         time_attr: str = "hard_epochs",
     ) -> None:
         super().__init__()
         self.metrics = list(metrics)
         self.time_attr = time_attr
-        self.rungs = MoAshaRungs(list(modes), max_t, grace_period, reduction_factor, keep_front, reference)
+        self.rungs = MoAshaRungs(
+            list(modes), max_t, grace_period, reduction_factor, keep_front, reference, min_contribution
+        )
         self.stopped_trials: set[str] = set()
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
@@ -102,6 +159,20 @@ class MoAshaScheduler(FIFOScheduler):
             self.stopped_trials.add(trial.trial_id)
             return TrialScheduler.STOP
         return TrialScheduler.CONTINUE
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        if trial.trial_id in self.stopped_trials:
+            return
+        if result and result.get("finished") and all(name in result for name in self.metrics):
+            self.rungs.on_complete(trial.trial_id, [result[name] for name in self.metrics])
+        else:
+            self.rungs.on_remove(trial.trial_id)
+
+    def on_trial_error(self, tune_controller, trial) -> None:
+        self.rungs.on_remove(trial.trial_id)
+
+    def on_trial_remove(self, tune_controller, trial) -> None:
+        self.rungs.on_remove(trial.trial_id)
 
     def debug_string(self) -> str:
         sizes = ", ".join(f"{m}: {len(r)}" for m, r in self.rungs.recorded.items())

@@ -204,6 +204,7 @@ def run_study(
         quiet_libraries()
     prepared = prepare_pipeline(spec)
     objectives = resolve_objectives(spec, prepared.quality_metric)
+    check_scheduler_objectives(spec, objectives)
     tracking_uri = resolve_tracking_uri(spec.tracking.uri)
     check_tracking_reachable(tracking_uri)
     name = study_name(spec)
@@ -271,6 +272,20 @@ def build_searcher(spec: PipelineSpec, objectives: Objectives, name: str, result
     )
 
 
+def check_scheduler_objectives(spec: PipelineSpec, objectives: Objectives) -> None:
+    """``min_contribution`` judges trials by hypervolume before any has finished, so every objective needs a
+    reference value from the experts alone: the quality (first) and the GFLOPs objectives have one."""
+    scheduler = spec.search.scheduler
+    if scheduler.kind != "moasha" or scheduler.min_contribution is None:
+        return
+    unbound = [metric for index, metric in enumerate(objectives.metrics) if index > 0 and metric != GFLOPS_METRIC]
+    if unbound:
+        raise SpecError(
+            f"search.scheduler.min_contribution: needs a hypervolume reference point from the experts, which "
+            f"only the quality and gflops objectives have; remove it or the objectives {unbound}"
+        )
+
+
 def build_scheduler(spec: PipelineSpec, objectives: Objectives, baselines: list[dict] | None = None):
     """FIFO, or MO-ASHA over hard-gate epochs; with the experts' ``baselines`` its rungs know the front's
     hypervolume reference point and rank each front by hypervolume contribution."""
@@ -285,6 +300,7 @@ def build_scheduler(spec: PipelineSpec, objectives: Objectives, baselines: list[
         grace_period=scheduler.grace_period, reduction_factor=scheduler.reduction_factor,
         keep_front=scheduler.keep_front,
         reference=reference_point(objectives.metrics, objectives.modes, None, baselines) if baselines else None,
+        min_contribution=scheduler.min_contribution,
     )
 
 
