@@ -1,5 +1,6 @@
 """MO-ASHA decisions on scripted trial results (quality maximised, GFLOPs minimised)."""
 
+import pickle
 from pathlib import Path
 
 import pytest
@@ -212,3 +213,29 @@ def test_the_recipes_min_contribution_reaches_the_rungs_and_needs_bounded_object
     with pytest.raises(SpecError, match=r"search.scheduler.min_contribution: .*\['val_loss'\]"):
         check_scheduler_objectives(spec, Objectives(("val_accuracy", "val_gflops_per_sample", "val_loss"),
                                                     ("max", "min", "min")))
+
+
+def test_a_restored_scheduler_goes_on_with_the_rungs_its_study_had(tmp_path):
+    # Tune pickles the scheduler when the study starts and Tuner.restore unpickles that empty copy; only the
+    # state file carries what the rungs learnt before the driver died
+    scheduler = MoAshaScheduler(("val_accuracy", "val_gflops_per_sample"), ("max", "min"), max_t=8,
+                                reference=(0.8, 6.0), min_contribution=0.05, state_path=tmp_path / "rungs.json")
+    pickled_at_start = pickle.dumps(scheduler)
+    done, stopped, twin = (Trial("__fake", stub=True, trial_id=name) for name in ("done", "stopped", "twin"))
+
+    def result(hard_epochs, quality, gflops, finished=0.0):
+        return {"hard_epochs": hard_epochs, "val_accuracy": quality, "val_gflops_per_sample": gflops,
+                "finished": finished}
+
+    scheduler.on_trial_result(None, done, result(1, 0.93, 2.5))
+    scheduler.on_trial_complete(None, done, result(6, 0.95, 3.0, finished=1.0))
+    assert scheduler.on_trial_result(None, stopped, result(1, 0.80, 5.0)) == TrialScheduler.STOP
+
+    restored = pickle.loads(pickled_at_start)
+    assert restored.rungs.alive == {} and not restored.stopped_trials  # what Tune hands back
+    # heading for done's point: stopped, which an empty scheduler would not know to do
+    assert restored.on_trial_result(None, twin, result(1, 0.93, 2.5)) == TrialScheduler.STOP
+    assert restored.stopped_trials == {"stopped", "twin"}
+    assert restored.rungs.changes[1] == [pytest.approx((0.02, 0.5))]
+    assert MoAshaScheduler(("val_accuracy", "val_gflops_per_sample"), ("max", "min"), max_t=8, reference=(0.8, 6.0),
+                           min_contribution=0.05).on_trial_result(None, twin, result(1, 0.93, 2.5)) == TrialScheduler.CONTINUE

@@ -82,7 +82,7 @@ def write_front(report: FrontReport, trials: list[dict], results_dir: Path) -> d
     """front.json, front.csv and front.png beside the study's results; each written then renamed."""
     results_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": results_dir / "front.json", "csv": results_dir / "front.csv", "png": results_dir / "front.png"}
-    _atomic_write_text(paths["json"], json.dumps(report.to_json(), indent=1, default=str))
+    atomic_write_text(paths["json"], json.dumps(report.to_json(), indent=1, default=str))
     rows = [front_row(report, member) for member in report.members]
     temporary = paths["csv"].with_suffix(".csv.tmp")
     with open(temporary, "w", newline="") as stream:
@@ -103,7 +103,7 @@ def front_row(report: FrontReport, member: dict) -> dict:
     return row
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     temporary = path.with_suffix(path.suffix + ".tmp")
     temporary.write_text(text)
     os.replace(temporary, path)

@@ -21,17 +21,23 @@ predictions). A trial that a later, better one has made redundant is stopped at 
 Rungs count only epochs after gates turn hard, so the costs of soft gates, which no deployed model can
 realise, never decide.
 ``MoAshaRungs`` is the decision logic on plain numbers; ``MoAshaScheduler`` adapts it to Ray Tune and
-remembers which trials it stopped (they are pruned in the study and never reach the front).
+remembers which trials it stopped (they are pruned in the study and never reach the front). Ray Tune saves
+a searcher's state but never a scheduler's, and ``Tuner.restore`` brings back the scheduler as it was
+pickled when the study started (empty), so with a ``state_path`` the scheduler writes its state after
+every change and an empty one reads it back: a resumed study goes on with the rungs it had.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
+from dynmm.tune.front import atomic_write_text
 from dynmm.tune.pareto import hypervolume, hypervolume_contributions, pareto_front, selection_order
 
 CONTINUE, STOP = "continue", "stop"
@@ -142,6 +148,7 @@ class MoAshaScheduler(FIFOScheduler):
         reference: Sequence[float] | None = None,
         min_contribution: float | None = None,
         time_attr: str = "hard_epochs",
+        state_path: str | Path | None = None,
     ) -> None:
         super().__init__()
         self.metrics = list(metrics)
@@ -150,29 +157,58 @@ class MoAshaScheduler(FIFOScheduler):
             list(modes), max_t, grace_period, reduction_factor, keep_front, reference, min_contribution
         )
         self.stopped_trials: set[str] = set()
+        self.state_path = Path(state_path) if state_path is not None else None
+        self._state_read = False
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         if any(name not in result for name in [self.time_attr, *self.metrics]):
             return TrialScheduler.CONTINUE
+        self._read_state()
         objectives = [result[name] for name in self.metrics]
-        if self.rungs.on_result(trial.trial_id, int(result[self.time_attr]), objectives) == STOP:
+        decision = self.rungs.on_result(trial.trial_id, int(result[self.time_attr]), objectives)
+        if decision == STOP:
             self.stopped_trials.add(trial.trial_id)
-            return TrialScheduler.STOP
-        return TrialScheduler.CONTINUE
+        self._write_state()
+        return TrialScheduler.STOP if decision == STOP else TrialScheduler.CONTINUE
 
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        self._read_state()
         if trial.trial_id in self.stopped_trials:
             return
         if result and result.get("finished") and all(name in result for name in self.metrics):
             self.rungs.on_complete(trial.trial_id, [result[name] for name in self.metrics])
         else:
             self.rungs.on_remove(trial.trial_id)
+        self._write_state()
 
     def on_trial_error(self, tune_controller, trial) -> None:
-        self.rungs.on_remove(trial.trial_id)
+        self.on_trial_remove(tune_controller, trial)
 
     def on_trial_remove(self, tune_controller, trial) -> None:
+        self._read_state()
         self.rungs.on_remove(trial.trial_id)
+        self._write_state()
+
+    def _read_state(self) -> None:
+        """Once, before the first decision: take over the state a run of this study wrote before a restore."""
+        if self._state_read:
+            return
+        self._state_read = True
+        if self.state_path is None or not self.state_path.exists():
+            return
+        state = json.loads(self.state_path.read_text())
+        self.rungs.recorded = {int(m): {t: tuple(v) for t, v in rung.items()} for m, rung in state["recorded"].items()}
+        self.rungs.alive = {t: tuple(v) for t, v in state["alive"].items()}
+        self.rungs.changes = {int(m): [tuple(c) for c in changes] for m, changes in state["changes"].items()}
+        self.stopped_trials = set(state["stopped"])
+
+    def _write_state(self) -> None:
+        if self.state_path is None:
+            return
+        state = {"recorded": self.rungs.recorded, "alive": self.rungs.alive, "changes": self.rungs.changes,
+                 "stopped": sorted(self.stopped_trials)}
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.state_path, json.dumps(state))
 
     def debug_string(self) -> str:
         sizes = ", ".join(f"{m}: {len(r)}" for m, r in self.rungs.recorded.items())

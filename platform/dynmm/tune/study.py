@@ -47,6 +47,7 @@ from dynmm.tune.progress import StudyProgress
 from dynmm.tune.search import STAGE_FIELD, StudySearch, build_sampler, optuna_space, startup_ladder
 
 GFLOPS_METRIC = "val_gflops_per_sample"
+MOASHA_STATE = "moasha-rungs.json"  # MO-ASHA's rungs, beside the study (Ray Tune does not save a scheduler)
 TRIAL_STAGES = ("gate", "finetune")  # the experts are trained once, before the study
 
 
@@ -236,7 +237,8 @@ def run_study(
             trainable,
             tune_config=ray.tune.TuneConfig(
                 search_alg=build_searcher(spec, objectives, name, results_dir),
-                scheduler=build_scheduler(spec, objectives, static_baselines(experts_metrics, prepared)),
+                scheduler=build_scheduler(spec, objectives, static_baselines(experts_metrics, prepared),
+                                          state_path=results_dir / MOASHA_STATE),
                 num_samples=spec.search.num_trials,
                 max_concurrent_trials=max_concurrent_trials(spec),
                 # a finished trial's driver process (torch, Ray Train imported) serves the next trial; not with
@@ -286,9 +288,12 @@ def check_scheduler_objectives(spec: PipelineSpec, objectives: Objectives) -> No
         )
 
 
-def build_scheduler(spec: PipelineSpec, objectives: Objectives, baselines: list[dict] | None = None):
+def build_scheduler(
+    spec: PipelineSpec, objectives: Objectives, baselines: list[dict] | None = None, state_path: Path | None = None
+):
     """FIFO, or MO-ASHA over hard-gate epochs; with the experts' ``baselines`` its rungs know the front's
-    hypervolume reference point and rank each front by hypervolume contribution."""
+    hypervolume reference point and rank each front by hypervolume contribution; with a ``state_path`` its
+    rungs survive ``--resume``."""
     scheduler = spec.search.scheduler
     if scheduler.kind == "fifo":
         return ray.tune.schedulers.FIFOScheduler()
@@ -300,7 +305,7 @@ def build_scheduler(spec: PipelineSpec, objectives: Objectives, baselines: list[
         grace_period=scheduler.grace_period, reduction_factor=scheduler.reduction_factor,
         keep_front=scheduler.keep_front,
         reference=reference_point(objectives.metrics, objectives.modes, None, baselines) if baselines else None,
-        min_contribution=scheduler.min_contribution,
+        min_contribution=scheduler.min_contribution, state_path=state_path,
     )
 
 
