@@ -57,6 +57,7 @@ class MoAshaRungs:
     # change from that rung's values to the final ones of each trial that completed
     alive: dict[str, tuple[float, ...]] = field(default_factory=dict)
     changes: dict[int, list[tuple[float, ...]]] = field(default_factory=dict)
+    completed: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         if self.grace_period < 1:
@@ -97,6 +98,9 @@ class MoAshaRungs:
     def on_complete(self, trial_id: str, objectives: Sequence[float]) -> None:
         """A trial that ran all its epochs: its final point joins the comparison set, and its changes from
         each rung to the end inform the predictions of later trials."""
+        if trial_id in self.completed:
+            return  # a trial restarted after it had finished reports its final result again
+        self.completed.add(trial_id)
         final = tuple(float(v) for v in objectives)
         self.alive[trial_id] = final
         for milestone, rung in self.recorded.items():
@@ -200,13 +204,14 @@ class MoAshaScheduler(FIFOScheduler):
         self.rungs.recorded = {int(m): {t: tuple(v) for t, v in rung.items()} for m, rung in state["recorded"].items()}
         self.rungs.alive = {t: tuple(v) for t, v in state["alive"].items()}
         self.rungs.changes = {int(m): [tuple(c) for c in changes] for m, changes in state["changes"].items()}
+        self.rungs.completed = set(state["completed"])
         self.stopped_trials = set(state["stopped"])
 
     def _write_state(self) -> None:
         if self.state_path is None:
             return
         state = {"recorded": self.rungs.recorded, "alive": self.rungs.alive, "changes": self.rungs.changes,
-                 "stopped": sorted(self.stopped_trials)}
+                 "completed": sorted(self.rungs.completed), "stopped": sorted(self.stopped_trials)}
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.state_path, json.dumps(state))
 

@@ -47,7 +47,10 @@ from dynmm.tune.progress import StudyProgress
 from dynmm.tune.search import STAGE_FIELD, StudySearch, build_sampler, optuna_space, startup_ladder
 
 GFLOPS_METRIC = "val_gflops_per_sample"
-MOASHA_STATE = "moasha-rungs.json"  # MO-ASHA's rungs, beside the study (Ray Tune does not save a scheduler)
+# MO-ASHA's rungs (JSON), beside the study: Ray Tune saves no scheduler state. Not named *.json or *.pkl: on
+# restore Tune copies those files of the experiment folder to its staging folder and later syncs them back,
+# which would put back the copy from before the restore.
+MOASHA_STATE = "moasha-rungs.state"
 TRIAL_STAGES = ("gate", "finetune")  # the experts are trained once, before the study
 
 
