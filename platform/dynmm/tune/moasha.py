@@ -111,6 +111,17 @@ class MoAshaRungs:
         """A trial that ended without finishing (error, or stopped from outside) is no longer compared."""
         self.alive.pop(trial_id, None)
 
+    def state(self) -> dict:
+        """What the rungs learnt, as plain JSON values."""
+        return {"recorded": self.recorded, "alive": self.alive, "changes": self.changes,
+                "completed": sorted(self.completed)}
+
+    def load_state(self, state: dict) -> None:
+        self.recorded = {int(m): {t: tuple(v) for t, v in rung.items()} for m, rung in state["recorded"].items()}
+        self.alive = {t: tuple(v) for t, v in state["alive"].items()}
+        self.changes = {int(m): [tuple(c) for c in changes] for m, changes in state["changes"].items()}
+        self.completed = set(state["completed"])
+
     def predicted(self, trial_id: str, milestone: int) -> tuple[float, ...]:
         value = self.recorded[milestone][trial_id]
         changes = self.changes[milestone]
@@ -163,6 +174,7 @@ class MoAshaScheduler(FIFOScheduler):
         self.stopped_trials: set[str] = set()
         self.state_path = Path(state_path) if state_path is not None else None
         self._state_read = False
+        self._state_written = ""  # the file's text: a result that changed nothing rewrites nothing
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         if any(name not in result for name in [self.time_attr, *self.metrics]):
@@ -200,20 +212,20 @@ class MoAshaScheduler(FIFOScheduler):
         self._state_read = True
         if self.state_path is None or not self.state_path.exists():
             return
-        state = json.loads(self.state_path.read_text())
-        self.rungs.recorded = {int(m): {t: tuple(v) for t, v in rung.items()} for m, rung in state["recorded"].items()}
-        self.rungs.alive = {t: tuple(v) for t, v in state["alive"].items()}
-        self.rungs.changes = {int(m): [tuple(c) for c in changes] for m, changes in state["changes"].items()}
-        self.rungs.completed = set(state["completed"])
+        self._state_written = self.state_path.read_text()
+        state = json.loads(self._state_written)
+        self.rungs.load_state(state)
         self.stopped_trials = set(state["stopped"])
 
     def _write_state(self) -> None:
         if self.state_path is None:
             return
-        state = {"recorded": self.rungs.recorded, "alive": self.rungs.alive, "changes": self.rungs.changes,
-                 "completed": sorted(self.rungs.completed), "stopped": sorted(self.stopped_trials)}
+        text = json.dumps({**self.rungs.state(), "stopped": sorted(self.stopped_trials)})
+        if text == self._state_written:
+            return
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.state_path, json.dumps(state))
+        atomic_write_text(self.state_path, text)
+        self._state_written = text
 
     def debug_string(self) -> str:
         sizes = ", ".join(f"{m}: {len(r)}" for m, r in self.rungs.recorded.items())
