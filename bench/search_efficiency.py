@@ -152,7 +152,7 @@ def print_table(rows: dict[tuple[str, int], dict], seeds: list[int], spec) -> No
         "hv_grid": rounded(grid and grid["hypervolume"]),
         "hv_moasha_vs_fifo": rounded(hv_ratio),
         "epochs_moasha_vs_fifo": rounded(epoch_ratio),
-        "seeds": list(pairs) or seeds,
+        "seeds": seeds,
         "hv_moasha_vs_fifo_per_seed": [rounded(hv) for hv, _ in pairs.values()],
         "epochs_moasha_vs_fifo_per_seed": [rounded(ep) for _, ep in pairs.values()],
         "front_model_within_half_point_at_25pct_less": claim,

@@ -53,11 +53,10 @@ class MoAshaRungs:
     reference: Sequence[float] | None = None  # the study's hypervolume reference point, when known
     min_contribution: float | None = None
     recorded: dict[int, dict[str, tuple[float, ...]]] = field(default_factory=dict)
-    # min_contribution only: every trial not stopped at its final or predicted point, and per rung the
-    # change from that rung's values to the final ones of each trial that completed
+    # min_contribution only: every trial not stopped at its final or predicted point, and the final point of
+    # each trial that completed (in order), whose changes from each rung inform the predictions
     alive: dict[str, tuple[float, ...]] = field(default_factory=dict)
-    changes: dict[int, list[tuple[float, ...]]] = field(default_factory=dict)
-    completed: set[str] = field(default_factory=set)
+    finals: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.grace_period < 1:
@@ -70,7 +69,6 @@ class MoAshaRungs:
             if self.reference is None:
                 raise ValueError("min_contribution needs the hypervolume reference point (reference)")
         self.recorded = {milestone: {} for milestone in self.milestones}
-        self.changes = {milestone: [] for milestone in self.milestones}
 
     @property
     def milestones(self) -> list[int]:
@@ -98,14 +96,9 @@ class MoAshaRungs:
     def on_complete(self, trial_id: str, objectives: Sequence[float]) -> None:
         """A trial that ran all its epochs: its final point joins the comparison set, and its changes from
         each rung to the end inform the predictions of later trials."""
-        if trial_id in self.completed:
+        if trial_id in self.finals:
             return  # a trial restarted after it had finished reports its final result again
-        self.completed.add(trial_id)
-        final = tuple(float(v) for v in objectives)
-        self.alive[trial_id] = final
-        for milestone, rung in self.recorded.items():
-            if trial_id in rung:
-                self.changes[milestone].append(tuple(f - v for f, v in zip(final, rung[trial_id], strict=True)))
+        self.finals[trial_id] = self.alive[trial_id] = tuple(float(v) for v in objectives)
 
     def on_remove(self, trial_id: str) -> None:
         """A trial that ended without finishing (error, or stopped from outside) is no longer compared."""
@@ -113,14 +106,21 @@ class MoAshaRungs:
 
     def state(self) -> dict:
         """What the rungs learnt, as plain JSON values."""
-        return {"recorded": self.recorded, "alive": self.alive, "changes": self.changes,
-                "completed": sorted(self.completed)}
+        return {"recorded": self.recorded, "alive": self.alive, "finals": self.finals}
 
     def load_state(self, state: dict) -> None:
         self.recorded = {int(m): {t: tuple(v) for t, v in rung.items()} for m, rung in state["recorded"].items()}
         self.alive = {t: tuple(v) for t, v in state["alive"].items()}
-        self.changes = {int(m): [tuple(c) for c in changes] for m, changes in state["changes"].items()}
-        self.completed = set(state["completed"])
+        self.finals = {t: tuple(v) for t, v in state["finals"].items()}
+
+    @property
+    def changes(self) -> dict[int, list[tuple[float, ...]]]:
+        """Per rung, the change from that rung's values to the final ones of each trial that completed."""
+        return {
+            milestone: [tuple(f - v for f, v in zip(final, rung[t], strict=True))
+                        for t, final in self.finals.items() if t in rung]
+            for milestone, rung in self.recorded.items()
+        }
 
     def predicted(self, trial_id: str, milestone: int) -> tuple[float, ...]:
         value = self.recorded[milestone][trial_id]
