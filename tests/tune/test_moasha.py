@@ -148,11 +148,15 @@ def test_a_running_trial_a_later_one_made_redundant_is_stopped_at_its_next_rung(
     assert scheduler.on_result("better", 2, (0.92, 2.0)) == CONTINUE
 
 
-def test_nothing_is_stopped_before_a_trial_lies_inside_the_reference_box():
+def test_a_trial_heading_outside_the_reference_box_is_stopped_even_with_nothing_else_running():
     scheduler = by_contribution()
-    assert scheduler.on_result("rough", 1, (0.70, 1.0)) == CONTINUE  # less accurate than the worst expert
-    assert scheduler.on_result("good", 1, (0.90, 2.0)) == CONTINUE
-    assert scheduler.on_result("rough", 2, (0.70, 1.0)) == STOP  # now there is a volume: it adds none
+    # the first trials of a study, side by side, nothing completed: costlier than static fusion (6 GFLOPs)
+    # or less accurate than the worst expert (0.8), each adds nothing however alone it is
+    assert scheduler.on_result("costly", 1, (0.95, 6.5)) == STOP
+    assert scheduler.on_result("rough", 1, (0.70, 1.0)) == STOP
+    assert scheduler.alive == {}
+    assert scheduler.on_result("good", 1, (0.90, 2.0)) == CONTINUE  # alone inside the box: all the volume
+    assert scheduler.alive == {"good": (0.90, 2.0)}
 
 
 @pytest.mark.parametrize(("settings", "message"), [

@@ -17,6 +17,10 @@ predicted (its value there plus the mean change from that rung to the end among 
 the value itself before any has) and it goes on only while that point adds at least ``min_contribution`` of
 the hypervolume of every trial not stopped (completed ones at their final points, running ones at their
 predictions). A trial that a later, better one has made redundant is stopped at its next rung.
+A trial heading outside the reference box (costlier than static fusion, or less accurate than the worst
+expert) adds nothing and is stopped even when no trial lies inside the box yet: where a trial's start-up
+takes longer than its epochs, the first trials meet their rungs side by side, with nothing completed to
+compare them with, and one heading outside the box would otherwise run to the end for nothing.
 
 Rungs count only epochs after gates turn hard, so the costs of soft gates, which no deployed model can
 realise, never decide.
@@ -135,7 +139,7 @@ class MoAshaRungs:
         points = [self.alive[t] for t in trial_ids]
         total = hypervolume(points, self.reference, self.directions)
         if total <= 0:
-            return True  # no trial inside the reference box yet: nothing to judge against
+            return False  # nothing inside the reference box, this trial included: it adds nothing
         contribution = hypervolume_contributions(points, self.reference, self.directions)[trial_ids.index(trial_id)]
         return contribution >= self.min_contribution * total
 
