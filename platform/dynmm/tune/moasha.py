@@ -138,10 +138,8 @@ class MoAshaRungs:
         trial_ids = list(self.alive)
         points = [self.alive[t] for t in trial_ids]
         total = hypervolume(points, self.reference, self.directions)
-        if total <= 0:
-            return False  # nothing inside the reference box, this trial included: it adds nothing
         contribution = hypervolume_contributions(points, self.reference, self.directions)[trial_ids.index(trial_id)]
-        return contribution >= self.min_contribution * total
+        return contribution > 0 and contribution >= self.min_contribution * total  # something, and its share
 
     def _promoted(self, rung: dict[str, tuple[float, ...]], trial_id: str) -> bool:
         trial_ids = list(rung)  # arrival order
