@@ -84,10 +84,8 @@ def summarise(run, seconds: float) -> dict:
               and 1 - m["values"][gflops_index] / fusion["gflops"] >= 0.25]
     best_saving = max((1 - m["values"][gflops_index] / fusion["gflops"] for m in report.members
                        if m["values"][0] >= fusion["quality"] - 0.005), default=0.0)
-    # normalised by the box between the reference point and the ideal (quality 1, no compute): in [0, 1]
-    box = (1.0 - report.reference[0]) * report.reference[gflops_index]
     return {
-        "hypervolume": report.hypervolume / box if box > 0 else 0.0,
+        "hypervolume": report.hypervolume_fraction,  # of the box from the reference point to the ideal: in [0, 1]
         "reference": report.reference,
         "front": len(report.members),
         "completed": sum(t["state"] == "complete" for t in run.trials),

@@ -93,11 +93,13 @@ def test_killed_study_resumes_without_rerunning_finished_trials_and_writes_its_f
     results_dir = resumed_study.results_dir
     front = json.loads((results_dir / "front.json").read_text())
     assert front["members"] and front["hypervolume"] >= 0
+    # accuracy and GFLOPs have known bests, so the hypervolume is also a share of the reference-to-ideal box
+    assert front["ideal"] == [1.0, 0.0] and 0 <= front["hypervolume_fraction"] <= 1
     assert front["metrics"] == ["val_accuracy", "val_gflops_per_sample"]
     assert all("test_accuracy" in member["test_metrics"] for member in front["members"])
     assert (results_dir / "front.csv").read_text().startswith("trial_id")
     assert (results_dir / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "Pareto front:" in resumed_study.stdout
+    assert f"hypervolume {front['hypervolume_fraction']:.4f} of the box" in resumed_study.stdout
     # the compact live view, not Tune's own console output (its experiment box, paths and trial table)
     assert "trials: " in resumed_study.stdout
     assert not any(tune_line in resumed_study.stdout
@@ -113,7 +115,8 @@ def test_runs_front_and_registry_read_back_from_the_server(resumed_study, tmp_pa
     assert len(kinds["experts"]) == 1 and len(kinds["study"]) == 1, "experts and study: one run each, even resumed"
     study = kinds["study"][0]
     assert study.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(study.info.run_id, "hypervolume")] == [1, 2, 3]
+    for metric in ("hypervolume", "hypervolume_fraction"):
+        assert [m.step for m in client.get_metric_history(study.info.run_id, metric)] == [1, 2, 3]
     assert {"pareto_front.json", "front"} <= {a.path for a in client.list_artifacts(study.info.run_id)}
     assert {a.path for a in client.list_artifacts(study.info.run_id, "front")} == {
         "front/front.json", "front/front.csv", "front/front.png"}

@@ -24,6 +24,12 @@ QUALITY_METRIC = {
     "segmentation": "miou",
 }
 
+# Metrics that are shares in [0, 1]: their best value is known, so a front over them and GFLOPs has an ideal
+# point and its hypervolume reads as a share of the box between the reference point and that ideal.
+FRACTION_METRICS = frozenset(
+    {"accuracy", "pixel_accuracy", "acc2", "acc2_nonzero", "acc7", "f1", "micro_f1", "macro_f1", "miou"}
+)
+
 
 def task_loss(
     task: str,

@@ -2,17 +2,22 @@
 
 Objective values are validation metrics with hard gates. The hypervolume's reference point is the box
 of the static baselines: the worst single expert's quality and the static full-fusion GFLOPs, so a
-front only scores where it beats running one expert for every sample.
+front only scores where it beats running one expert for every sample. Its raw value is in units of quality
+times GFLOPs (1e-6 for digits); when every objective's best value is known (a quality that is a share in
+[0, 1], GFLOPs down to 0) it is also given as the fraction of the box between the reference point and that
+ideal point, which reads the same across tasks and studies.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from dynmm.train.metrics import FRACTION_METRICS
 from dynmm.tune.pareto import hypervolume, knee_point, pareto_front
 
 GFLOPS_METRIC = "val_gflops_per_sample"
@@ -27,6 +32,14 @@ class FrontReport:
     members: list[dict]
     knee_trial_id: str | None
     baselines: list[dict]
+    ideal: list[float] | None = None  # the best value of every objective, where each is known
+    hypervolume_fraction: float | None = None  # hypervolume / volume of the box from reference to ideal
+
+    def hypervolume_text(self) -> str:
+        """The hypervolume as a user reads it: the fraction of the box when there is one, else the raw value."""
+        if self.hypervolume_fraction is None:
+            return f"{self.hypervolume:.4g}"
+        return f"{self.hypervolume_fraction:.4f}"
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -61,20 +74,40 @@ def reference_point(metrics, modes, completed_values, baselines) -> list[float] 
     return reference
 
 
+def ideal_point(metrics, modes) -> list[float] | None:
+    """The best value each objective can take: 0 GFLOPs, 1 (or 0 when minimised) for a quality that is a
+    share; None when an objective's best is unknown (a loss, an error, any other metric)."""
+    ideal = []
+    for metric, mode in zip(metrics, modes, strict=True):
+        if metric == GFLOPS_METRIC and mode == "min":
+            ideal.append(0.0)
+        elif metric.removeprefix("val_") in FRACTION_METRICS:
+            ideal.append(1.0 if mode == "max" else 0.0)
+        else:
+            return None
+    return ideal
+
+
 def build_front(trials: list[dict], metrics: list[str], modes: list[str], baselines: list[dict]) -> FrontReport:
     completed = [t for t in trials if t["state"] == "complete" and None not in t["values"]]
     values = [t["values"] for t in completed]
     reference = reference_point(metrics, modes, values, baselines)
     members = [completed[i] for i in pareto_front(values, modes)]
     knee = knee_point(values, modes)
+    volume = hypervolume(values, reference, modes)
+    ideal = ideal_point(metrics, modes)
+    box = math.prod(abs(best - worst) for best, worst in zip(ideal, reference, strict=True)) \
+        if ideal and reference else 0.0
     return FrontReport(
         metrics=list(metrics),
         modes=list(modes),
         reference=reference,
-        hypervolume=hypervolume(values, reference, modes),
+        hypervolume=volume,
         members=sorted(members, key=lambda t: t["values"][metrics.index(GFLOPS_METRIC)]),
         knee_trial_id=completed[knee]["trial_id"] if knee is not None else None,
         baselines=baselines,
+        ideal=ideal,
+        hypervolume_fraction=volume / box if box > 0 else None,
     )
 
 
@@ -136,7 +169,8 @@ def plot_front(report: FrontReport, trials: list[dict], path: Path) -> None:
                           xytext=(4, -10), fontsize=8)
     axes.set_xlabel("expected GFLOPs per sample (validation, hard gates)")
     axes.set_ylabel(report.metrics[quality_index].removeprefix("val_") + " (validation)")
-    axes.set_title(f"Pareto front, hypervolume {report.hypervolume:.4g}")
+    share = " of the box from the reference point to the ideal" if report.hypervolume_fraction is not None else ""
+    axes.set_title(f"Pareto front, hypervolume {report.hypervolume_text()}{share}", fontsize=10)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8, loc="lower right")
     figure.tight_layout()

@@ -23,7 +23,7 @@ class StudyProgress(ray.tune.Callback):
         self.started = started
         self.last_results: dict[str, dict] = {}
         self.states: dict[str, str] = {}
-        self.best_hypervolume = 0.0
+        self.best_hypervolume, self.best_hypervolume_text, self.front_size = 0.0, "0", 0
 
     def on_step_begin(self, iteration, trials, **info) -> None:
         """A restored study: trials that ended before the restart count too (in the order they ended), so the
@@ -61,10 +61,14 @@ class StudyProgress(ray.tune.Callback):
             for trial_id, state in self.states.items()
         ]
         report = build_front(rows, self.metrics, self.modes, self.baselines)
-        self.best_hypervolume = max(self.best_hypervolume, report.hypervolume)
+        if report.hypervolume >= self.best_hypervolume:
+            self.best_hypervolume, self.best_hypervolume_text = report.hypervolume, report.hypervolume_text()
         self.front_size = len(report.members)
         completed = sum(state == "complete" for state in self.states.values())
-        self.logger.log_epoch(completed, {"hypervolume": report.hypervolume, "front_size": len(report.members)})
+        metrics = {"hypervolume": report.hypervolume, "front_size": len(report.members)}
+        if report.hypervolume_fraction is not None:
+            metrics["hypervolume_fraction"] = report.hypervolume_fraction
+        self.logger.log_epoch(completed, metrics)
 
     def _print(self) -> None:
         counts = {state: sum(s == state for s in self.states.values()) for state in
@@ -72,6 +76,6 @@ class StudyProgress(ray.tune.Callback):
         elapsed = int(time.monotonic() - self.started)
         self.show(
             f"[{elapsed // 60}:{elapsed % 60:02d}] trials: {counts['complete']} done, {counts['running']} running, "
-            f"{counts['pruned']} pruned, {counts['error']} failed | front {getattr(self, 'front_size', 0)} | "
-            f"hypervolume {self.best_hypervolume:.4g}"
+            f"{counts['pruned']} pruned, {counts['error']} failed | front {self.front_size} | "
+            f"hypervolume {self.best_hypervolume_text}"
         )
