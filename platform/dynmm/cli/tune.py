@@ -77,13 +77,12 @@ def print_front(report, spec) -> None:
     test_quality = "test_" + quality.removeprefix("val_")
     print()
     reference = ", ".join(f"{m}={r:.4g}" for m, r in zip(report.metrics, report.reference, strict=True))
-    if report.hypervolume_fraction is None:
-        print(f"Pareto front: {len(report.members)} models, hypervolume {report.hypervolume:.4g} "
-              f"(reference point: {reference})")
-    else:
+    volume = f"{report.hypervolume:.4g} (reference point: {reference})"
+    if report.hypervolume_fraction is not None:
         ideal = ", ".join(f"{m}={v:g}" for m, v in zip(report.metrics, report.ideal, strict=True))
-        print(f"Pareto front: {len(report.members)} models, hypervolume {report.hypervolume_text()} of the box "
-              f"from the reference point ({reference}) to the ideal ({ideal}); unnormalised {report.hypervolume:.4g}")
+        volume = (f"{report.hypervolume_text()} of the box from the reference point ({reference}) to the ideal "
+                  f"({ideal}); unnormalised {report.hypervolume:.4g}")
+    print(f"Pareto front: {len(report.members)} models, hypervolume {volume}")
     header = f"  {'trial':<14} {'lambda':>8} {'tau':>13} {quality:>14} {'GFLOPs':>10} {'saved':>7} {test_quality:>14}"
     print(header)
     static = max(b["gflops"] for b in report.baselines)

@@ -33,7 +33,15 @@ class FrontReport:
     knee_trial_id: str | None
     baselines: list[dict]
     ideal: list[float] | None = None  # the best value of every objective, where each is known
-    hypervolume_fraction: float | None = None  # hypervolume / volume of the box from reference to ideal
+
+    @property
+    def hypervolume_fraction(self) -> float | None:
+        """The hypervolume over the volume of the box from the reference point to the ideal; None without an
+        ideal or with an empty box."""
+        if not self.ideal or not self.reference:
+            return None
+        box = math.prod(abs(best - worst) for best, worst in zip(self.ideal, self.reference, strict=True))
+        return self.hypervolume / box if box > 0 else None
 
     def hypervolume_text(self) -> str:
         """The hypervolume as a user reads it: the fraction of the box when there is one, else the raw value."""
@@ -42,7 +50,7 @@ class FrontReport:
         return f"{self.hypervolume_fraction:.4f}"
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "hypervolume_fraction": self.hypervolume_fraction}
 
 
 def static_baselines(experts_metrics: dict, prepared) -> list[dict]:
@@ -94,20 +102,15 @@ def build_front(trials: list[dict], metrics: list[str], modes: list[str], baseli
     reference = reference_point(metrics, modes, values, baselines)
     members = [completed[i] for i in pareto_front(values, modes)]
     knee = knee_point(values, modes)
-    volume = hypervolume(values, reference, modes)
-    ideal = ideal_point(metrics, modes)
-    box = math.prod(abs(best - worst) for best, worst in zip(ideal, reference, strict=True)) \
-        if ideal and reference else 0.0
     return FrontReport(
         metrics=list(metrics),
         modes=list(modes),
         reference=reference,
-        hypervolume=volume,
+        hypervolume=hypervolume(values, reference, modes),
         members=sorted(members, key=lambda t: t["values"][metrics.index(GFLOPS_METRIC)]),
         knee_trial_id=completed[knee]["trial_id"] if knee is not None else None,
         baselines=baselines,
-        ideal=ideal,
-        hypervolume_fraction=volume / box if box > 0 else None,
+        ideal=ideal_point(metrics, modes),
     )
 
 

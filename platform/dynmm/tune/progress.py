@@ -8,7 +8,7 @@ from collections.abc import Callable
 import ray.tune
 
 from dynmm.track.runs import EpochLogger
-from dynmm.tune.front import build_front, static_baselines
+from dynmm.tune.front import FrontReport, build_front, static_baselines
 
 
 class StudyProgress(ray.tune.Callback):
@@ -23,7 +23,8 @@ class StudyProgress(ray.tune.Callback):
         self.started = started
         self.last_results: dict[str, dict] = {}
         self.states: dict[str, str] = {}
-        self.best_hypervolume, self.best_hypervolume_text, self.front_size = 0.0, "0", 0
+        self.best: FrontReport | None = None  # the front with the largest hypervolume so far
+        self.front_size = 0
 
     def on_step_begin(self, iteration, trials, **info) -> None:
         """A restored study: trials that ended before the restart count too (in the order they ended), so the
@@ -61,8 +62,8 @@ class StudyProgress(ray.tune.Callback):
             for trial_id, state in self.states.items()
         ]
         report = build_front(rows, self.metrics, self.modes, self.baselines)
-        if report.hypervolume >= self.best_hypervolume:
-            self.best_hypervolume, self.best_hypervolume_text = report.hypervolume, report.hypervolume_text()
+        if self.best is None or report.hypervolume >= self.best.hypervolume:
+            self.best = report
         self.front_size = len(report.members)
         completed = sum(state == "complete" for state in self.states.values())
         metrics = {"hypervolume": report.hypervolume, "front_size": len(report.members)}
@@ -77,5 +78,5 @@ class StudyProgress(ray.tune.Callback):
         self.show(
             f"[{elapsed // 60}:{elapsed % 60:02d}] trials: {counts['complete']} done, {counts['running']} running, "
             f"{counts['pruned']} pruned, {counts['error']} failed | front {self.front_size} | "
-            f"hypervolume {self.best_hypervolume_text}"
+            f"hypervolume {self.best.hypervolume_text() if self.best else 0}"
         )
