@@ -2,28 +2,70 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from collections.abc import Iterator, Mapping
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Optimizer = Literal["adamw", "adam", "sgd"]
 LrSchedule = Literal["constant", "cosine"]
 
+# numpy's RandomState (Optuna's samplers) takes seeds up to 2**32 - 1 and numpy's Generator (Ray Data's local
+# shuffle) none below 0; torch takes up to 2**64 - 1, so the seeds derived from the pipeline's seed
+# (seed * 1000 + epoch, seed + rank) fit it too. One range for both seeds.
+MAX_SEED = 2**32 - 1
+# a batch is a torch / numpy / Arrow row count; Ray Data's shuffle buffer holds four batches
+MAX_BATCH_SIZE = 2**31 - 1
+_INT64 = range(-(2**63), 2**63)
+
+
+def _seed_in_range(seed: int) -> int:
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"must be an integer from 0 to {MAX_SEED} (2**32 - 1, numpy's seed range)")
+    return seed
+
+
+Seed = Annotated[int, AfterValidator(_seed_in_range)]
+
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    # inf passes gt/ge bounds, and either turns a run's loss into nan from epoch 0: no float field takes them
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
 
 
 class DataSpec(_Frozen):
     dataset: str = Field(description="a built-in dataset name (digits, synthetic-mosei) or a dataset folder")
     root: str | None = Field(None, description="where built-in datasets are prepared; default $DYNMM_HOME/datasets")
-    batch_size: int = Field(64, gt=0, description="per-worker training batch size")
-    eval_batch_size: int = Field(256, gt=0)
+    batch_size: int = Field(64, gt=0, le=MAX_BATCH_SIZE, description="per-worker training batch size")
+    eval_batch_size: int = Field(256, gt=0, le=MAX_BATCH_SIZE)
 
 
 class ModelSpec(_Frozen):
     name: str = Field(description="builder name: digits, mosei, mmimdb, avmnist")
     args: dict[str, object] = Field(default_factory=dict, description="keyword arguments of the builder")
+
+    @field_validator("args")
+    @classmethod
+    def _numbers_fit_torch(cls, args: dict[str, object]) -> dict[str, object]:
+        """The builders' arguments are not typed here, so their numbers are checked as torch will need them."""
+        for where, value in _leaves(args):
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{where} must be a finite number")
+            if isinstance(value, int) and value not in _INT64:
+                raise ValueError(f"{where} must be an integer that fits in 64 bits")
+        return args
+
+
+def _leaves(value: object, where: str = "") -> Iterator[tuple[str, object]]:
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from _leaves(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _leaves(item, f"{where}[{index}]")
+    else:
+        yield where, value
 
 
 class _OptimiserFields(_Frozen):
@@ -151,7 +193,7 @@ class SchedulerSpec(_Frozen):
 class SearchSpec(_Frozen):
     num_trials: int = Field(12, ge=1)
     sampler: Literal["tpe", "nsga2", "gp", "random", "grid"] = "tpe"
-    seed: int = 0
+    seed: Seed = 0
     parameters: dict[str, ParameterSpec] = Field(default_factory=dict)
     grid: dict[str, list[float]] = Field(
         default_factory=dict, description="values per parameter for the grid sampler (the paper's lambda sweep)"
@@ -188,7 +230,7 @@ class SearchSpec(_Frozen):
 
 class PipelineSpec(_Frozen):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    seed: int = 0
+    seed: Seed = 0
     data: DataSpec
     model: ModelSpec
     stages: StagesSpec = Field(default_factory=StagesSpec)
