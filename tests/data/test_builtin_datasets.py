@@ -131,3 +131,26 @@ def test_synthetic_mosei_refuses_a_sample_count_that_leaves_a_split_empty(tmp_pa
     with pytest.raises(DatasetError, match="leaves a split empty"):
         generate_synthetic_mosei(tmp_path / "out", num_samples=3)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_builtin_dataset_prepared_by_an_older_version_is_prepared_again(tmp_path, capsys):
+    """A digits folder without the input transform (written before it travelled with models) would register
+    models that serve raw pixels wrongly: it is rewritten, and the output says so."""
+    import json
+
+    from dynmm.data.format import META_FILE
+
+    out_dir = resolve_dataset("digits", tmp_path)
+    meta_path = out_dir / META_FILE
+    old = json.loads(meta_path.read_text())
+    old.pop("input_transforms", None)
+    old.pop("files", None)
+    meta_path.write_text(json.dumps(old))
+    assert not read_meta(out_dir).input_transforms
+
+    assert resolve_dataset("digits", tmp_path) == out_dir
+    assert "prepared by an older version (its input transforms differ)" in capsys.readouterr().err
+    meta = read_meta(out_dir)
+    assert set(meta.input_transforms) == {"top", "bottom"} and meta.files
+    assert resolve_dataset("digits", tmp_path) == out_dir
+    assert "older version" not in capsys.readouterr().err  # current now: reused as it is

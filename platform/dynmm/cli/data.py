@@ -1,12 +1,13 @@
 """``dynmm data prepare KIND --out DIR [--src PATH] ...`` converts a dataset users bring (or generates a
-built-in one) into the platform's Parquet layout; ``dynmm data show DIR`` prints its metadata."""
+built-in one) into the platform's Parquet layout; ``dynmm data show DIR`` checks its files against the
+metadata (exit 2 naming a damaged file) and prints it."""
 
 from __future__ import annotations
 
 import argparse
 
 from dynmm.data.convert import CONVERTERS, prepare_dataset
-from dynmm.data.format import SPLITS, read_meta
+from dynmm.data.format import SPLITS, read_meta, verify_dataset
 from dynmm.data.readers import BUILTIN_DATASETS
 from dynmm.data.synthetic import BUILTIN_NUM_SAMPLES
 
@@ -67,7 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     prepare.set_defaults(handler=run_prepare)
 
-    show = commands.add_parser("show", help="print a dataset's metadata and split sizes")
+    show = commands.add_parser("show", help="check a dataset's files and print its metadata and split sizes")
     show.add_argument("directory", help="dataset folder (holding dataset.json)")
     show.set_defaults(handler=run_show)
 
@@ -84,7 +85,14 @@ def run_prepare(args: argparse.Namespace) -> int:
 
 
 def run_show(args: argparse.Namespace) -> int:
+    checksums_verified = verify_dataset(args.directory)
     print(format_meta(args.directory))
+    print()
+    if checksums_verified:
+        print("files      verified (present, rows, schema, SHA-256 as written)")
+    else:
+        print("files      present, rows and schema checked; checksums not verified (none recorded: written "
+              "before dynmm kept them; prepare it again to record them)")
     return 0
 
 

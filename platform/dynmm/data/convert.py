@@ -12,7 +12,6 @@ key and row, and leaves nothing behind.
 from __future__ import annotations
 
 import inspect
-import pickle
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import numpy as np
 from dynmm.data.format import (
     SPLITS,
     DatasetMeta,
+    InputTransform,
     ModalitySpec,
     NonFinitePolicy,
     dataset_writer,
@@ -31,6 +31,7 @@ from dynmm.data.format import (
 )
 from dynmm.data.nyuv2 import convert_nyuv2
 from dynmm.data.readers import BUILTIN_DATASETS
+from dynmm.data.safe_pickle import load_data_pickle
 from dynmm.errors import DatasetError
 
 CHUNK_ROWS = 2048
@@ -84,6 +85,7 @@ def mosei_meta(source: Path) -> DatasetMeta:
         task="regression",
         num_classes=None,
         modalities={name: ModalitySpec(shape=shape) for name, shape in MOSEI_SHAPES.items()},
+        input_transforms={"audio": InputTransform(neginf_as=0.0)},  # the pickle's -inf audio (missing) is 0
         label_range=(-MOSEI_LABEL_LIMIT, MOSEI_LABEL_LIMIT),
         source=str(source),
     )
@@ -135,13 +137,7 @@ def convert_mosei(
     (counted in ``params["dropped_text_all_zero"]``); sequences stay front-zero-padded."""
     src_pkl = Path(src_pkl)
     _require_file(src_pkl)
-    try:
-        with open(src_pkl, "rb") as file:
-            data = pickle.load(file)
-    except Exception as error:  # unpickling fails in many ways; each means "not the expected pickle"
-        raise DatasetError(
-            f"{src_pkl.name}: not a readable pickle ({type(error).__name__}: {error})"
-        ) from None
+    data = load_data_pickle(src_pkl)
     _require_keys(data, list(SPLITS), where=src_pkl.name)
     splits = {}
     for split in SPLITS:

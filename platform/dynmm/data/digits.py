@@ -8,9 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from dynmm.data.format import DatasetMeta, ModalitySpec, dataset_writer
+from dynmm.data.format import DatasetMeta, InputTransform, ModalitySpec, dataset_writer
 
 SPLIT_FRACTIONS = {"train": 0.6, "valid": 0.2, "test": 0.2}
+# scikit-learn's pixels count 0..16 inked cells; the dataset stores pixel / 16, and a served model takes raw pixels.
+PIXEL_MAX = 16
+PIXELS = InputTransform(scale=1 / PIXEL_MAX, source_range=(0, PIXEL_MAX))
 
 
 def digits_meta(seed: int) -> DatasetMeta:
@@ -20,6 +23,7 @@ def digits_meta(seed: int) -> DatasetMeta:
         task="multiclass",
         num_classes=10,
         modalities={"top": view, "bottom": view},
+        input_transforms={"top": PIXELS, "bottom": PIXELS},
         source="sklearn.datasets.load_digits",
         params={"seed": seed, "split_fractions": SPLIT_FRACTIONS, "scale": "pixel / 16"},
     )
@@ -42,7 +46,7 @@ def prepare_digits(out_dir: str | Path, *, seed: int = 0, overwrite: bool = Fals
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    images = (digits.images / 16.0).astype(np.float32)
+    images = (digits.images * PIXELS.scale).astype(np.float32)
     labels = digits.target.astype(np.int64)
     with dataset_writer(out_dir, digits_meta(seed), overwrite=overwrite) as writer:
         for split, rows in split_indices(labels, seed).items():

@@ -22,6 +22,7 @@ Owns no reader and imports nothing from models, ray or mlflow.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -55,6 +56,16 @@ ROW_GROUP_BYTES = 16 * 2**20
 _LABEL_DTYPE = {"regression": "float32", "multilabel": "float32", "segmentation": "uint8"}  # others int64
 
 
+class FileRecord(BaseModel):
+    """What the writer recorded of one Parquet file, to tell a damaged or swapped file from the one written."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    rows: int
+    bytes: int
+    sha256: str
+
+
 class ModalitySpec(BaseModel):
     """Shape of one sample of a modality (without the batch axis) and its stored dtype."""
 
@@ -62,6 +73,30 @@ class ModalitySpec(BaseModel):
 
     shape: tuple[int, ...]
     dtype: Literal["float32"] = "float32"
+
+
+class InputTransform(BaseModel):
+    """How one modality's values in the source become the values stored (and read by a model):
+    ``stored = source * scale + offset``, after the source's ``-inf`` (its marker for a missing value, as in
+    MOSEI's audio) became ``neginf_as`` where that is set. ``source_range`` bounds the source's values where
+    they have known bounds (digits pixels: 0..16). A registered model applies it before it routes, so it
+    serves values as the source provides them."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    scale: float = 1.0
+    offset: float = 0.0
+    source_range: tuple[float, float] | None = None
+    neginf_as: float | None = None
+
+    @model_validator(mode="after")
+    def _finite_and_invertible(self) -> InputTransform:
+        numbers = [self.scale, self.offset, *(self.source_range or ()), self.neginf_as or 0.0]
+        if not np.isfinite(numbers).all() or self.scale == 0:
+            raise ValueError(f"an input transform needs finite numbers and a non-zero scale, got {self}")
+        if self.source_range is not None and self.source_range[0] > self.source_range[1]:
+            raise ValueError(f"source_range must be (low, high) with low <= high, got {self.source_range}")
+        return self
 
 
 class DatasetMeta(BaseModel):
@@ -81,7 +116,10 @@ class DatasetMeta(BaseModel):
     label_shape: tuple[int, ...] = ()
     label_dtype: Literal["int64", "float32", "uint8"] = "float32"
     label_range: tuple[float, float] | None = None
+    input_transforms: dict[str, InputTransform] = {}  # modality -> source-to-stored map; none: stored as given
     splits: dict[str, int] = {}
+    # "<split>/part-NNNNN.parquet" -> its record; empty in datasets written before records were kept
+    files: dict[str, FileRecord] = {}
     source: str = ""
     synthetic: bool = False
     params: dict[str, Any] = {}
@@ -121,6 +159,9 @@ class DatasetMeta(BaseModel):
         reserved = {LABEL, SAMPLE_ID} & set(self.modalities)
         if reserved or not self.modalities:
             raise ValueError(f"need at least one modality, none named {sorted({LABEL, SAMPLE_ID})}")
+        unknown_transforms = set(self.input_transforms) - set(self.modalities)
+        if unknown_transforms:
+            raise ValueError(f"input_transforms name modalities {sorted(unknown_transforms)} the dataset lacks")
         unknown_splits = set(self.splits) - set(SPLITS)
         if unknown_splits:
             raise ValueError(f"splits must be among {list(SPLITS)}, got {sorted(unknown_splits)}")
@@ -171,6 +212,73 @@ def split_files(directory: str | Path, split: str) -> list[Path]:
     return files
 
 
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def arrow_schema(meta: DatasetMeta) -> pa.Schema:
+    """The columns and Arrow types the writer gives every Parquet file of a dataset."""
+    label_type = pa.from_numpy_dtype(np.dtype(meta.label_dtype))
+    if meta.label_shape:
+        label_type = pa.fixed_shape_tensor(label_type, meta.label_shape)
+    modalities = [(name, pa.fixed_shape_tensor(pa.float32(), spec.shape)) for name, spec in meta.modalities.items()]
+    return pa.schema([*modalities, (LABEL, label_type), (SAMPLE_ID, pa.string())])
+
+
+DAMAGED = "the dataset is damaged; prepare it again (dynmm data prepare ... --overwrite)"
+
+
+def verify_dataset(directory: str | Path) -> bool:
+    """Check a dataset's files against its dataset.json before anything reads them: every split has its
+    Parquet files, each readable with the expected columns and types, and the row counts add up; for a
+    dataset written with file records, also that no file is missing, added, resized or changed (SHA-256).
+
+    Raises DatasetError naming the first bad file. Returns whether the checksums were verified: False for a
+    dataset written before file records were kept (only its structure can be checked).
+    """
+    directory = Path(directory)
+    meta = read_meta(directory)
+    schema = arrow_schema(meta)
+    for split in SPLITS:
+        missing = [name for name in sorted(meta.files) if name.startswith(f"{split}/")
+                   and not (directory / name).is_file()]
+        if missing:
+            raise DatasetError(f"{directory / missing[0]}: missing (dataset.json lists it); {DAMAGED}")
+        rows = sum(_verified_rows(file, schema, meta.files) for file in split_files(directory, split))
+        if rows != meta.splits.get(split):
+            raise DatasetError(
+                f"{directory / split}: holds {rows} rows, dataset.json says {meta.splits.get(split)}; {DAMAGED}"
+            )
+    return bool(meta.files)
+
+
+def _verified_rows(file: Path, schema: pa.Schema, records: Mapping[str, FileRecord]) -> int:
+    """The row count of one Parquet file, once its record (if any), footer and schema check out."""
+    record = records.get(f"{file.parent.name}/{file.name}")
+    if records and record is None:
+        raise DatasetError(f"{file}: not part of this dataset (dataset.json does not list it); {DAMAGED}")
+    if record is not None:
+        size = file.stat().st_size
+        if size != record.bytes:
+            raise DatasetError(f"{file}: {size} bytes, written as {record.bytes} (truncated or replaced); {DAMAGED}")
+        if file_sha256(file) != record.sha256:
+            raise DatasetError(f"{file}: SHA-256 differs from the one recorded when it was written; {DAMAGED}")
+    try:
+        parquet = pq.ParquetFile(file)
+    except (OSError, pa.ArrowException) as error:
+        raise DatasetError(f"{file}: not a readable Parquet file ({error}); {DAMAGED}") from None
+    found = parquet.schema_arrow
+    for field in schema:
+        found_type = found.field(field.name).type if field.name in found.names else "no such column"
+        if found_type != field.type:
+            raise DatasetError(f"{file}: column {field.name!r}: expected {field.type}, found {found_type}; {DAMAGED}")
+    rows = parquet.metadata.num_rows
+    if record is not None and rows != record.rows:
+        raise DatasetError(f"{file}: holds {rows} rows, written with {record.rows}; {DAMAGED}")
+    return rows
+
+
 def _first_problem(error: ValidationError) -> str:
     problem = error.errors()[0]
     field = ".".join(str(part) for part in problem["loc"]) or "(top level)"
@@ -213,6 +321,7 @@ class DatasetWriter:
         self.source_name = source_name
         self.rows_written = dict.fromkeys(SPLITS, 0)
         self.files_written = dict.fromkeys(SPLITS, 0)
+        self.file_records: dict[str, FileRecord] = {}
         self.nonfinite_replaced: dict[str, int] = {}
 
     def write(
@@ -259,11 +368,15 @@ class DatasetWriter:
         split_directory = self.directory / split
         split_directory.mkdir(exist_ok=True)
         table = pa.table(arrays)
+        path = split_directory / f"part-{part:05d}.parquet"
         pq.write_table(
             table,
-            split_directory / f"part-{part:05d}.parquet",
+            path,
             row_group_size=max(1, ROW_GROUP_BYTES * num_rows // max(1, table.nbytes)),
             **PARQUET_WRITE_OPTIONS,
+        )
+        self.file_records[f"{split}/{path.name}"] = FileRecord(
+            rows=num_rows, bytes=path.stat().st_size, sha256=file_sha256(path)
         )
         self.files_written[split] += 1
         self.rows_written[split] += num_rows
@@ -343,12 +456,13 @@ def dataset_writer(
 ) -> Iterator[DatasetWriter]:
     """Write a dataset atomically: chunks go to a temporary sibling folder which becomes ``out_dir`` only
     when the ``with`` block exits cleanly. On any exception nothing is left behind. An existing ``out_dir``
-    is refused unless ``overwrite=True``, and then replaced only after success.
+    is refused unless ``overwrite=True`` and it holds a dataset and nothing else (so replacing it loses
+    nothing the platform did not write), and then replaced only after success.
 
     ``meta.splits`` is ignored and recomputed from the rows written; every split must receive rows.
     ``source_name`` (default: file name of ``meta.source``) starts every validation message.
     """
-    out_dir = Path(out_dir)
+    out_dir = Path(os.path.abspath(out_dir))  # "." has no name to make a sibling of
     if nonfinite not in NONFINITE_POLICIES:
         raise DatasetError(f"nonfinite must be one of {list(NONFINITE_POLICIES)}, got {nonfinite!r}")
     _refuse_existing(out_dir, overwrite)
@@ -365,7 +479,8 @@ def dataset_writer(
         params = dict(meta.params)
         if writer.nonfinite_replaced:
             params["nonfinite_replaced"] = writer.nonfinite_replaced
-        write_meta(staging, meta.model_copy(update={"splits": dict(writer.rows_written), "params": params}))
+        written = {"splits": dict(writer.rows_written), "files": dict(writer.file_records), "params": params}
+        write_meta(staging, meta.model_copy(update=written))
         _move_into_place(staging, out_dir, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -373,8 +488,34 @@ def dataset_writer(
 
 
 def _refuse_existing(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not overwrite:
+    if not out_dir.exists():
+        return
+    if not overwrite:
         raise DatasetError(f"{out_dir}: already exists; choose another output folder or pass --overwrite")
+    if out_dir == Path.cwd() or out_dir in Path.cwd().parents:
+        raise DatasetError(f"{out_dir}: is the current folder or holds it; --overwrite cannot replace it")
+    foreign = _not_dataset_content(out_dir)
+    if foreign:
+        raise DatasetError(f"{out_dir}: {foreign}; --overwrite only replaces a dataset folder written by dynmm")
+
+
+def _not_dataset_content(folder: Path) -> str | None:
+    """Why ``folder`` is not a dataset folder holding nothing else, or None when it is one."""
+    if not folder.is_dir():
+        return "is not a folder"
+    try:
+        read_meta(folder)
+    except DatasetError:
+        return f"holds no readable {META_FILE}, so it is not a dataset"
+    for entry in sorted(folder.iterdir()):
+        if entry.name == META_FILE:
+            continue
+        if entry.name not in SPLITS or not entry.is_dir() or entry.is_symlink():
+            return f"holds {entry.name!r}, which is not part of a dataset"
+        for part in sorted(entry.iterdir()):
+            if not part.match("part-*.parquet") or not part.is_file() or part.is_symlink():
+                return f"holds {entry.name}/{part.name!r}, which is not part of a dataset"
+    return None
 
 
 def _move_into_place(staging: Path, out_dir: Path, overwrite: bool) -> None:
@@ -387,6 +528,10 @@ def _move_into_place(staging: Path, out_dir: Path, overwrite: bool) -> None:
             # Another process finished the same folder first.
             _refuse_existing(out_dir, overwrite)
     retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-    os.replace(out_dir, retired / out_dir.name)
+    try:
+        os.replace(out_dir, retired / out_dir.name)
+    except OSError as error:
+        retired.rmdir()
+        raise DatasetError(f"{out_dir}: cannot be replaced ({error.strerror})") from None
     os.rename(staging, out_dir)
     shutil.rmtree(retired, ignore_errors=True)

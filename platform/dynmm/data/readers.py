@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import math
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -174,22 +175,43 @@ def _row_bytes(meta: DatasetMeta, columns: Sequence[str]) -> int:
     return sum(item_bytes[name] * math.prod(shapes[name]) for name in columns if name in shapes)
 
 
-def _prepare_digits(out_dir: Path) -> Path:
+def _prepare_digits(out_dir: Path, overwrite: bool = False) -> Path:
     from dynmm.data.digits import prepare_digits
 
-    return prepare_digits(out_dir)
+    return prepare_digits(out_dir, overwrite=overwrite)
 
 
-def _prepare_synthetic_mosei(out_dir: Path) -> Path:
+def _prepare_synthetic_mosei(out_dir: Path, overwrite: bool = False) -> Path:
     from dynmm.data.synthetic import BUILTIN_NUM_SAMPLES, generate_synthetic_mosei
 
-    return generate_synthetic_mosei(out_dir, num_samples=BUILTIN_NUM_SAMPLES)
+    return generate_synthetic_mosei(out_dir, num_samples=BUILTIN_NUM_SAMPLES, overwrite=overwrite)
 
 
-BUILTIN_DATASETS: dict[str, Callable[[Path], Path]] = {
+BUILTIN_DATASETS: dict[str, Callable[..., Path]] = {
     "digits": _prepare_digits,
     "synthetic-mosei": _prepare_synthetic_mosei,
 }
+
+
+def _builtin_meta(name: str) -> DatasetMeta | None:
+    """The metadata a built-in dataset is written with; None for one registered without a plan (tests)."""
+    from dynmm.data.digits import digits_meta
+    from dynmm.data.synthetic import synthetic_mosei_meta
+
+    planned = {"digits": lambda: digits_meta(seed=0), "synthetic-mosei": synthetic_mosei_meta}.get(name)
+    return planned() if planned else None
+
+
+def locate_dataset(name_or_path: str | Path, data_root: str | Path) -> tuple[Path, DatasetMeta]:
+    """Where ``resolve_dataset`` finds (or will prepare) a dataset and its metadata, writing nothing: for a
+    built-in dataset not prepared yet, the metadata it will be written with (no row counts or files yet),
+    so a pipeline can be checked against it before anything is written."""
+    name = str(name_or_path)
+    planned = _builtin_meta(name) if name in BUILTIN_DATASETS else None
+    if planned is not None and not (Path(data_root) / name / META_FILE).is_file():
+        return Path(data_root) / name, planned
+    directory = resolve_dataset(name_or_path, data_root)
+    return directory, read_meta(directory)
 
 
 def resolve_dataset(name_or_path: str | Path, data_root: str | Path) -> Path:
@@ -210,13 +232,30 @@ def resolve_dataset(name_or_path: str | Path, data_root: str | Path) -> Path:
 
 def _prepared_builtin(name: str, data_root: Path) -> Path:
     out_dir = data_root / name
-    if (out_dir / META_FILE).is_file():
+    if (out_dir / META_FILE).is_file() and _outdated_builtin(name, out_dir) is None:
         return out_dir
     data_root.mkdir(parents=True, exist_ok=True)
     with open(data_root / f".{name}.lock", "w") as lock_file, _locked(lock_file):
         if not (out_dir / META_FILE).is_file():
             BUILTIN_DATASETS[name](out_dir)
+        elif (reason := _outdated_builtin(name, out_dir)) is not None:
+            print(f"dataset {name} at {out_dir} was prepared by an older version ({reason}): preparing it again",
+                  file=sys.stderr, flush=True)
+            BUILTIN_DATASETS[name](out_dir, overwrite=True)
     return out_dir
+
+
+def _outdated_builtin(name: str, out_dir: Path) -> str | None:
+    """Why a prepared built-in dataset is not what this version writes (None: it is): a model served from it
+    would expect other inputs (its input transforms differ), or its files cannot be verified (no checksums)."""
+    meta, planned = read_meta(out_dir), _builtin_meta(name)
+    if planned is None:
+        return None
+    if meta.input_transforms != planned.input_transforms:
+        return "its input transforms differ"
+    if not meta.files:
+        return "no file checksums"
+    return None
 
 
 @contextlib.contextmanager

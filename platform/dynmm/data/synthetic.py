@@ -91,9 +91,17 @@ def split_sizes(num_samples: int, fractions: Sequence[float]) -> dict[str, int]:
     return sizes
 
 
+TEXT_ONLY_FRACTION = 0.8
+SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
+
+
 def synthetic_mosei_meta(
-    num_samples: int, text_only_fraction: float, seed: int, splits: Sequence[float]
+    num_samples: int = BUILTIN_NUM_SAMPLES,
+    text_only_fraction: float = TEXT_ONLY_FRACTION,
+    seed: int = 0,
+    splits: Sequence[float] = SPLIT_FRACTIONS,
 ) -> DatasetMeta:
+    """The metadata ``generate_synthetic_mosei`` writes with these arguments (the built-in one by default)."""
     return DatasetMeta(
         name="synthetic-mosei",
         task="regression",
@@ -114,10 +122,10 @@ def synthetic_mosei_meta(
 def generate_synthetic_mosei(
     out_dir: str | Path,
     num_samples: int = BUILTIN_NUM_SAMPLES,
-    text_only_fraction: float = 0.8,
+    text_only_fraction: float = TEXT_ONLY_FRACTION,
     seed: int = 0,
     chunk_rows: int = 2048,
-    splits: Sequence[float] = (0.7, 0.15, 0.15),
+    splits: Sequence[float] = SPLIT_FRACTIONS,
     *,
     overwrite: bool = False,
 ) -> Path:
