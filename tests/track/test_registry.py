@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from track_store import sqlite_store
 
 from dynmm.cli import main
 from dynmm.errors import UserError
@@ -24,12 +25,10 @@ NAME = "digits-dynmm"
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """A real SQLite tracking + registry store, and an experiment with one run per (fake) trial."""
-    root = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    experiment = client.create_experiment("digits", artifact_location=(root / "artifacts").as_uri())
-    runs = {trial: client.create_run(experiment, run_name=trial).info.run_id for trial in ("t1", "t2", "t3")}
-    return uri, runs, root
+    store = sqlite_store(tmp_path_factory.mktemp("mlflow"))
+    runs = {trial: store.client.create_run(store.experiment_id, run_name=trial).info.run_id
+            for trial in ("t1", "t2", "t3")}
+    return store.uri, runs, store.root
 
 
 def digits_model(seed: int):
