@@ -21,14 +21,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     chooser.set_defaults(handler=run_pick)
 
 
-def run_list(args: argparse.Namespace) -> int:
-    from dynmm.track import registry, resolve_tracking_uri
+def reachable_tracking_uri(configured: str | None) -> str:
+    """The store to read, checked first: an unreachable server is one line in seconds, as for train and tune."""
+    from dynmm.track import resolve_tracking_uri
+    from dynmm.track.runs import check_tracking_reachable
 
-    uri = resolve_tracking_uri(args.tracking_uri)
+    uri = resolve_tracking_uri(configured)
+    check_tracking_reachable(uri)
+    return uri
+
+
+def run_list(args: argparse.Namespace) -> int:
+    from dynmm.track import registry
+    from dynmm.track.runs import redact_credentials
+
+    uri = reachable_tracking_uri(args.tracking_uri)
     if args.name is None:
         rows = registry.list_models(uri)
         if not rows:
-            print(f"no registered models in {uri} (dynmm tune registers the Pareto front)")
+            print(f"no registered models in {redact_credentials(uri)} (dynmm tune registers the Pareto front)")
         for name, count, aliases in rows:
             named = ", ".join(f"{alias} -> v{version}" for alias, version in sorted(aliases.items()))
             print(f"{name:<28} {count:>3} versions   {named}")
@@ -48,9 +59,9 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_pick(args: argparse.Namespace) -> int:
-    from dynmm.track import registry, resolve_tracking_uri
+    from dynmm.track import registry
 
-    uri = resolve_tracking_uri(args.tracking_uri)
+    uri = reachable_tracking_uri(args.tracking_uri)
     chosen = registry.pick(registry.list_versions(uri, args.name), args.max_gflops, args.min_quality)
     aliases = f" ({', '.join(chosen.aliases)})" if chosen.aliases else ""
     print(f"version {chosen.version}{aliases}: {chosen.tags.get('quality_metric', 'quality')} {chosen.quality:.4f}, "

@@ -34,6 +34,7 @@ def add_address_argument(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dynmm.cluster import Cluster, prepare_submission
+    from dynmm.track.runs import redact_credentials
 
     tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if args.kuberay:
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     rows = [
         ("cluster", cluster.address),
         ("uploaded", f"{submission.upload_bytes / 2**20:.1f} MiB (working directory and the dynmm package)"),
-        ("MLflow", tracking_uri or "the cluster's MLFLOW_TRACKING_URI"),
+        ("MLflow", redact_credentials(tracking_uri) if tracking_uri else "the cluster's MLFLOW_TRACKING_URI"),
         ("follow", f"dynmm jobs logs {job_id} --follow --address {address}"),
         ("status", f"dynmm jobs status {job_id} --address {address}"),
         ("stop", f"dynmm jobs stop {job_id} --address {address}"),

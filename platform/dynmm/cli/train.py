@@ -65,6 +65,8 @@ def _clock(seconds: float) -> str:
 
 
 def print_summary(result) -> None:
+    from dynmm.track.runs import redact_credentials
+
     metrics = result.final_metrics
     quality = result.quality_metric
     paths = sorted(k for k in metrics if k.startswith("val_path") and k.endswith("_fraction"))
@@ -76,7 +78,7 @@ def print_summary(result) -> None:
         ("samples per path", " / ".join(f"{metrics[k]:.1%}" for k in paths)),
         ("Ray Train run", result.run_name),
         ("checkpoint", str(result.checkpoint_path)),
-        ("MLflow", f"{result.tracking_uri}  (run {result.mlflow_run_id})"),
+        ("MLflow", f"{redact_credentials(result.tracking_uri)}  (run {result.mlflow_run_id})"),
     ]
     width = max(len(name) for name, _ in rows)
     print()

@@ -19,6 +19,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from dynmm.errors import UserError
+from dynmm.track.runs import redact_credentials
 
 ALIASES = ("max-quality", "min-compute", "knee")
 
@@ -129,7 +130,7 @@ def list_versions(tracking_uri: str, name: str) -> list[Version]:
     except MlflowException:
         known = [m.name for m in client.search_registered_models()]
         hint = f"registered models: {', '.join(known)}" if known else "no model is registered yet (run dynmm tune)"
-        raise UserError(f"no registered model {name!r} in {tracking_uri}; {hint}") from None
+        raise UserError(f"no registered model {name!r} in {redact_credentials(tracking_uri)}; {hint}") from None
     aliases_of: dict[str, list[str]] = {}
     for alias, version in (model.aliases or {}).items():
         aliases_of.setdefault(str(version), []).append(alias)

@@ -39,11 +39,12 @@ def flatten_params(nested: Mapping[str, Any], prefix: str = "") -> dict[str, str
     return flat
 
 
-_CREDENTIALS_IN_URI = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
+# the user info runs to the LAST "@" before the path: a password may hold an "@" of its own (urllib3 splits there too)
+_CREDENTIALS_IN_URI = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s]+@")
 
 
 def redact_credentials(text: str) -> str:
-    """``postgresql://user:secret@db/mlflow`` -> ``postgresql://***@db/mlflow``: never log a password."""
+    """``postgresql://user:s@cret@db/mlflow`` -> ``postgresql://***@db/mlflow``: never print or log a password."""
     return _CREDENTIALS_IN_URI.sub(lambda match: match.group("scheme") + "***@", text)
 
 
@@ -84,7 +85,7 @@ def retry(action: Callable[[], T], what: str, attempts: int = 5, first_delay_sec
             return action()
         except Exception as error:  # noqa: BLE001 - tracking must never stop training
             if attempt == attempts:
-                log.warning("MLflow: %s failed after %d attempts: %s", what, attempts, error)
+                log.warning("MLflow: %s failed after %d attempts: %s", what, attempts, redact_credentials(str(error)))
                 return None
             time.sleep(delay)
             delay *= 2
@@ -162,9 +163,10 @@ class EpochLogger:
                 return action()
             except Exception as error:  # noqa: BLE001 - tracking must never stop training
                 if self._give_up_at is not None and time.monotonic() > self._give_up_at:
-                    log.warning("MLflow: %s lost, the server did not come back in time: %s", what, error)
+                    log.warning("MLflow: %s lost, the server did not come back in time: %s", what,
+                                redact_credentials(str(error)))
                     return None
-                log.info("MLflow: %s failed (%s); retrying in %.1fs", what, error, delay)
+                log.info("MLflow: %s failed (%s); retrying in %.1fs", what, redact_credentials(str(error)), delay)
                 time.sleep(delay)
                 delay = min(delay * 2, self.MAX_DELAY_SECONDS)
 
@@ -212,8 +214,10 @@ def check_tracking_reachable(tracking_uri: str) -> None:
             MlflowClient(tracking_uri).search_experiments(max_results=1)
     except Exception as error:  # noqa: BLE001 - any failure here means the store is unusable
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        # MLflow's message quotes the request URL, credentials included
         raise UserError(
-            f"MLflow tracking store {redact_credentials(tracking_uri)} is not reachable: {first_line[:300]}"
+            f"MLflow tracking store {redact_credentials(tracking_uri)} is not reachable: "
+            f"{redact_credentials(first_line)[:300]}"
         ) from None
 
 
@@ -255,3 +259,40 @@ def log_run_outputs(
 
 def finish_run(tracking_uri: str, run_id: str, status: str) -> None:
     retry(lambda: MlflowClient(tracking_uri).set_terminated(run_id, status=status), "closing the run")
+
+
+@contextmanager
+def closing_run(tracking_uri: str, run_id: str, finish: bool = True):
+    """The run ends with the block: KILLED when stopped, FAILED on any other exception, else FINISHED (unless
+    ``finish`` is False: the caller closes it later). A run is never left RUNNING by a command that stopped."""
+    try:
+        yield
+    except BaseException as error:
+        finish_runs_now(tracking_uri, [run_id], stopped_status(error))
+        raise
+    if finish:
+        finish_run(tracking_uri, run_id, "FINISHED")
+
+
+def stopped_status(error: BaseException) -> str:
+    """KILLED for Ctrl-C or a stop from outside (Tune ends a pruned trial's thread with ``SystemExit``), else FAILED."""
+    return "KILLED" if isinstance(error, KeyboardInterrupt | SystemExit) else "FAILED"
+
+
+def finish_runs_now(tracking_uri: str, run_ids: list[str], status: str) -> None:
+    """Close runs on the way out of a failed or interrupted command: few retries, it must not hang on a dead server."""
+    with few_http_retries(retries=1, timeout_seconds=10):
+        for run_id in run_ids:
+            retry(lambda r=run_id: MlflowClient(tracking_uri).set_terminated(r, status=status), "closing the run",
+                  attempts=2)
+
+
+def running_runs(tracking_uri: str, experiment: str, tags: Mapping[str, str]) -> list[str]:
+    """Ids of the runs of ``experiment`` with all ``tags`` that are still RUNNING (e.g. the trials of a study)."""
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    query = " and ".join([*(f"tags.`{key}` = '{value}'" for key, value in tags.items()),
+                          "attributes.status = 'RUNNING'"])
+    return [run.info.run_id for run in client.search_runs([found.experiment_id], filter_string=query)]

@@ -12,11 +12,15 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import uuid
+import warnings
 from pathlib import Path
 
 import pyarrow.fs
 import torch
+
+from dynmm.errors import UserError
 
 STATE_FILE = "state.pt"
 EXPERTS_FILE = "experts.pt"
@@ -28,7 +32,31 @@ def save_state(directory: str | Path, state: dict) -> None:
 
 
 def load_state(directory: str | Path) -> dict:
-    return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+    """The training state in ``directory``; a crafted, truncated or foreign file is one ``UserError`` naming it."""
+    path = Path(directory) / STATE_FILE
+    state = _load_tensors(path, str(path))
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise UserError(f"{path}: not a dynmm checkpoint (expected a dict with the model's weights under 'model')")
+    return state
+
+
+def _load_tensors(source: str | Path | io.BytesIO, name: str):
+    """``torch.load(weights_only=True)``: tensors and plain containers only; anything else is refused."""
+    try:
+        with warnings.catch_warnings():  # a crafted file's pickle protocol warning: the one line below says it all
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(source, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{name}: no such checkpoint file") from None
+    except pickle.UnpicklingError as error:
+        # torch's message is many lines and suggests weights_only=False; keep only what it found
+        found = [line.strip() for line in str(error).splitlines()
+                 if "nsupported" in line and not line.startswith(("Weights only", "Please file"))]
+        detail = f" ({found[0][:200]})" if found else ""
+        raise UserError(f"{name}: refused, it holds more than tensors and plain containers{detail}") from None
+    except (RuntimeError, EOFError, ValueError, TypeError, AttributeError, UnicodeDecodeError, OSError) as error:
+        reason = str(error).strip().split(". ")[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"{name}: damaged or truncated, not a readable checkpoint ({reason[:200]})") from None
 
 
 def write_experts(uri: str, experts_state: dict, metrics: dict) -> None:
@@ -59,7 +87,7 @@ def read_experts_metrics(uri: str) -> dict | None:
 def read_experts(uri: str) -> dict | None:
     """The experts' state dict at ``uri``, or None when no expert stage has finished there yet."""
     data = _read_if_present(uri, EXPERTS_FILE)
-    return None if data is None else torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    return None if data is None else _load_tensors(io.BytesIO(data), f"{uri.rstrip('/')}/{EXPERTS_FILE}")
 
 
 def _read_if_present(uri: str, name: str) -> bytes | None:
