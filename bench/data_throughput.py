@@ -33,6 +33,7 @@ import torch
 
 from dynmm.data.readers import iter_batches, load_split, ray_dataset
 from dynmm.data.synthetic import generate_synthetic_mosei
+from dynmm.runtime import start_local_ray
 
 BATCH_SIZE = 256
 
@@ -174,7 +175,7 @@ def run(args: argparse.Namespace, scratch: Path) -> None:
     memory_dataloader = samples_per_second(dataloader_batches(split), min_seconds=2.0)
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    ray.init(include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    start_local_ray(log_to_driver=False, logging_level="WARNING")  # its own Ray, on 127.0.0.1 only
     ray.data.DataContext.get_current().enable_progress_bars = False
     ray_runs = {
         "Ray Data -> torch (defaults)": ray_epochs(directory, args.epochs),

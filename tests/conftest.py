@@ -9,16 +9,16 @@ import pytest
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray for the whole test session (2 CPUs; its dashboard on 127.0.0.1 serves the state API that
-    Ray Train's placement-group cleanup needs); integration tests only."""
+    """One local Ray for the whole test session, started as the platform starts its own (2 CPUs, loopback only,
+    never a cluster already running on the machine); integration tests only."""
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("RAY_worker_maximum_startup_concurrency", "64")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     import ray
 
-    ray.init(
-        num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False, logging_level="WARNING"
-    )
+    from dynmm.runtime import start_local_ray
+
+    start_local_ray(num_cpus=2, log_to_driver=False, logging_level="WARNING")
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

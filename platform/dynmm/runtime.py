@@ -1,0 +1,110 @@
+"""Where the platform's Ray runs: a local Ray of its own that listens on loopback only, or a named cluster.
+
+Must not import dynmm.train, dynmm.tune or dynmm.cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import ray
+import ray._private.ray_constants as ray_constants
+
+LOOPBACK = "127.0.0.1"
+
+# Ray's name for "this machine never joins a cluster": with it off, Ray takes loopback for the node's IP.
+_CLUSTERS_ENABLED_VARIABLE = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+
+
+def start_local_ray(**init_options) -> None:
+    """Start a new single-node Ray whose every server listens on 127.0.0.1 only.
+
+    ``address="local"``: never join the cluster that ``ray start`` last started on this machine (Ray's
+    current-cluster file), nor hang on a stale one. The dashboard (on 127.0.0.1 too) serves the state API
+    that Ray Train's placement-group cleaner needs: without it, the worker groups of trials that Tune
+    stops are never freed. The processes this Ray starts inherit ``loopback_interface_environment()``: gloo
+    and NCCL, whatever runs them, open their sockets on the loopback interface. ``init_options`` go to
+    ``ray.init`` (``num_cpus``, logging)."""
+    with _loopback_node_ip(), _environment(loopback_interface_environment()):
+        ray.init(
+            address="local", _node_ip_address=LOOPBACK, include_dashboard=True, dashboard_host=LOOPBACK,
+            **init_options,
+        )
+
+
+def join_ray(address: str, **init_options) -> None:
+    """Join the cluster at ``address``. A cluster on this machine's loopback (a local Ray started by
+    ``start_local_ray``, e.g. by the tests) is joined over loopback: without that, ``ray.init`` rewrites
+    127.0.0.1 in the address to the machine's external IP, where that Ray does not listen."""
+    if _is_loopback(address):
+        with _loopback_node_ip():
+            ray.init(address=address, **init_options)
+    else:
+        ray.init(address=address, **init_options)
+
+
+def runs_on_loopback() -> bool:
+    """Whether the Ray this process is connected to lives on this machine's loopback (a local Ray of ours, or
+    one joined at 127.0.0.1): its head listens there only, so no other machine's node can be in it and
+    whatever its workers serve to each other can stay on 127.0.0.1 too."""
+    if not ray.is_initialized() or ray.util.client.ray.is_connected():
+        return False
+    return _is_loopback(ray.get_runtime_context().gcs_address)
+
+
+def loopback_interface_environment() -> dict[str, str]:
+    """The environment that keeps gloo's and NCCL's sockets on the loopback interface: both otherwise pick
+    an interface from the host name or the routes, possibly an external one. An ``NCCL_SOCKET_IFNAME`` the
+    user set is kept; gloo's must be loopback."""
+    names = {name for _, name in socket.if_nameindex()}
+    interface = next((name for name in ("lo", "lo0") if name in names), None)
+    if interface is None:
+        return {}
+    return {"GLOO_SOCKET_IFNAME": interface, "NCCL_SOCKET_IFNAME": os.environ.get("NCCL_SOCKET_IFNAME", interface)}
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    return host in (LOOPBACK, "localhost", "::1")
+
+
+@contextmanager
+def _environment(variables: dict[str, str]) -> Iterator[None]:
+    """Set ``variables`` in this process's environment for the block, then restore what was there."""
+    previous = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextmanager
+def _loopback_node_ip() -> Iterator[None]:
+    """Keep 127.0.0.1 as the node's IP while Ray starts.
+
+    Ray's servers (GCS, raylet, workers, dashboard agent, runtime-env agent) bind the node's IP since
+    ray-project/ray#59852, but ``ray.init`` swaps a loopback ``_node_ip_address`` for the machine's external
+    address (``services.resolve_ip_for_localhost``) unless clusters are disabled; the servers then listen on
+    all interfaces. This driver reads the flag Ray computed at import; the processes Ray starts read the
+    environment they inherit. Both are restored afterwards: a later ``ray.init`` in this process may join a
+    real cluster."""
+    previous_variable = os.environ.get(_CLUSTERS_ENABLED_VARIABLE)
+    previous_flag = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_CLUSTERS_ENABLED_VARIABLE] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = previous_flag
+        if previous_variable is None:
+            os.environ.pop(_CLUSTERS_ENABLED_VARIABLE, None)
+        else:
+            os.environ[_CLUSTERS_ENABLED_VARIABLE] = previous_variable
