@@ -1,9 +1,13 @@
-"""The confidence gate: a frozen copy of a trained expert plus a head over its confidence."""
+"""The confidence gate: a trained expert (its own module, frozen in the gate stage) plus a head over its
+confidence, whose output also serves that expert's path."""
+
+import copy
 
 import pytest
 import torch
 
-from dynmm.models import build_model, measure_path_costs
+from dynmm.models import ModalityDynMM, build_model, measure_path_costs
+from dynmm.models.experts import ConfidenceGate
 
 
 def _trained_looking_digits(seed: int = 0):
@@ -15,30 +19,60 @@ def _trained_looking_digits(seed: int = 0):
     return model
 
 
-def test_gate_body_takes_the_cheap_experts_weights_before_the_gate_stage():
+def test_gate_body_is_the_cheap_expert_itself_so_it_reads_the_expert_as_trained():
     model = _trained_looking_digits()
-    expert_state = model.experts[0].state_dict()
-    assert not all(torch.equal(value, model.gate.body.state_dict()[key]) for key, value in expert_state.items())
-
-    assert model.init_gate_from_experts() is True
-
-    body_state = model.gate.body.state_dict()
-    assert body_state.keys() == expert_state.keys()
-    assert all(torch.equal(value, body_state[key]) for key, value in expert_state.items())
-    assert build_model("digits").init_gate_from_experts() is False  # an MLP gate copies nothing
+    assert model.gate.body is model.experts[0]
+    inputs = model.example_inputs(batch_size=8)
+    assert torch.equal(model.gate.logits_and_expert_output(inputs)[1], model.experts[0](inputs))
+    with pytest.raises(ValueError, match="runs expert 0: its body must be that expert's module, not a copy"):
+        ModalityDynMM(list(model.experts), ConfidenceGate(copy.deepcopy(model.experts[0]), 2), model.input_shapes)
 
 
-def test_head_starts_indifferent_and_learns_while_the_body_stays_frozen():
+def test_head_starts_indifferent_and_the_gates_decisions_never_train_the_body():
     model = _trained_looking_digits()
-    model.init_gate_from_experts()
     inputs = model.example_inputs(batch_size=16)
     logits = model.gate(inputs)
     assert torch.equal(logits, torch.zeros(16, 2))
 
     result = model(inputs, mode="hard", tau=0.5)
     (result.output.square().mean() + result.decisions[:, 1].mean()).backward()
-    assert all(parameter.grad is None for parameter in model.gate.body.parameters())
     assert model.gate.head.weight.grad is not None and model.gate.head.weight.grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
+    result = model(inputs, mode="hard", tau=0.5)
+    result.decisions[:, 1].mean().backward()
+    assert model.gate.head.weight.grad.abs().sum() > 0
+    assert all(parameter.grad is None for parameter in model.gate.body.parameters())
+
+
+def test_a_stage_that_trains_the_experts_trains_the_cheap_path_as_if_the_expert_ran_alone():
+    model = _trained_looking_digits()
+    inputs = model.example_inputs(batch_size=16)
+    with torch.no_grad():  # every sample on the cheap path
+        model.gate.head.bias[0] = 10.0
+    model(inputs, mode="hard", tau=1.0).output.square().mean().backward()
+    shared = [parameter.grad.clone() for parameter in model.experts[0].parameters()]
+    model.zero_grad(set_to_none=True)
+    model(inputs, force_path=0).output.square().mean().backward()
+    alone = [parameter.grad for parameter in model.experts[0].parameters()]
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(shared, alone, strict=True))
+
+
+def test_checkpoints_hold_the_expert_once_in_effect_and_old_ones_load_the_expert_as_trained():
+    model = _trained_looking_digits()
+    state = model.state_dict()
+    fresh = build_model("digits", gate="confidence")
+    fresh.load_state_dict(state)
+    inputs = model.example_inputs(batch_size=8)
+    assert torch.equal(fresh(inputs).output, model(inputs).output)
+    # before the gate ran the expert's own module its body was a separate copy: a stale one must not win
+    old_format = {
+        key: torch.randn_like(value) if key.startswith("gate.body.") else value for key, value in state.items()
+    }
+    fresh = build_model("digits", gate="confidence")
+    fresh.load_state_dict(old_format)
+    assert fresh.gate.body is fresh.experts[0]
+    loaded = fresh.experts[0].state_dict()
+    assert all(torch.equal(value, loaded[key]) for key, value in model.experts[0].state_dict().items())
 
 
 def _log_odds_of_top_class(model, inputs):
@@ -49,7 +83,6 @@ def _log_odds_of_top_class(model, inputs):
 
 def test_confidence_features_are_the_copied_experts_log_odds_log_ratio_and_log_entropy():
     model = _trained_looking_digits()
-    model.init_gate_from_experts()
     # small inputs: moderate confidence, where float32 log-probabilities are exact to 1e-4
     inputs = {name: values * 0.01 for name, values in model.example_inputs(batch_size=32).items()}
     probabilities = torch.softmax(model.experts[0](inputs).double(), dim=-1)
@@ -68,7 +101,6 @@ def test_confidence_features_are_the_copied_experts_log_odds_log_ratio_and_log_e
 
 def test_feature_scaling_fitted_from_summed_moments_standardises_the_fitting_samples():
     model = _trained_looking_digits()
-    model.init_gate_from_experts()
     inputs = model.example_inputs(batch_size=200)
     halves = [{name: values[rows] for name, values in inputs.items()} for rows in (slice(0, 120), slice(120, None))]
     # moments of two workers' shares, summed, describe the whole set
@@ -90,7 +122,6 @@ def test_feature_scaling_fitted_from_summed_moments_standardises_the_fitting_sam
 
 def test_features_stay_finite_for_a_certain_expert():
     model = _trained_looking_digits()
-    model.init_gate_from_experts()
     with torch.no_grad():  # logits 1000 apart: probability 1 in float32, zero entropy
         model.gate.body.layers[-1].weight.zero_()
         model.gate.body.layers[-1].bias.copy_(torch.arange(10.0) * 1000)
@@ -99,9 +130,8 @@ def test_features_stay_finite_for_a_certain_expert():
     assert torch.equal(features, torch.tensor([[30.0, 30.0, -27.631021]]).expand(4, 3))
 
 
-def test_routed_equals_hard_and_every_path_pays_the_gates_body():
+def test_routed_equals_hard_and_the_cheap_path_pays_the_cheap_expert_once():
     model = _trained_looking_digits()
-    model.init_gate_from_experts()
     model.eval()
     inputs = model.example_inputs(batch_size=64)
     with torch.no_grad():  # cheap path for the more confident half of the batch
@@ -115,10 +145,11 @@ def test_routed_equals_hard_and_every_path_pays_the_gates_body():
 
     costs = measure_path_costs(model)
     mlp_costs = measure_path_costs(build_model("digits"))
-    cheap_expert_flops = costs.expert_flops[0]
-    assert costs.gate_flops >= cheap_expert_flops  # the body is a copy of the cheap expert
-    assert costs.path_flops[0] == costs.gate_flops + costs.expert_flops[0]
-    assert costs.path_flops[1] > costs.path_flops[0] * 5
+    head_flops = 2 * 3 * 2
+    assert costs.gate_flops == costs.expert_flops[0] + head_flops  # the gate runs the cheap expert
+    assert costs.path_flops[0] == costs.gate_flops  # ... and the cheap path pays it once
+    assert costs.path_flops[1] == costs.gate_flops + costs.expert_flops[1]
+    assert costs.path_flops[1] > costs.path_flops[0] * 10
     assert costs.gate_flops > mlp_costs.gate_flops
 
 

@@ -61,6 +61,11 @@ def test_keyword_arguments_change_the_sizes():
     assert model.experts[1].layers[0].out_features == 32
 
 
+def test_gumbel_as_a_model_argument_points_at_the_gate_stage_switch():
+    with pytest.raises(ValueError, match=r"stages\.gate\.gumbel"):
+        build_model("digits", gumbel=True)
+
+
 def test_model_rejects_an_expert_reading_an_unknown_modality():
     digits = build_model("digits")
     with pytest.raises(ValueError, match="bottom"):

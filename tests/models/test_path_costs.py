@@ -61,6 +61,26 @@ def test_path_costs_add_the_gate_to_every_path_and_normalise_by_the_most_expensi
     assert costs.path_gflops == pytest.approx((4e-9, 1e-8))
 
 
+def test_a_path_counted_whole_costs_gate_plus_expert_where_it_shares_nothing_with_the_gate(reference_path_costs):
+    for name, costs in reference_path_costs.items():
+        assert costs.path_flops == tuple(costs.gate_flops + flops for flops in costs.expert_flops), name
+
+
+def test_path_costs_counted_whole_set_the_normalised_costs_and_the_static_model_stays_the_expert_alone():
+    # path 0 reuses the gate's work: it costs the gate (3) and nothing more
+    costs = PathCosts(gate_flops=3.0, expert_flops=(2.0, 9.0), routed_path_flops=(3.0, 12.0))
+    assert costs.path_flops == (3.0, 12.0)
+    assert costs.normalised == pytest.approx((0.25, 1.0))
+    assert costs.path_gflops == pytest.approx((3e-9, 1.2e-8))
+    assert costs.static_flops == 9.0
+
+
+def test_loss_costs_set_the_normalised_costs_and_leave_the_reported_path_costs_alone():
+    costs = PathCosts(gate_flops=1.0, expert_flops=(8.0, 9.0, 10.0), loss_flops=(0.0, 2.0, 4.0))
+    assert costs.normalised == pytest.approx((0.0, 0.5, 1.0))
+    assert costs.path_flops == (9.0, 10.0, 11.0) and costs.static_flops == 10.0
+
+
 def test_measure_path_costs_restores_training_mode(digits_model):
     digits_model.train()
     measure_path_costs(digits_model)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from dynmm.models import DynMMOutput, run_routed
+from dynmm.models import DynMMOutput, build_model, run_routed
 
 
 def _last_linear(module: nn.Module) -> nn.Linear:
@@ -74,6 +74,26 @@ def test_routed_never_calls_an_expert_that_no_sample_chose(digits_model):
     assert calls["expert_1"] == []
 
 
+def test_a_sample_routed_to_the_expert_the_gate_ran_does_not_run_that_network_again():
+    torch.manual_seed(0)
+    model = build_model("digits", gate="confidence").eval()  # the gate runs expert 0 to decide
+    inputs = model.example_inputs(16)
+    with torch.no_grad():  # route on the cheap expert's confidence, about half of the batch each way
+        model.gate.head.weight[0, 0] = 1.0
+    _split_gate_in_half(model, inputs)
+    with torch.no_grad():
+        per_expert = [model(inputs, force_path=path).output for path in (0, 1)]
+        calls = _record_batch_sizes({"gate_head": model.gate.head, "expert_0": model.experts[0],
+                                     "expert_1": model.experts[1]})
+        result = model(inputs, mode="routed")
+    group_sizes = torch.bincount(result.paths, minlength=2).tolist()
+    assert min(group_sizes) > 0
+    # expert 0 ran once, on the whole batch inside the gate, and not again on its group; expert 1 on its own
+    assert calls == {"gate_head": [16], "expert_0": [16], "expert_1": [group_sizes[1]]}
+    expected = torch.where(result.paths.unsqueeze(1) == 0, per_expert[0], per_expert[1])
+    assert torch.allclose(result.output, expected, atol=1e-6)
+
+
 def test_routed_scatters_group_outputs_back_in_batch_order(digits_model):
     inputs = digits_model.example_inputs(20)
     _split_gate_in_half(digits_model, inputs)
@@ -137,16 +157,18 @@ def test_training_modes_pass_gradient_to_the_gate(digits_model, mode):
 
 
 def test_gumbel_noise_is_off_in_eval_mode(digits_model):
-    digits_model.gumbel = True
     inputs = digits_model.example_inputs(8)
     with torch.no_grad():
         assert torch.equal(
-            digits_model(inputs, mode="soft").decisions, digits_model(inputs, mode="soft").decisions
+            digits_model(inputs, mode="soft", gumbel=True).decisions,
+            digits_model(inputs, mode="soft", gumbel=True).decisions,
         )
         digits_model.train()
         assert not torch.equal(
-            digits_model(inputs, mode="soft").decisions, digits_model(inputs, mode="soft").decisions
+            digits_model(inputs, mode="soft", gumbel=True).decisions,
+            digits_model(inputs, mode="soft", gumbel=True).decisions,
         )
+        assert torch.equal(digits_model(inputs, mode="soft").decisions, digits_model(inputs, mode="soft").decisions)
 
 
 def test_unknown_mode_is_rejected(digits_model):

@@ -88,6 +88,66 @@ def test_routed_rows_equal_the_same_samples_run_with_their_path_forced(tiny_fusi
             assert torch.allclose(routed[rows], forced[rows], atol=1e-5), path
 
 
+def record_depth_stage_inputs(model: FusionDynMM) -> dict[int, list[torch.Tensor]]:
+    """The input rows of every call of each depth stage (1..4)."""
+    inputs: dict[int, list[torch.Tensor]] = defaultdict(list)
+    for number, stage in enumerate(model.depth_encoder.stages, start=1):
+        stage.register_forward_hook(lambda _m, args, _out, number=number: inputs[number].append(args[0].clone()))
+    return inputs
+
+
+@pytest.mark.parametrize(
+    "paths",
+    [torch.tensor([3, 0, 4, 1, 1, 2, 4, 0, 3, 2, 2]), torch.tensor([2, 4, 1, 4]), torch.tensor([3, 3, 3])],
+    ids=["unsorted-mix", "no-path-zero", "one-path"],
+)
+def test_every_routed_row_equals_its_sample_forced_onto_its_path(tiny_fusion, paths):
+    tiny_fusion.gate = FixedGate(paths)
+    inputs = tiny_fusion.example_inputs(len(paths))
+    with torch.no_grad():
+        routed = tiny_fusion(inputs, mode="routed").output
+        forced = {path: tiny_fusion(inputs, force_path=path).output for path in paths.unique().tolist()}
+    for row, path in enumerate(paths.tolist()):
+        assert torch.allclose(routed[row], forced[path][row], atol=1e-5), (row, path)
+
+
+def test_each_depth_stage_runs_once_on_exactly_the_samples_whose_path_reaches_it(tiny_fusion):
+    paths = torch.tensor([3, 0, 4, 1, 1, 2, 4, 0, 3, 2, 2])
+    inputs = tiny_fusion.example_inputs(len(paths))
+    stage_inputs = record_depth_stage_inputs(tiny_fusion)
+    with torch.no_grad():
+        tiny_fusion(inputs, force_path=4)  # every sample through every depth stage: the reference rows
+        reference = {stage: calls.pop() for stage, calls in stage_inputs.items()}
+        tiny_fusion.gate = FixedGate(paths)
+        tiny_fusion(inputs, mode="routed")
+    for stage in range(1, 5):
+        (routed_rows,) = stage_inputs[stage]
+        samples = [
+            next(sample for sample in range(len(paths)) if torch.allclose(row, reference[stage][sample], atol=1e-5))
+            for row in routed_rows
+        ]
+        assert sorted(samples) == [sample for sample in range(len(paths)) if paths[sample] >= stage], stage
+
+
+def test_routed_training_backpropagates_through_the_gathered_rows_into_the_stages_they_reach(tiny_fusion):
+    tiny_fusion.train()
+    tiny_fusion.gate = FixedGate(torch.tensor([2, 0, 1, 2, 0]))
+    tiny_fusion(tiny_fusion.example_inputs(5), mode="routed").output.sum().backward()
+    gradients = [stage.blocks[0].conv1.weight.grad for stage in tiny_fusion.depth_encoder.stages]
+    assert [gradient is not None and bool(gradient.abs().sum() > 0) for gradient in gradients] == [
+        True, True, False, False
+    ]
+    assert tiny_fusion.fusions[2].depth.weights[1].weight.grad.abs().sum() > 0
+
+
+def test_the_stem_gate_equals_its_first_convolution_over_the_stacked_stems(tiny_fusion):
+    gate = tiny_fusion.gate
+    rgb_stem, depth_stem = torch.randn(3, 4, 24, 32), torch.randn(3, 4, 24, 32)
+    with torch.no_grad():
+        stacked = gate.classifier(gate.features(torch.cat([rgb_stem, depth_stem], dim=1))).flatten(1)
+        assert torch.allclose(gate(rgb_stem, depth_stem), stacked, atol=1e-5)
+
+
 def test_force_path_skips_the_gate_and_runs_depth_stages_up_to_the_path(tiny_fusion):
     calls = record_depth_stage_calls(tiny_fusion)
     gate_calls = []
@@ -129,6 +189,36 @@ def test_path_costs_grow_with_each_depth_stage_and_static_is_the_full_path(tiny_
     for path in range(1, 5):
         extra = costs.expert_flops[path] - costs.expert_flops[0]
         assert depth_flops[path] <= extra <= 1.05 * depth_flops[path], path
+
+
+def test_the_resource_loss_weighs_depth_encoder_flops_normalised_by_the_full_depth_encoder(tiny_fusion):
+    costs = measure_path_costs(tiny_fusion)
+    depth_flops = depth_encoder_flops(tiny_fusion)
+    assert costs.loss_flops == depth_flops
+    assert costs.normalised == pytest.approx(tuple(flops / depth_flops[-1] for flops in depth_flops))
+    assert costs.normalised[0] == 0.0 and costs.normalised[-1] == 1.0
+    # whole-network costs (RGB encoder and decoder on every path) would squeeze the paths towards 1
+    whole_network = [flops / max(costs.path_flops) for flops in costs.path_flops]
+    assert whole_network[0] > 0.5 > costs.normalised[1]
+
+
+def test_the_static_net_has_no_gate_and_runs_every_depth_stage_on_every_sample_in_every_mode():
+    static = build_model("nyuv2", static=True, **TINY)
+    assert static.gate is None and not any(name.startswith("gate.") for name in static.state_dict())
+    calls = record_depth_stage_calls(static)
+    inputs = static.example_inputs(3)
+    for mode, random_paths in (("soft", False), ("hard", False), ("routed", False), ("soft", True)):
+        result = static(inputs, mode=mode, random_paths=random_paths)
+        assert result.paths.tolist() == [4, 4, 4] and result.gate_logits is None, mode
+    assert dict(calls) == {stage: [3, 3, 3, 3] for stage in range(1, 5)}
+
+
+def test_the_static_net_costs_the_full_path_and_no_gate():
+    static_costs = measure_path_costs(build_model("nyuv2", static=True, **TINY))
+    dynamic_costs = measure_path_costs(build_model("nyuv2", **TINY))
+    assert static_costs.gate_flops == 0.0 < dynamic_costs.gate_flops
+    assert static_costs.path_flops[-1] == dynamic_costs.expert_flops[-1] == dynamic_costs.static_flops
+    assert static_costs.loss_flops == dynamic_costs.loss_flops
 
 
 def test_path_costs_are_counted_at_the_pipeline_input_size():

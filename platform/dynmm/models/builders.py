@@ -41,27 +41,26 @@ def build_digits_model(
     gate_hidden: int = 8,
     gate_modalities: Sequence[str] = ("top",),
     num_classes: int = 10,
-    gumbel: bool = False,
     gate: Literal["mlp", "confidence"] = "mlp",
 ) -> ModalityDynMM:
     """Two-view 8x8 digits: path 0 = MLP on ``top`` (rows 0-3), path 1 = MLP on top + bottom.
 
     ``gate="mlp"``: an MLP on ``gate_modalities`` (sizes ``gate_hidden``); the default sizes make the fusion
-    path cost about 10x the cheap path (gate included). ``gate="confidence"``: a ``ConfidenceGate`` over a
-    frozen copy of the cheap expert (loaded after the expert stage); dearer (fusion path ~7x the cheap
-    one) but it knows which samples the cheap expert gets right.
+    path cost about 10x the cheap path (gate included). ``gate="confidence"``: a ``ConfidenceGate`` over
+    the cheap expert itself, whose output then serves the cheap path (that path costs the cheap expert
+    and a 3x2 head once); it knows which samples the cheap expert gets right.
     """
     view_features = 4 * 8
     cheap = ConcatMLP(("top",), [view_features, cheap_hidden, num_classes])
     fusion = ConcatMLP(("top", "bottom"), [2 * view_features, fusion_hidden, fusion_hidden, num_classes])
     if gate == "confidence":
-        gate_network = ConfidenceGate(ConcatMLP(("top",), [view_features, cheap_hidden, num_classes]), 2, 0)
+        gate_network = ConfidenceGate(cheap, 2, source_expert=0)
     elif gate == "mlp":
         gate_network = ConcatMLP(gate_modalities, [view_features * len(gate_modalities), gate_hidden, 2])
     else:
         raise ValueError(f"gate must be 'mlp' or 'confidence', got {gate!r}")
     return ModalityDynMM(
-        [cheap, fusion], gate_network, DIGITS_INPUT_SHAPES, gumbel, expert_names=("top", "fusion")
+        [cheap, fusion], gate_network, DIGITS_INPUT_SHAPES, expert_names=("top", "fusion")
     )
 
 
@@ -82,7 +81,6 @@ def build_mosei_model(
     gate_layers: int = 5,
     gate_heads: int = 5,
     gate_feedforward_dim: int = 40,
-    gumbel: bool = False,
 ) -> ModalityDynMM:
     """CMU-MOSEI sentiment regression: path 0 = text Transformer, path 1 = late fusion of three.
 
@@ -111,7 +109,7 @@ def build_mosei_model(
     gate = MoseiGate(sum(input_dims.values()), gate_model_dim, num_paths=2, **gate_options)
     input_shapes = {name: (sequence_length, dim) for name, dim in input_dims.items()}
     return ModalityDynMM(
-        [text_expert, fusion_expert], gate, input_shapes, gumbel, expert_names=("text", "late_fusion")
+        [text_expert, fusion_expert], gate, input_shapes, expert_names=("text", "late_fusion")
     )
 
 
@@ -125,7 +123,6 @@ def build_mmimdb_model(
     gate_hidden: int = 128,
     num_classes: int = 23,
     dropout: float = 0.3,
-    gumbel: bool = False,
 ) -> ModalityDynMM:
     """MM-IMDB multi-label genres: path 0 = text MLP, path 1 = late fusion of two MaxOut MLPs."""
     text_expert = ConcatMLP(("text",), [text_dim, text_hidden, text_hidden, num_classes])
@@ -135,7 +132,7 @@ def build_mmimdb_model(
     gate = ConcatMLP(("text", "image"), [text_dim + image_dim, gate_hidden, 2])
     input_shapes = {"text": (text_dim,), "image": (image_dim,)}
     return ModalityDynMM(
-        [text_expert, fusion_expert], gate, input_shapes, gumbel, expert_names=("text", "late_fusion")
+        [text_expert, fusion_expert], gate, input_shapes, expert_names=("text", "late_fusion")
     )
 
 
@@ -145,7 +142,6 @@ def build_avmnist_model(
     embedding_dim: int = 64,
     gate_hidden: int = 32,
     num_classes: int = 10,
-    gumbel: bool = False,
 ) -> ModalityDynMM:
     """AV-MNIST digits: path 0 = image CNN, path 1 = image CNN + audio-spectrogram CNN."""
     image_expert = AvmnistImageExpert(
@@ -159,7 +155,7 @@ def build_avmnist_model(
     )
     gate = AvmnistGate(hidden_dim=gate_hidden)
     return ModalityDynMM(
-        [image_expert, fusion_expert], gate, AVMNIST_INPUT_SHAPES, gumbel, expert_names=("image", "fusion")
+        [image_expert, fusion_expert], gate, AVMNIST_INPUT_SHAPES, expert_names=("image", "fusion")
     )
 
 
@@ -174,13 +170,14 @@ def build_nyuv2_model(
     se_reduction: int | None = None,
     num_classes: int = 40,
     pretrained_encoder: str | None = None,
-    gumbel: bool = False,
+    static: bool = False,
 ) -> FusionDynMM:
     """NYU Depth V2 RGB-D segmentation, fusion-level DynMM: 5 paths (path k fuses depth stages 1..k).
 
     Sizes come from ``preset`` (``resnet34``: the reference, ``tiny``: tests); any size given explicitly
     overrides the preset. ``input_size`` is the pipeline's (H, W), at which path FLOPs are counted.
     ``pretrained_encoder``: a local torchvision ResNet state dict initialising both encoders.
+    ``static``: the static baseline (no gate, every depth stage), trained as its own model.
     """
     if preset not in NYUV2_PRESETS:
         raise ValueError(f"preset must be one of {', '.join(NYUV2_PRESETS)}, got {preset!r}")
@@ -189,7 +186,7 @@ def build_nyuv2_model(
         "gate_channels": gate_channels, "se_reduction": se_reduction,
     }
     sizes = {**NYUV2_PRESETS[preset], **{name: value for name, value in explicit.items() if value is not None}}
-    model = FusionDynMM(input_size=tuple(input_size), num_classes=num_classes, gumbel=gumbel, **sizes)
+    model = FusionDynMM(input_size=tuple(input_size), num_classes=num_classes, static=static, **sizes)
     if pretrained_encoder is not None:
         load_torchvision_resnet(model, pretrained_encoder)
     return model
@@ -211,6 +208,11 @@ def build_model(name: str, **kwargs: object) -> ModalityDynMM | FusionDynMM:
     """Build the DynMM model of a built-in task; keyword arguments override its sizes."""
     if name not in MODEL_BUILDERS:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODEL_BUILDERS)}")
+    if "gumbel" in kwargs:
+        raise ValueError(
+            "gumbel is not a model argument: Gumbel noise is a training setting of the gate stage, "
+            "set stages.gate.gumbel: true instead of model.args.gumbel"
+        )
     builder = MODEL_BUILDERS[name]
     accepted = inspect.signature(builder).parameters
     unknown = sorted(set(kwargs) - set(accepted))

@@ -1,9 +1,12 @@
 """Compute accounting: FLOPs per path, expected cost per sample, route fractions, reduction.
 
 FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` at batch size 1. Every sample
-pays the gate; path i costs gate + expert i; the static baseline is the most expensive expert alone
-(the full-fusion model, no gate). For the fusion-level net, "expert i" is the whole net with path i
-forced (both encoders up to depth stage i, fusions, decoder) at the model's input size. Imports torch only.
+pays the gate; path i costs gate + expert i, counted whole as a routed forward of one sample on path i
+(a path whose expert the gate already ran, as ``ConfidenceGate``'s, pays it once); the static baseline
+is the most expensive expert alone (the full-fusion model, no gate). For the fusion-level net, "expert i"
+is the whole net with path i forced (both encoders up to depth stage i, fusions, decoder) at the model's
+input size; its resource loss weighs each path's depth-encoder FLOPs (``PathCosts.loss_flops``), normalised by
+the full depth encoder, as the paper defines the cost. Imports torch only.
 """
 
 from collections.abc import Callable, Sequence
@@ -56,9 +59,17 @@ class PathCosts:
 
     gate_flops: float
     expert_flops: tuple[float, ...]
+    # a routed forward of one sample on each path, counted whole: less than gate + expert where the path
+    # reuses the gate's work; empty (hand-made costs, the fusion-level net): gate + expert
+    routed_path_flops: tuple[float, ...] = ()
+    # the cost of each path the resource loss weighs, where it is not the path's FLOPs: for the fusion-level
+    # net the depth-encoder FLOPs up to stage k (DYNMM.md); empty: ``path_flops``
+    loss_flops: tuple[float, ...] = ()
 
     @property
     def path_flops(self) -> tuple[float, ...]:
+        if self.routed_path_flops:
+            return tuple(self.routed_path_flops)
         return tuple(self.gate_flops + flops for flops in self.expert_flops)
 
     @property
@@ -71,9 +82,11 @@ class PathCosts:
 
     @property
     def normalised(self) -> tuple[float, ...]:
-        """Path FLOPs divided by the most expensive path, so that lambda is comparable across tasks."""
-        most_expensive = max(self.path_flops)
-        return tuple(flops / most_expensive for flops in self.path_flops)
+        """The resource loss's costs (``loss_flops``, else the path FLOPs) divided by the most expensive
+        path's, so that lambda is comparable across tasks: the full path costs 1."""
+        costs = self.loss_flops or self.path_flops
+        most_expensive = max(costs)
+        return tuple(flops / most_expensive for flops in costs)
 
 
 def measure_path_costs(model: ModalityDynMM | FusionDynMM) -> PathCosts:
@@ -88,19 +101,27 @@ def measure_path_costs(model: ModalityDynMM | FusionDynMM) -> PathCosts:
                 return _fusion_path_costs(model, inputs)
             gate_flops = measure_flops(model.gate, inputs)
             expert_flops = tuple(float(measure_flops(expert, inputs)) for expert in model.experts)
+            routed_path_flops = tuple(
+                float(measure_flops(lambda batch, path=path: model.routed_on_path(batch, path), inputs))
+                for path in range(model.num_paths)
+            )
     finally:
         model.train(was_training)
-    return PathCosts(gate_flops=float(gate_flops), expert_flops=expert_flops)
+    return PathCosts(float(gate_flops), expert_flops, routed_path_flops=routed_path_flops)
 
 
 def _fusion_path_costs(model: FusionDynMM, inputs: dict[str, Tensor]) -> PathCosts:
-    stems = (model.rgb_encoder.stem(inputs["rgb"]), model.depth_encoder.stem(inputs["depth"]))
-    gate_flops = measure_flops(lambda stem_outputs: model.gate(*stem_outputs), stems)
+    """The whole net per forced path (reports) and the depth-encoder FLOPs per path (the resource loss:
+    whole-network costs would compress the five paths towards 1 and change what lambda means)."""
+    gate_flops = 0
+    if model.gate is not None:  # the static net has none
+        stems = (model.rgb_encoder.stem(inputs["rgb"]), model.depth_encoder.stem(inputs["depth"]))
+        gate_flops = measure_flops(lambda stem_outputs: model.gate(*stem_outputs), stems)
     path_flops = tuple(
         float(measure_flops(lambda batch, path=path: model(batch, force_path=path), inputs))
         for path in range(model.num_paths)
     )
-    return PathCosts(gate_flops=float(gate_flops), expert_flops=path_flops)
+    return PathCosts(gate_flops=float(gate_flops), expert_flops=path_flops, loss_flops=depth_encoder_flops(model))
 
 
 def depth_encoder_flops(model: FusionDynMM) -> tuple[float, ...]:

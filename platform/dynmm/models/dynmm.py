@@ -50,21 +50,31 @@ class DynMMOutput:
     side_outputs: tuple[Tensor, ...] = ()
 
 
-def run_routed(experts: Sequence[Expert], inputs: Mapping[str, Tensor], paths: Tensor) -> Tensor:
+def run_routed(
+    experts: Sequence[Expert],
+    inputs: Mapping[str, Tensor],
+    paths: Tensor,
+    computed: Mapping[int, Tensor] | None = None,
+) -> Tensor:
     """Run each chosen expert once on its own group of samples and scatter the rows back in order.
 
     ``paths`` (B,) holds the expert index per sample. An expert that no sample chose is never called;
-    each expert sees only the modalities it reads, gathered for its rows.
+    each expert sees only the modalities it reads, gathered for its rows. ``computed`` maps a path to
+    its expert's output for the whole batch when that is already known (the expert a gate ran): its rows
+    are taken from there and the expert is not run again.
     """
+    computed = computed or {}
     batch_size = paths.shape[0]
     output: Tensor | None = None
     for path in paths.unique().tolist():
         expert = experts[path]
         rows = (paths == path).nonzero().squeeze(1)
         if rows.numel() == batch_size:
-            return expert(inputs)
-        group = {name: inputs[name].index_select(0, rows) for name in expert.modalities}
-        group_output = expert(group)
+            return computed[path] if path in computed else expert(inputs)
+        if path in computed:
+            group_output = computed[path].index_select(0, rows)
+        else:
+            group_output = expert({name: inputs[name].index_select(0, rows) for name in expert.modalities})
         if output is None:
             output = group_output.new_empty((batch_size, *group_output.shape[1:]))
         output = output.index_copy(0, rows, group_output)
@@ -76,9 +86,9 @@ def run_routed(experts: Sequence[Expert], inputs: Mapping[str, Tensor], paths: T
 class ModalityDynMM(nn.Module):
     """Experts on subsets of the modalities plus a gate that picks one expert per sample.
 
-    Path ``i`` is expert ``i``. ``input_shapes`` maps each modality to its per-sample shape.
-    With ``gumbel=True`` Gumbel noise is added to the gate logits in training mode (soft and hard
-    forward modes); evaluation is always deterministic.
+    Path ``i`` is expert ``i``. ``input_shapes`` maps each modality to its per-sample shape. A gate that
+    runs one of the experts to decide (``gate.source_expert``, as in ``ConfidenceGate``) must hold that
+    expert's own module as its ``body``: that path's output is then taken from the gate's forward.
     """
 
     def __init__(
@@ -86,7 +96,6 @@ class ModalityDynMM(nn.Module):
         experts: Sequence[nn.Module],
         gate: nn.Module,
         input_shapes: Mapping[str, tuple[int, ...]],
-        gumbel: bool = False,
         expert_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
@@ -109,22 +118,18 @@ class ModalityDynMM(nn.Module):
         self.experts = nn.ModuleList(experts)
         self.gate = gate
         self.input_shapes = {name: tuple(shape) for name, shape in input_shapes.items()}
-        self.gumbel = gumbel
         self.expert_names = names
+        self.gate_expert: int | None = getattr(gate, "source_expert", None)
+        if self.gate_expert is not None:
+            if gate.body is not self.experts[self.gate_expert]:
+                raise ValueError(
+                    f"the gate runs expert {self.gate_expert}: its body must be that expert's module, not a copy"
+                )
+            self.register_load_state_dict_pre_hook(_gate_body_loads_from_its_expert)
 
     @property
     def num_paths(self) -> int:
         return len(self.experts)
-
-    def init_gate_from_experts(self) -> bool:
-        """Load the trained weights of the expert a gate copies (``gate.source_expert``, as in
-        ``ConfidenceGate``) into the gate's body; called once the experts are trained, before the gate
-        stage. Returns whether anything was loaded (False for gates that copy no expert)."""
-        source = getattr(self.gate, "source_expert", None)
-        if source is None:
-            return False
-        self.gate.body.load_state_dict(self.experts[source].state_dict())
-        return True
 
     def example_inputs(
         self, batch_size: int = 1, device: torch.device | str | None = None
@@ -142,11 +147,14 @@ class ModalityDynMM(nn.Module):
         tau: float = 1.0,
         force_path: int | None = None,
         random_paths: bool = False,
+        gumbel: bool = False,
     ) -> DynMMOutput:
         """soft / hard: every expert runs on every sample, output = sum_i g_i * E_i(x) (training).
         routed: hard gate, only the chosen experts run, each on its own samples (inference).
         force_path=i: the gate does not run, expert i runs on every sample (static baseline).
         random_paths=True: a uniformly random path per sample, routed (warm-up epochs).
+        gumbel=True: Gumbel noise on the gate logits in training mode (soft and hard modes; a training
+        setting of the gate stage, so the caller passes it); evaluation is always deterministic.
         """
         if force_path is not None:
             return self._forward_forced(inputs, force_path)
@@ -154,16 +162,32 @@ class ModalityDynMM(nn.Module):
             return self._forward_random(inputs)
         if mode not in FORWARD_MODES:
             raise ValueError(f"mode must be one of {FORWARD_MODES}, got {mode!r}")
-        gate_logits = self.gate(inputs)
+        gate_logits, computed = self._run_gate(inputs)
         if mode == "routed":
             decisions = gate_decision(gate_logits, tau=tau, hard=True)
             paths = decisions.argmax(dim=-1)
-            return DynMMOutput(run_routed(self.experts, inputs, paths), decisions, paths, gate_logits)
-        add_noise = self.gumbel and self.training
+            return DynMMOutput(run_routed(self.experts, inputs, paths, computed), decisions, paths, gate_logits)
+        add_noise = gumbel and self.training
         decisions = gate_decision(gate_logits, tau=tau, hard=mode == "hard", gumbel=add_noise)
-        expert_outputs = torch.stack([expert(inputs) for expert in self.experts], dim=1)
+        expert_outputs = torch.stack(
+            [computed[i] if i in computed else expert(inputs) for i, expert in enumerate(self.experts)], dim=1
+        )
         output = torch.einsum("bp,bp...->b...", decisions, expert_outputs)
         return DynMMOutput(output, decisions, decisions.argmax(dim=-1), gate_logits)
+
+    def routed_on_path(self, inputs: Mapping[str, Tensor], path: int) -> Tensor:
+        """Routed inference with every sample sent to ``path``: the gate runs, then the path, sharing the
+        gate's work where the path can. What a sample on that path costs (``measure_path_costs``)."""
+        gate_logits, computed = self._run_gate(inputs)
+        paths = torch.full((gate_logits.shape[0],), path, dtype=torch.long, device=gate_logits.device)
+        return run_routed(self.experts, inputs, paths, computed)
+
+    def _run_gate(self, inputs: Mapping[str, Tensor]) -> tuple[Tensor, dict[int, Tensor]]:
+        """The gate's logits and the outputs of the experts the gate ran on the whole batch, by path."""
+        if self.gate_expert is None:
+            return self.gate(inputs), {}
+        gate_logits, expert_output = self.gate.logits_and_expert_output(inputs)
+        return gate_logits, {self.gate_expert: expert_output}
 
     def _forward_forced(self, inputs: Mapping[str, Tensor], path: int) -> DynMMOutput:
         if not 0 <= path < self.num_paths:
@@ -180,3 +204,15 @@ class ModalityDynMM(nn.Module):
 
     def _one_hot(self, paths: Tensor, dtype: torch.dtype) -> Tensor:
         return nn.functional.one_hot(paths, self.num_paths).to(dtype)
+
+
+def _gate_body_loads_from_its_expert(model: ModalityDynMM, state_dict: dict, prefix: str, *_: object) -> None:
+    """The gate's body is one expert's module, saved under both names; the expert's entries win, so that a
+    checkpoint from before the two were one module (the body a separate copy, stale or never loaded) loads
+    the expert as trained into both."""
+    body_prefix = f"{prefix}gate.body."
+    expert_prefix = f"{prefix}experts.{model.gate_expert}."
+    for key in [key for key in state_dict if key.startswith(body_prefix)]:
+        expert_key = expert_prefix + key.removeprefix(body_prefix)
+        if expert_key in state_dict:
+            state_dict[key] = state_dict[expert_key]

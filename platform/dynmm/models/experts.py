@@ -49,15 +49,16 @@ class ConcatMLP(nn.Module):
 
 
 class ConfidenceGate(nn.Module):
-    """A gate that routes by how sure a copy of one expert is: the copy's class log-probabilities are
-    summarised as three confidence features (log-odds of the top class, log-ratio of the top class to the
-    second, log of the entropy), standardised, and a linear head turns them into path logits.
+    """A gate that routes by how sure one expert is: the expert's class log-probabilities are summarised as
+    three confidence features (log-odds of the top class, log-ratio of the top class to the second, log of
+    the entropy), standardised, and a linear head turns them into path logits.
 
-    The copy (``body``) must have the architecture of expert ``source_expert``; ``ModalityDynMM.
-    init_gate_from_experts`` loads that expert's trained weights into it before the gate stage, and the
-    body stays frozen (it runs without gradients): the gate learns only the 3 x num_paths head, which a
-    few hundred held-out samples can fit. A gate that learns difficulty from raw inputs alone needs far
-    more data. Every path pays the body's cost, as for any gate.
+    The ``body`` is expert ``source_expert`` itself (the same module, not a copy), so the gate always reads
+    the expert as trained, and ``ModalityDynMM`` takes that path's output from the gate's forward
+    (``logits_and_expert_output``) instead of running the expert again: the path costs the expert and the
+    head once. The gate's decisions never train the body (its features see the output detached); in the
+    gate stage the experts are frozen and the gate learns only the 3 x num_paths head, which a few hundred
+    held-out samples can fit. A gate that learns difficulty from raw inputs alone needs far more data.
 
     Why log scale and standardised: a trained expert puts most samples near probability 1, where raw
     probabilities, margins and entropies differ in the third decimal. A head over those sees every sample
@@ -87,7 +88,10 @@ class ConfidenceGate(nn.Module):
     def confidence_features(self, inputs: Mapping[str, Tensor]) -> Tensor:
         """(B, 3) unscaled features of the body's class distribution: log(p1 / (1 - p1)), log(p1 / p2),
         log(entropy), with p1 >= p2 the two largest class probabilities."""
-        log_probabilities = torch.log_softmax(self.body(inputs).float(), dim=-1)
+        return self._features_of(self.body(inputs))
+
+    def _features_of(self, body_output: Tensor) -> Tensor:
+        log_probabilities = torch.log_softmax(body_output.detach().float(), dim=-1)
         top_two, top_index = log_probabilities.topk(2, dim=-1)
         others = log_probabilities.scatter(-1, top_index[:, :1], float("-inf")).logsumexp(dim=-1)
         log_odds = top_two[:, 0] - others
@@ -114,7 +118,15 @@ class ConfidenceGate(nn.Module):
         self.feature_std.copy_(variance.sqrt().clamp_min(1e-3).float())
 
     def forward(self, inputs: Mapping[str, Tensor]) -> Tensor:
-        features = self.confidence_features(inputs)
+        return self._logits_of(self.confidence_features(inputs))
+
+    def logits_and_expert_output(self, inputs: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """The path logits and the body's output, which is expert ``source_expert``'s output for the
+        batch (with its graph, so a stage that trains the experts trains it as if the expert ran)."""
+        expert_output = self.body(inputs)
+        return self._logits_of(self._features_of(expert_output)), expert_output
+
+    def _logits_of(self, features: Tensor) -> Tensor:
         return self.head((features - self.feature_mean) / self.feature_std)
 
 

@@ -142,7 +142,12 @@ class StemGate(nn.Module):
         self.classifier = nn.Conv2d(hidden_channels, num_paths, 1)
 
     def forward(self, rgb_stem: Tensor, depth_stem: Tensor) -> Tensor:
-        pooled = self.features(torch.cat([rgb_stem, depth_stem], dim=1))
+        # The first convolution over the two stems stacked on channels, as one convolution per stem summed:
+        # the same function, without copying both (half-resolution) stems into one tensor first.
+        first = self.features[0]
+        rgb_weight, depth_weight = first.weight.split([rgb_stem.shape[1], depth_stem.shape[1]], dim=1)
+        hidden = first._conv_forward(rgb_stem, rgb_weight, None) + first._conv_forward(depth_stem, depth_weight, None)
+        pooled = self.features[1:](hidden)
         return self.classifier(pooled).flatten(1)
 
 
@@ -224,7 +229,9 @@ class FusionDynMM(nn.Module):
 
     ``input_size`` (H, W) is the size FLOPs are counted at (``example_inputs``); other sizes work too
     (sizes divisible by 32 avoid rounding at the five stride-2 steps). The output holds ``num_classes``
-    logits per pixel, for the classes 1..num_classes (label 0 is void).
+    logits per pixel, for the classes 1..num_classes (label 0 is void). ``static=True`` builds the static
+    two-stream net the paper compares with (ESANet): no gate, every depth stage for every sample in every
+    mode, trained from the same recipe as its own model.
     """
 
     def __init__(
@@ -239,7 +246,7 @@ class FusionDynMM(nn.Module):
         num_classes: int = 40,
         depth_mean_mm: float = NYUV2_DEPTH_MEAN_MM,
         depth_std_mm: float = NYUV2_DEPTH_STD_MM,
-        gumbel: bool = False,
+        static: bool = False,
     ) -> None:
         super().__init__()
         if len(widths) != len(depths) or len(widths) < 2:
@@ -249,7 +256,8 @@ class FusionDynMM(nn.Module):
         self.rgb_encoder = ResNetEncoder(3, widths, depths)
         self.depth_encoder = ResNetEncoder(1, widths, depths)
         self.fusions = nn.ModuleList(SqueezeExciteFusion(width, se_reduction) for width in [widths[0], *widths])
-        self.gate = StemGate(widths[0], gate_channels, num_paths=len(widths) + 1)
+        self.static = static
+        self.gate = None if static else StemGate(widths[0], gate_channels, num_paths=len(widths) + 1)
         self.decoder = SegmentationDecoder(widths, decoder_channels, num_classes, context_bins)
         self.register_buffer("rgb_mean", 255.0 * torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("rgb_std", 255.0 * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -257,7 +265,6 @@ class FusionDynMM(nn.Module):
         self.depth_std_mm = depth_std_mm
         self.input_shapes = {"rgb": (3, *input_size), "depth": (1, *input_size)}
         self.num_classes = num_classes
-        self.gumbel = gumbel
 
     @property
     def num_paths(self) -> int:
@@ -277,13 +284,17 @@ class FusionDynMM(nn.Module):
         tau: float = 1.0,
         force_path: int | None = None,
         random_paths: bool = False,
+        gumbel: bool = False,
     ) -> DynMMOutput:
         """soft / hard: every depth stage runs, the RGB stream mixes fused and unfused features by the
         gate's weights (training). routed: hard gate, depth stage s runs only on samples whose path
         reaches s. force_path=k: no gate, depth stages 1..k for every sample (k = num_paths - 1 is the
-        static ESANet). random_paths=True: a uniformly random path per sample, routed (warm-up)."""
+        static ESANet). random_paths=True: a uniformly random path per sample, routed (warm-up).
+        gumbel=True: Gumbel noise on the gate logits in training mode (soft and hard modes)."""
         if mode not in FORWARD_MODES:
             raise ValueError(f"mode must be one of {FORWARD_MODES}, got {mode!r}")
+        if self.static and force_path is None:
+            force_path = self.num_paths - 1
         rgb = (inputs["rgb"] - self.rgb_mean) / self.rgb_std
         depth = (inputs["depth"] - self.depth_mean_mm) / self.depth_std_mm
         rgb_stem, depth_stem = self.rgb_encoder.stem(rgb), self.depth_encoder.stem(depth)
@@ -293,7 +304,7 @@ class FusionDynMM(nn.Module):
             stage_features = self._encode_routed(fused, depth_stem, paths)
         else:
             gate_logits = self.gate(rgb_stem, depth_stem)
-            add_noise = self.gumbel and self.training
+            add_noise = gumbel and self.training
             decisions = gate_decision(gate_logits, tau=tau, hard=mode == "hard", gumbel=add_noise)
             paths = decisions.argmax(dim=-1)
             stage_features = self._encode_mixed(fused, depth_stem, decisions)
@@ -318,23 +329,30 @@ class FusionDynMM(nn.Module):
         return paths, nn.functional.one_hot(paths, self.num_paths).to(rgb_stem.dtype), None
 
     def _encode_routed(self, rgb: Tensor, depth: Tensor, paths: Tensor) -> list[Tensor]:
-        """The fused stage outputs, running depth stage s only on the rows whose path is >= s."""
-        depth_rows = torch.arange(paths.shape[0], device=paths.device)  # rows of the batch ``depth`` holds
+        """The fused stage outputs, running depth stage s only on the rows whose path is >= s.
+
+        The depth stream is put once in order of decreasing path, so the rows that reach stage s are its
+        first ``reaching`` rows: a view, where a mask per stage would copy them and sync with the host to
+        count them. One host sync per batch (the path counts); a batch on one path runs unpermuted."""
+        batch_size = paths.shape[0]
+        path_counts = torch.bincount(paths, minlength=self.num_paths).tolist()
+        rows = None  # original row of each depth-stream row; None: the batch order (one path for all)
+        if max(path_counts) < batch_size:
+            rows = torch.argsort(paths, descending=True, stable=True)[: batch_size - path_counts[0]]
+            depth = depth.index_select(0, rows)
         stage_features = []
         for stage, (rgb_stage, depth_stage, fusion) in enumerate(
             zip(self.rgb_encoder.stages, self.depth_encoder.stages, self.fusions[1:], strict=True), start=1
         ):
             rgb = rgb_stage(rgb)
-            reaching = paths.index_select(0, depth_rows) >= stage
-            if not reaching.all():
-                depth_rows = depth_rows[reaching]
-                depth = depth[reaching]
-            if depth_rows.numel() == paths.shape[0]:
+            reaching = sum(path_counts[stage:])
+            if reaching > 0 and rows is None:
                 depth = depth_stage(depth)
                 rgb = fusion(rgb, depth)
-            elif depth_rows.numel() > 0:
-                depth = depth_stage(depth)
-                rgb = rgb.index_copy(0, depth_rows, fusion(rgb.index_select(0, depth_rows), depth))
+            elif reaching > 0:
+                depth = depth_stage(depth[:reaching])
+                rows = rows[:reaching]
+                rgb = rgb.index_copy(0, rows, fusion(rgb.index_select(0, rows), depth))
             stage_features.append(rgb)
         return stage_features
 
