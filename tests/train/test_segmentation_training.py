@@ -12,11 +12,15 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from dynmm.cli import main
+from dynmm.data.format import read_meta
 from dynmm.data.nyuv2 import convert_nyuv2
-from dynmm.models import build_model
+from dynmm.data.readers import resolve_dataset
+from dynmm.models import TemperatureSchedule, build_model, depth_encoder_flops, measure_path_costs
 from dynmm.spec import load_pipeline
+from dynmm.train import loop
 from dynmm.train.checkpoints import save_state
-from dynmm.train.evaluate import Noise, add_noise
+from dynmm.train.evaluate import Noise, add_noise, evaluate_split
+from dynmm.train.job import StageConfig, WorkerJob
 from dynmm.train.metrics import (
     EpochSums,
     confusion_matrix,
@@ -185,6 +189,97 @@ def test_evaluate_command_reports_static_and_dynmm_side_by_side_over_seeded_nois
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == report, "seeded runs repeat exactly"
 
 
+TINY_3_CLASSES = {"preset": "tiny", "input_size": (48, 64), "num_classes": 3}
+
+
+def one_gate_epoch(static: bool, resource_lambda: float) -> dict[str, float]:
+    """One gate-stage epoch (random-path warm-up) of the tiny fusion net through the loop's own
+    ``_train_epoch``, on in-memory rows; the finalised training metrics."""
+    torch.manual_seed(0)
+    model = build_model("nyuv2", static=static, **TINY_3_CLASSES)
+    costs = measure_path_costs(model)
+    stage = StageConfig("gate", epochs=1, lr=0.01, optimizer="sgd", resource_lambda=resource_lambda, epoch_ini=1,
+                        freeze_experts=False)
+    job = WorkerJob("nyuv2", TINY_3_CLASSES, "segmentation", 3, (stage,), experts_uri="", batch_size=4,
+                    cache_shards_in_memory=True, loss_flops=costs.loss_flops)
+    generator = torch.Generator().manual_seed(0)
+    columns = {"rgb": 255 * torch.rand((8, 3, 48, 64), generator=generator),
+               "depth": 10_000 * torch.rand((8, 1, 48, 64), generator=generator),
+               "label": torch.randint(0, 4, (8, 48, 64), generator=generator)}
+    loop._SHARD_CACHE.shards.clear()
+    loop._SHARD_CACHE.shards["train_gate"] = loop._RankShare(columns, 8, 8)
+    loop._freeze_for_stage(model, stage)
+    optimizer = loop._build_optimizer(stage, model)
+    schedule = TemperatureSchedule(1.0, 1.0, 0, stage.epoch_ini)
+    path_gflops = torch.tensor(costs.path_gflops, dtype=torch.float64)
+    normalised = torch.tensor(costs.normalised, dtype=torch.float32)
+    try:
+        sums = loop._train_epoch(model, model, stage, schedule, 0, optimizer, job, "cpu", normalised, path_gflops)
+    finally:
+        loop._SHARD_CACHE.shards.clear()
+    metrics = {f"train_{key}": value for key, value in finalize(sums, costs.static_flops / 1e9).items()}
+    return metrics | loop.loss_cost_reductions(metrics | {f"val_path{p}_fraction": 0.2 for p in range(5)},
+                                               job.loss_flops)
+
+
+def test_the_static_net_trains_on_the_task_loss_alone_with_every_sample_on_the_full_path():
+    static = one_gate_epoch(static=True, resource_lambda=1000.0)
+    assert static["train_path4_fraction"] == 1.0
+    assert static["train_compute_reduction"] == pytest.approx(0.0)
+    assert static["train_depth_encoder_reduction"] == 0.0
+    assert static["train_loss"] < 100, "lambda 1000 must not reach the static net's loss"
+    dynamic = one_gate_epoch(static=False, resource_lambda=1000.0)
+    assert dynamic["train_path4_fraction"] < 1.0 and dynamic["train_loss"] > 100
+
+
+def test_training_reports_the_depth_encoder_saving_beside_the_whole_network_saving():
+    model = build_model("nyuv2", **TINY_3_CLASSES)
+    costs = measure_path_costs(model)
+    half_on_path_zero = {f"{split}_path{path}_fraction": 0.5 if path in (0, 4) else 0.0
+                         for split in ("train", "val") for path in range(5)}
+    reductions = loop.loss_cost_reductions(half_on_path_zero, costs.loss_flops)
+    assert reductions == {"train_depth_encoder_reduction": 0.5, "val_depth_encoder_reduction": 0.5}
+    whole_network = 1 - (costs.path_flops[0] + costs.path_flops[4]) / 2 / costs.static_flops
+    assert whole_network < 0.25, "the whole-network saving of the same routing is much smaller"
+    assert loop.loss_cost_reductions(half_on_path_zero, ()) == {}
+
+
+def test_evaluate_compares_dynmm_with_the_trained_static_net_in_miou_depth_encoder_and_total_gflops(tmp_path, capsys):
+    overrides = tiny_nyuv2_overrides(tmp_path)
+    spec = load_pipeline(PIPELINE, overrides)
+    torch.manual_seed(0)
+    dynamic = build_model(spec.model.name, **spec.model.args)
+    static = build_model(spec.model.name, **spec.model.args, static=True)
+    for name, model in (("dynmm", dynamic), ("static", static)):
+        (tmp_path / name).mkdir()
+        save_state(tmp_path / name, {"model": model.state_dict()})
+    arguments = ["evaluate", str(PIPELINE), "--checkpoint", str(tmp_path / "dynmm"),
+                 "--static-checkpoint", str(tmp_path / "static")]
+    for override in overrides:
+        arguments += ["--set", override]
+
+    assert main([*arguments, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["static_trained"] is True
+    costs, depth_flops = measure_path_costs(dynamic), depth_encoder_flops(dynamic)
+    static_row, dynamic_row = report["models"]["static"], report["models"]["dynmm"]
+    dataset = resolve_dataset(spec.data.dataset, tmp_path)
+    num_classes = read_meta(dataset).num_classes
+    expected = evaluate_split(static.eval(), dataset, "test", "segmentation", num_classes, costs, force_path=4)
+    assert static_row["miou_mean"] == pytest.approx(expected["miou"]), "the trained static weights are scored"
+    assert static_row["gflops_per_sample"] == pytest.approx(costs.expert_flops[4] / 1e9), "no gate in its cost"
+    assert static_row["depth_encoder_gflops_per_sample"] == pytest.approx(depth_flops[4] / 1e9)
+    assert static_row["depth_encoder_reduction"] == 0.0
+    fractions = dynamic_row["path_fractions"]
+    dynamic_depth = sum(fraction * flops for fraction, flops in zip(fractions, depth_flops, strict=True))
+    assert dynamic_row["depth_encoder_gflops_per_sample"] == pytest.approx(dynamic_depth / 1e9)
+    assert dynamic_row["depth_encoder_reduction"] == pytest.approx(1 - dynamic_depth / depth_flops[4])
+    capsys.readouterr()
+    assert main(arguments) == 0
+    printed = capsys.readouterr().out
+    assert "trained static model" in printed and "depth GFLOPs" in printed
+
+
 def test_evaluate_names_a_folder_without_a_checkpoint(tmp_path, capsys):
     arguments = ["evaluate", str(PIPELINE), "--checkpoint", str(tmp_path / "esanet")]
     for override in tiny_nyuv2_overrides(tmp_path):
@@ -222,6 +317,34 @@ def test_tiny_fusion_model_trains_on_two_ray_workers_and_logs_miou_and_cost(ray_
     client = MlflowClient(result.tracking_uri)
     logged = client.get_run(result.mlflow_run_id).data.metrics
     assert {"val_miou", "train_miou", "val_gflops_per_sample", "val_compute_reduction", "val_iou_class1",
-            "val_path4_fraction"} <= set(logged)
+            "val_path4_fraction", "val_depth_encoder_reduction", "train_depth_encoder_reduction"} <= set(logged)
     assert [entry.step for entry in client.get_metric_history(result.mlflow_run_id, "val_miou")] == [0, 1]
     assert (Path(result.checkpoint_path) / "state.pt").is_file()
+
+
+@pytest.mark.integration
+def test_the_static_net_trains_as_its_own_model_and_feeds_evaluate_as_the_static_baseline(ray_session, tmp_path,
+                                                                                         capsys):
+    from dynmm.train.runner import run_training
+
+    overrides = [*tiny_nyuv2_overrides(tmp_path), "model.args.static=true", "stages.gate.epochs=1"]
+    result = run_training(load_pipeline(PIPELINE, overrides))
+
+    metrics = result.final_metrics
+    assert result.costs.gate_flops == 0.0
+    assert metrics["val_path4_fraction"] == 1.0 and metrics["val_compute_reduction"] == pytest.approx(0.0)
+    assert metrics["val_depth_encoder_reduction"] == 0.0
+    assert metrics["val_gflops_per_sample"] == pytest.approx(result.costs.expert_flops[4] / 1e9)
+    dynamic_overrides = [setting for setting in overrides if not setting.startswith("model.args.static")]
+    dynamic = build_model("nyuv2", **load_pipeline(PIPELINE, dynamic_overrides).model.args)
+    (tmp_path / "dynmm").mkdir()
+    save_state(tmp_path / "dynmm", {"model": dynamic.state_dict()})
+    arguments = ["evaluate", str(PIPELINE), "--checkpoint", str(tmp_path / "dynmm"),
+                 "--static-checkpoint", result.checkpoint_path, "--json"]
+    for setting in dynamic_overrides:
+        arguments += ["--set", setting]
+    capsys.readouterr()
+    assert main(arguments) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["static_trained"] is True
+    assert report["models"]["static"]["path_fractions"] == [0.0, 0.0, 0.0, 0.0, 1.0]

@@ -75,6 +75,8 @@ def test_worker_crash_is_recovered_from_the_last_checkpoint_without_gaps_in_mlfl
     assert result.final_metrics["val_samples"] == one_pass["samples"] == rows
     assert result.final_metrics["val_accuracy"] == pytest.approx(one_pass["accuracy"], abs=1e-9)
     assert result.final_metrics["val_loss"] == pytest.approx(one_pass["loss"], rel=1e-4)
+    # the workers charge each path what the driver counted: a routed forward on it, the gate's work shared
+    assert result.final_metrics["val_gflops_per_sample"] == pytest.approx(one_pass["gflops_per_sample"], rel=1e-9)
 
     # the gate's feature scaling was fitted once, before the gate stage, on the holdout rows of both ranks
     # together; the workers that resumed after the crash kept it from the checkpoint

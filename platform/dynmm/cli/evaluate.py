@@ -17,8 +17,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="override a pipeline field (repeatable)")
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder (holding state.pt) of the DynMM model")
     parser.add_argument("--static-checkpoint", default=None,
-                        help="checkpoint of the static baseline, run on its full-fusion path "
-                             "(default: the DynMM checkpoint with every sample on that path)")
+                        help="checkpoint of the static baseline, run on its full-fusion path, e.g. the static "
+                             "net trained with --set model.args.static=true (default: the DynMM checkpoint "
+                             "with every sample on that path)")
     parser.add_argument("--split", choices=["train", "valid", "test"], default="test")
     parser.add_argument("--noise", default=None, metavar="MODALITY",
                         help="add noise to this modality (e.g. rgb, depth) or to either one, drawn per batch")
@@ -51,6 +52,7 @@ def report_as_dict(report) -> dict:
         "quality_metric": report.quality_metric,
         "noise": None if report.noise is None else vars(report.noise),
         "runs": report.runs,
+        "static_trained": report.static_trained,
         "models": {
             model.name: {
                 f"{report.quality_metric}_mean": model.quality_mean,
@@ -59,6 +61,7 @@ def report_as_dict(report) -> dict:
                 "gflops_per_sample": model.metrics["gflops_per_sample"],
                 "compute_reduction": model.metrics["compute_reduction"],
                 "depth_encoder_reduction": model.depth_encoder_reduction,
+                "depth_encoder_gflops_per_sample": model.depth_encoder_gflops,
                 "path_fractions": _path_fractions(model.metrics),
             }
             for model in report.models
@@ -72,17 +75,20 @@ def format_report(report) -> str:
         f"probability {report.noise.probability:g} per batch"
     )
     quality = report.quality_metric
+    static = "trained static model" if report.static_trained else "static: the DynMM weights on the full path"
     lines = [
-        f"split {report.split}, {noise}, {report.runs} run(s)",
-        f"{'model':<8} {quality + ' mean':>12} {'std':>8} {'GFLOPs':>9} {'saved':>7} {'depth saved':>11}  paths",
+        f"split {report.split}, {noise}, {report.runs} run(s); {static}",
+        f"{'model':<8} {quality + ' mean':>12} {'std':>8} {'GFLOPs':>9} {'saved':>7} {'depth GFLOPs':>12} "
+        f"{'depth saved':>11}  paths",
     ]
     for model in report.models:
         depth = "-" if model.depth_encoder_reduction is None else f"{model.depth_encoder_reduction:.1%}"
+        depth_gflops = "-" if model.depth_encoder_gflops is None else f"{model.depth_encoder_gflops:.4g}"
         fractions = " / ".join(f"{fraction:.0%}" for fraction in _path_fractions(model.metrics))
         lines.append(
             f"{model.name:<8} {model.quality_mean:>12.4f} {model.quality_std:>8.4f} "
-            f"{model.metrics['gflops_per_sample']:>9.4g} {model.metrics['compute_reduction']:>7.1%} {depth:>11}  "
-            f"{fractions}"
+            f"{model.metrics['gflops_per_sample']:>9.4g} {model.metrics['compute_reduction']:>7.1%} "
+            f"{depth_gflops:>12} {depth:>11}  {fractions}"
         )
     return "\n".join(lines)
 

@@ -18,7 +18,8 @@ from dynmm.data.format import read_meta
 from dynmm.data.readers import iter_batches, resolve_dataset
 from dynmm.errors import UserError
 from dynmm.home import default_datasets_root
-from dynmm.models import FusionDynMM, PathCosts, build_model, depth_encoder_flops, measure_path_costs
+from dynmm.models import FusionDynMM, PathCosts, build_model, measure_path_costs
+from dynmm.models.builders import FUSION_MODEL_NAMES
 from dynmm.spec import PipelineSpec
 from dynmm.train.checkpoints import STATE_FILE, load_state
 from dynmm.train.metrics import QUALITY_METRIC, EpochSums, finalize, task_loss
@@ -106,6 +107,7 @@ class ModelEvaluation:
     quality_per_run: tuple[float, ...]
     metrics: dict[str, float]
     depth_encoder_reduction: float | None = None
+    depth_encoder_gflops: float | None = None  # expected depth-encoder GFLOPs per sample (fusion-level net)
 
     @property
     def quality_mean(self) -> float:
@@ -123,16 +125,22 @@ class EvaluationReport:
     noise: Noise | None
     runs: int
     models: tuple[ModelEvaluation, ...]
+    static_trained: bool = False  # the static model was trained as its own model, not DynMM's weights forced
 
 
 def load_checkpoint_model(spec: PipelineSpec, checkpoint_dir: str | Path, device: str = "cpu"):
-    """The pipeline's model with the weights of a training checkpoint folder (one holding state.pt)."""
+    """The pipeline's model with the weights of a training checkpoint folder (one holding state.pt); a
+    fusion-level checkpoint without gate weights is the static net (``model.args.static: true``)."""
     path = Path(checkpoint_dir).expanduser()
     if not (path / STATE_FILE).is_file():
         raise UserError(f"{path}: no {STATE_FILE}; pass a checkpoint folder (checkpoint_*) of a training run")
-    model = build_model(spec.model.name, **spec.model.args)
+    state = load_state(path)["model"]
+    args = dict(spec.model.args)
+    if spec.model.name in FUSION_MODEL_NAMES and not any(key.startswith("gate.") for key in state):
+        args["static"] = True
+    model = build_model(spec.model.name, **args)
     try:
-        model.load_state_dict(load_state(path)["model"])
+        model.load_state_dict(state)
     except RuntimeError as error:
         first_line = str(error).strip().splitlines()[0]
         raise UserError(f"{path}: does not fit model {spec.model.name!r} with model.args {spec.model.args}: "
@@ -151,9 +159,10 @@ def evaluate_checkpoints(
     batch_size: int | None = None,
     device: str = "cpu",
 ) -> EvaluationReport:
-    """``dynmm evaluate``: a static baseline (``static_checkpoint``, default the DynMM checkpoint itself,
-    every sample on the full-fusion path) and the DynMM model (hard gates, routed), each over ``runs``
-    seeded runs (one run without noise: it would repeat exactly)."""
+    """``dynmm evaluate``: a static baseline (``static_checkpoint``: the static net trained as its own model,
+    ``model.args.static: true``, or any checkpoint run on its full-fusion path; default the DynMM checkpoint
+    itself on that path) and the DynMM model (hard gates, routed), each over ``runs`` seeded runs (one run
+    without noise: it would repeat exactly). Costs are the DynMM model's; the static one pays no gate."""
     if runs < 1:
         raise UserError(f"--runs must be >= 1, got {runs}")
     dataset_dir = resolve_dataset(spec.data.dataset, spec.data.root or default_datasets_root())
@@ -169,17 +178,16 @@ def evaluate_checkpoints(
     evaluations = []
     for name, model, force_path in (("static", static, full_path), ("dynmm", dynamic, None)):
         per_run = [evaluate_split(model, dataset_dir, split, force_path=force_path, seed=s, **options) for s in seeds]
-        depth_reduction = None
-        if isinstance(model, FusionDynMM):
-            depth_reduction = _depth_encoder_reduction(model, per_run[0])
-        evaluations.append(
-            ModelEvaluation(name, tuple(metrics[quality] for metrics in per_run), per_run[0], depth_reduction)
-        )
-    return EvaluationReport(split, quality, noise, len(seeds), tuple(evaluations))
+        depth_flops = _expected_depth_encoder_flops(costs, per_run[0]) if isinstance(model, FusionDynMM) else None
+        evaluations.append(ModelEvaluation(
+            name, tuple(metrics[quality] for metrics in per_run), per_run[0],
+            None if depth_flops is None else 1.0 - depth_flops / max(costs.loss_flops),
+            None if depth_flops is None else depth_flops / 1e9,
+        ))
+    static_trained = static is not dynamic and isinstance(static, FusionDynMM) and static.static
+    return EvaluationReport(split, quality, noise, len(seeds), tuple(evaluations), static_trained)
 
 
-def _depth_encoder_reduction(model: FusionDynMM, metrics: Mapping[str, float]) -> float:
-    """1 - E[depth-encoder FLOPs] / depth-encoder FLOPs of the static net, from the route fractions."""
-    depth_flops = depth_encoder_flops(model)
-    expected = sum(metrics[f"path{path}_fraction"] * flops for path, flops in enumerate(depth_flops))
-    return 1.0 - expected / depth_flops[-1]
+def _expected_depth_encoder_flops(costs: PathCosts, metrics: Mapping[str, float]) -> float:
+    """E[depth-encoder FLOPs per sample] from the route fractions (``PathCosts.loss_flops``: depth stages 1..k)."""
+    return sum(metrics[f"path{path}_fraction"] * flops for path, flops in enumerate(costs.loss_flops))

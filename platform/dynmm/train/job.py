@@ -51,6 +51,8 @@ class WorkerJob:
     # FLOPs per sample of the gate and of each expert, counted once by the driver (``worker_job`` sets them)
     gate_flops: float = 0.0
     expert_flops: tuple[float, ...] = ()
+    routed_path_flops: tuple[float, ...] = ()  # each path counted whole (``PathCosts.routed_path_flops``)
+    loss_flops: tuple[float, ...] = ()  # the resource loss's costs (``PathCosts.loss_flops``)
 
     def to_config(self) -> dict:
         return asdict(self)

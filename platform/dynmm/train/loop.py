@@ -3,7 +3,8 @@
 Ray Train calls used: ``get_context``, ``get_checkpoint``, ``get_dataset_shard``, ``prepare_model``,
 ``report``. Stages run in order (experts, gate, finetune); every epoch ends with a validation pass with
 hard gates and routed execution, metrics summed over all ranks, and a checkpoint. A fusion-level model
-has no separate experts: it trains whole in the gate stage (``freeze_experts: false``).
+has no separate experts: it trains whole in the gate stage (``freeze_experts: false``). An epoch whose loss
+is not finite is reported and ends the run on every rank (the driver turns it into a one-line error).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import ray.train
 import ray.train.torch
@@ -21,16 +23,18 @@ import torch.distributed as dist
 from torch import nn
 
 from dynmm.models import (
+    FusionDynMM,
     ModalityDynMM,
     PathCosts,
     TemperatureSchedule,
     build_model,
+    compute_reduction,
     resource_aware_loss,
 )
 from dynmm.track.runs import EpochLogger
 from dynmm.train.checkpoints import load_state, read_experts, save_state, write_experts
 from dynmm.train.job import StageConfig, WorkerJob
-from dynmm.train.metrics import EpochSums, finalize, task_loss
+from dynmm.train.metrics import EpochSums, finalize, nonfinite_losses, task_loss
 from dynmm.train.progress import post_progress
 
 
@@ -56,7 +60,10 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
 
     model = build_model(job.model_name, **job.model_args)
-    costs = PathCosts(job.gate_flops, job.expert_flops)  # counted once by the driver (seconds per process)
+    # counted once by the driver (seconds per process)
+    costs = PathCosts(
+        job.gate_flops, job.expert_flops, routed_path_flops=job.routed_path_flops, loss_flops=job.loss_flops
+    )
     path_gflops = torch.tensor(costs.path_gflops, dtype=torch.float64)
     # a forced path skips the gate: it costs what the expert alone would cost as a static model
     forced_gflops = torch.tensor([flops / 1e9 for flops in costs.expert_flops], dtype=torch.float64)
@@ -75,6 +82,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     global_step = resume["global_step"] if resume else -1
     hard_epochs = int(state["metrics"].get("hard_epochs", 0)) if state else 0
+    diverged = False
     for stage_index, stage in enumerate(job.stages):
         if resume and stage_index < resume["stage_index"]:
             continue
@@ -83,7 +91,6 @@ def train_loop_per_worker(config: dict) -> None:
         if not resuming_this_stage and _start_from_shared_experts(model, job, stage, stage_index, resume):
             continue
         if stage.name == "gate" and not resuming_this_stage and isinstance(model, ModalityDynMM):
-            model.init_gate_from_experts()  # a gate that copies a trained expert (ConfidenceGate) gets it now
             _fit_gate_feature_scaling(model, job, device)
         trainable = _prepare_stage(model, stage)
         optimizer = _build_optimizer(stage, model)
@@ -101,23 +108,34 @@ def train_loop_per_worker(config: dict) -> None:
             )
             metrics = {f"train_{k}": v for k, v in finalize(_all_reduce(train_sums, device), static_gflops).items()}
             metrics.update(_validate(model, stage, job, device, path_gflops, forced_gflops, static_gflops))
+            metrics.update(loss_cost_reductions(metrics, job.loss_flops))
             global_step += 1
             hard_epochs += _gates_were_hard(stage, schedule, epoch)
             last_epoch = epoch == stage.epochs - 1
+            # the losses are summed over all ranks, so every rank takes the same decision (no rank is left
+            # waiting in a collective); the run ends without raising, so that Ray Train does not restart it as
+            # if a worker had crashed, and its diverged epoch is checkpointed: the driver sees the metrics of the
+            # latest checkpoint only, and the same command run again reports the divergence instead of repeating it
+            diverged = bool(nonfinite_losses(metrics))
             metrics.update(
                 stage_index=stage_index, epoch=epoch, global_step=global_step, tau=schedule.tau(epoch),
                 lr=lr,
                 epoch_seconds=time.perf_counter() - started, hard_epochs=hard_epochs,
-                finished=float(last_epoch and stage_index == len(job.stages) - 1),
+                finished=float(last_epoch and stage_index == len(job.stages) - 1 and not diverged),
             )
-            if stage.name == "experts" and last_epoch and rank == 0:
+            if stage.name == "experts" and last_epoch and rank == 0 and not diverged:
                 write_experts(job.experts_uri, model.experts.state_dict(), metrics)
             position = {"stage_index": stage_index, "epoch": epoch, "global_step": global_step}
-            _report(metrics, model, optimizer, position, save=last_epoch or (epoch + 1) % job.checkpoint_every == 0)
+            save = diverged or last_epoch or (epoch + 1) % job.checkpoint_every == 0
+            _report(metrics, model, optimizer, position, save=save)
             logger.log_epoch(global_step, metrics)
             if rank == 0:
                 post_progress(job.progress_actor, {"stage": stage.name, "epoch": epoch, "epochs": stage.epochs,
                                                    "metrics": metrics})
+            if diverged:
+                break
+        if diverged:
+            break
     logger.close()  # every epoch reaches MLflow before the run is declared done
 
 
@@ -189,18 +207,25 @@ class _AllExperts(nn.Module):
 
 
 def _prepare_stage(model, stage: StageConfig) -> nn.Module:
-    """The module this stage trains, wrapped for DDP; parameters not trained are frozen (everything but
-    the gate counts as the experts)."""
-    freeze_experts = stage.name == "gate" and stage.freeze_experts
-    gate_parameters = set(model.gate.parameters())
-    for parameter in model.parameters():
-        in_gate = parameter in gate_parameters
-        parameter.requires_grad_(stage.name != "experts" if in_gate else not freeze_experts)
+    """The module this stage trains, wrapped for DDP; parameters not trained are frozen."""
+    _freeze_for_stage(model, stage)
     module = _AllExperts(model.experts) if stage.name == "experts" else model
     # Random-path warm-up and routed groups leave some parameters without gradients in a step.
     return ray.train.torch.prepare_model(
         module, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": True}
     )
+
+
+def _freeze_for_stage(model, stage: StageConfig) -> None:
+    """Only what ``stage`` trains requires gradients: everything but the gate counts as the experts, and a
+    gate that runs an expert's own module (``ConfidenceGate``) does not own that expert's parameters."""
+    freeze_experts = stage.name == "gate" and stage.freeze_experts
+    experts = model.experts if isinstance(model, ModalityDynMM) else nn.ModuleList()
+    gate = model.gate if model.gate is not None else nn.ModuleList()  # the static fusion net has no gate
+    gate_parameters = set(gate.parameters()) - set(experts.parameters())
+    for parameter in model.parameters():
+        in_gate = parameter in gate_parameters
+        parameter.requires_grad_(stage.name != "experts" if in_gate else not freeze_experts)
 
 
 def _build_optimizer(stage: StageConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -214,51 +239,73 @@ def _build_optimizer(stage: StageConfig, model: nn.Module) -> torch.optim.Optimi
 
 
 def _batches(
-    split: str, batch_size: int, device, seed: int | None = None, cache: dict | None = None
+    split: str,
+    batch_size: int,
+    device,
+    seed: int | None = None,
+    cache: dict | None = None,
+    equal_shares: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """This worker's shard of ``split`` in batches, shuffled with ``seed`` when given.
 
     With a ``cache`` (small datasets) the shard is read from Ray Data once and kept in this worker's
     memory, so later epochs cost only compute: each rank keeps the same disjoint shard, as a
-    DistributedSampler would. Otherwise every epoch streams the shard from Ray Data."""
+    DistributedSampler would. Otherwise every epoch streams the shard from Ray Data.
+
+    ``equal_shares`` (training): every rank yields the same number of rows, hence of batches, so that DDP's
+    gradient all-reduces pair up across ranks; a rank with one row more than the others leaves out one of
+    its rows, a different one each epoch (shuffled first), as DistributedSampler(drop_last=True) does.
+    Streamed training shards are equal already (Ray Train splits them with ``equal=True``). Without it
+    (validation, which runs no collective per batch) every row is used, so metrics cover the whole split."""
     if cache is None:
         shard = ray.train.get_dataset_shard(split)
         shuffle = {"local_shuffle_buffer_size": 4 * batch_size, "local_shuffle_seed": seed} if seed is not None else {}
         yield from shard.iter_torch_batches(batch_size=batch_size, device=device, **shuffle)
         return
     if split not in cache:
-        cache[split] = _rank_slice(ray.train.get_dataset_shard(split), device)
-    columns = cache[split]
-    if not columns:
-        return
-    rows = len(next(iter(columns.values())))
-    order = torch.arange(rows) if seed is None else torch.randperm(rows, generator=torch.Generator().manual_seed(seed))
-    order = order.to(device)
-    for start in range(0, rows, batch_size):
+        cache[split] = _rank_share(ray.train.get_dataset_shard(split), device)
+    share = cache[split]
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    order = torch.arange(share.rows) if seed is None else torch.randperm(share.rows, generator=generator)
+    order = order[: share.equal_rows if equal_shares else share.rows].to(device)
+    for start in range(0, len(order), batch_size):
         chosen = order[start : start + batch_size]
-        yield {key: values[chosen] for key, values in columns.items()}
+        yield {key: values[chosen] for key, values in share.columns.items()}
 
 
-def _rank_slice(whole_split, device) -> dict[str, torch.Tensor]:
+@dataclass(frozen=True)
+class _RankShare:
+    """This rank's rows of a split kept in memory; ``equal_rows``: the rows every rank has (split // ranks)."""
+
+    columns: dict[str, torch.Tensor]
+    rows: int
+    equal_rows: int
+
+
+def _rank_share(whole_split, device) -> _RankShare:
     """This rank's contiguous share of a small split that every rank reads whole (datasets a worker keeps in
     memory are not split by Ray Train: a streaming split starts a coordinator actor per dataset, which costs
-    seconds per run). Ranks see the same order, so the shares are disjoint and cover every row."""
+    seconds per run). Ranks see the same order, so the shares are disjoint and cover every row; their sizes
+    differ by at most one row."""
     parts = list(whole_split.iter_torch_batches(batch_size=4096, device=device))
     if not parts:
-        return {}
+        return _RankShare({}, 0, 0)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     columns = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
     rows = len(next(iter(columns.values())))
     start, end = rank * rows // world_size, (rank + 1) * rows // world_size
-    return {key: values[start:end] for key, values in columns.items()}
+    return _RankShare({key: values[start:end] for key, values in columns.items()}, end - start, rows // world_size)
 
 
 def _train_epoch(trainable, model, stage, schedule, epoch, optimizer, job, device, normalised_costs, path_gflops):
     trainable.train()
     sums = EpochSums.zeros(job.task, model.num_paths, job.num_classes)
     split = "train_experts" if stage.name == "experts" else "train_gate"
-    for batch in _batches(split, job.batch_size, device, seed=job.seed * 1000 + epoch, cache=_SHARD_CACHE.get(job)):
+    seed = job.seed * 1000 + epoch
+    # the static fusion net runs every sample on the full path: its cost is fixed, so no resource loss
+    static = isinstance(model, FusionDynMM) and model.static
+    for batch in _batches(split, job.batch_size, device, seed=seed, cache=_SHARD_CACHE.get(job), equal_shares=True):
         label = batch.pop("label")
         optimizer.zero_grad(set_to_none=True)
         if stage.name == "experts":
@@ -271,9 +318,11 @@ def _train_epoch(trainable, model, stage, schedule, epoch, optimizer, job, devic
         else:
             mode = schedule.mode(epoch) if stage.name == "gate" else "hard"
             result = trainable(batch, mode="soft" if mode == "random" else mode, tau=schedule.tau(epoch),
-                               random_paths=mode == "random")
+                               random_paths=mode == "random", gumbel=stage.gumbel)
             task = task_loss(job.task, result.output, label, job.class_weights, result.side_outputs)
-            loss = resource_aware_loss(task, result.decisions, normalised_costs, stage.resource_lambda, stage.budget)
+            loss = task if static else resource_aware_loss(
+                task, result.decisions, normalised_costs, stage.resource_lambda, stage.budget
+            )
             sums.add(result.output, label, loss, result.paths, path_gflops)
         loss.backward()
         if stage.grad_clip:
@@ -303,6 +352,20 @@ def _validate(model, stage, job, device, path_gflops, forced_gflops, static_gflo
         fusion = f"val_expert{_fusion_path(path_gflops)}_"
         metrics.update({"val_" + k.removeprefix(fusion): v for k, v in metrics.items() if k.startswith(fusion)})
     return metrics
+
+
+def loss_cost_reductions(metrics: dict[str, float], loss_flops: tuple[float, ...]) -> dict[str, float]:
+    """The saving in the resource loss's own costs, from each split's route fractions: for the fusion-level
+    net ``{train,val}_depth_encoder_reduction`` (DYNMM.md's figure) beside the whole-network ``compute_reduction``.
+    Empty where the loss weighs the path FLOPs themselves."""
+    if not loss_flops:
+        return {}
+    reductions = {}
+    for prefix in ("train_", "val_"):
+        fractions = [metrics[f"{prefix}path{path}_fraction"] for path in range(len(loss_flops))]
+        expected = sum(fraction * flops for fraction, flops in zip(fractions, loss_flops, strict=True))
+        reductions[f"{prefix}depth_encoder_reduction"] = compute_reduction(expected, max(loss_flops))
+    return reductions
 
 
 def _fusion_path(path_gflops: torch.Tensor) -> int:

@@ -7,7 +7,8 @@ rank 0's shard. ``finalize`` turns the summed vector into named metrics. Pure to
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -131,6 +132,12 @@ def finalize(sums: EpochSums, static_gflops: float) -> dict[str, float]:
         metrics[f"path{path}_fraction"] = float(values[3 + path]) / count
     metrics.update(_task_metrics(sums.task, values[3 + sums.num_paths :], count, sums.num_classes))
     return metrics
+
+
+def nonfinite_losses(metrics: Mapping[str, float]) -> list[str]:
+    """The names of the losses among ``metrics`` (``train_loss``, ``val_loss``, ``val_expert0_loss``, ...)
+    that are NaN or infinite: a run whose loss turned non-finite has diverged and is stopped."""
+    return [name for name, value in metrics.items() if name.endswith("loss") and not math.isfinite(value)]
 
 
 def _task_width(task: str, num_classes: int) -> int:

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import uuid
 import zlib
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,20 +24,22 @@ import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
-from dynmm.data.format import DatasetMeta, read_meta
-from dynmm.data.readers import iter_batches, ray_dataset, resolve_dataset
+from dynmm.data.format import DatasetMeta, read_meta, verify_dataset
+from dynmm.data.readers import iter_batches, locate_dataset, ray_dataset, resolve_dataset
 from dynmm.errors import DatasetError, SpecError, UserError
 from dynmm.home import default_datasets_root, default_storage_path
 from dynmm.models import FusionDynMM, PathCosts, build_model, measure_path_costs
 from dynmm.models.export import FlatInputDynMM
+from dynmm.runtime import join_ray, start_local_ray
 from dynmm.spec import PipelineSpec
 from dynmm.track import resolve_tracking_uri, start_job_run
-from dynmm.track.runs import check_tracking_reachable, finish_run, log_final_model
-from dynmm.train.checkpoints import load_state
+from dynmm.track.runs import check_tracking_reachable, closing_run, log_final_model
+from dynmm.train.checkpoints import STATE_FILE, load_state
 from dynmm.train.job import StageConfig, WorkerJob, stable_hash
 from dynmm.train.loop import train_loop_per_worker
-from dynmm.train.metrics import QUALITY_METRIC, median_frequency_weights
+from dynmm.train.metrics import QUALITY_METRIC, median_frequency_weights, nonfinite_losses
 from dynmm.train.progress import ProgressPrinter
+from dynmm.train.rendezvous import process_group_config
 
 TASK_OF_DATASET = {"regression": "regression", "binary": "binary", "multiclass": "multiclass",
                    "multilabel": "multilabel", "segmentation": "segmentation"}
@@ -58,23 +63,30 @@ class PreparedPipeline:
 
 
 def prepare_pipeline(spec: PipelineSpec) -> PreparedPipeline:
-    """Resolve the dataset and build the model once; user mistakes become one UserError."""
-    try:
-        dataset_dir = resolve_dataset(spec.data.dataset, spec.data.root or default_datasets_root())
-        meta = read_meta(dataset_dir)
-    except DatasetError as error:
-        raise DatasetError(f"data.dataset: {error}") from None
-    if meta.task not in TASK_OF_DATASET:
-        raise SpecError(f"data.dataset: task {meta.task!r} of {dataset_dir} is not trained by DynMM")
+    """Build the model once and check it against the dataset's metadata before a built-in dataset is
+    written, then verify the dataset's files; user mistakes and damaged files become one UserError."""
     try:
         model = build_model(spec.model.name, **spec.model.args)
     except (ValueError, TypeError) as error:
         raise SpecError(f"model: {error}") from None
+    data_root = spec.data.root or default_datasets_root()
+    try:
+        dataset_dir, meta = locate_dataset(spec.data.dataset, data_root)
+    except DatasetError as error:
+        raise DatasetError(f"data.dataset: {error}") from None
+    if meta.task not in TASK_OF_DATASET:
+        raise SpecError(f"data.dataset: task {meta.task!r} of {dataset_dir} is not trained by DynMM")
     _check_model_fits_data(model.input_shapes, meta, dataset_dir)
-    class_weights = ()
-    if isinstance(model, FusionDynMM) or meta.task == "segmentation":
+    fusion = isinstance(model, FusionDynMM) or meta.task == "segmentation"
+    if fusion:
         _check_fusion_pipeline(spec, model, meta, dataset_dir)
-        class_weights = segmentation_class_weights(dataset_dir, meta.num_classes)
+    try:
+        dataset_dir = resolve_dataset(spec.data.dataset, data_root)
+        meta = read_meta(dataset_dir)
+        verify_dataset(dataset_dir)
+    except DatasetError as error:
+        raise DatasetError(f"data.dataset: {error}") from None
+    class_weights = segmentation_class_weights(dataset_dir, meta.num_classes) if fusion else ()
     storage_path = str(spec.run.storage_path or default_storage_path())
     experts_key = stable_hash(
         str(dataset_dir.resolve()), meta.model_dump(mode="json"), spec.model.model_dump(mode="json"),
@@ -145,7 +157,8 @@ def stage_configs(
 
 
 def connect_ray(address: str | None = None, verbose: bool = False) -> None:
-    """Use the cluster named by ``address`` or ``RAY_ADDRESS``; else start a local Ray on 127.0.0.1."""
+    """Use the cluster named by ``address`` or ``RAY_ADDRESS``; else start a local Ray of our own that
+    listens on 127.0.0.1 only (never the cluster ``ray start`` last started on this machine)."""
     if ray.is_initialized():
         return
     options = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
@@ -155,13 +168,9 @@ def connect_ray(address: str | None = None, verbose: bool = False) -> None:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     try:
         if address:
-            ray.init(address=address, **options)
+            join_ray(address, **options)
         else:
-            # The dashboard (on 127.0.0.1 only) serves the state API that Ray Train's placement-group
-            # cleaner needs: without it, the worker groups of trials that Tune stops are never freed.
-            ray.init(
-                _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1", **options
-            )
+            start_local_ray(**options)
     except ConnectionError as error:
         raise UserError(f"cannot reach the Ray cluster at {address}: {error}") from None
     ray.data.DataContext.get_current().enable_progress_bars = verbose
@@ -209,6 +218,23 @@ def build_datasets(prepared: PreparedPipeline, stage_names: Sequence[str]) -> di
     return datasets
 
 
+class StreamedSplits(ray.train.DataConfig):
+    """How Ray Train splits streamed (large) datasets among the workers: the training sets in equal shares
+    (``equal=True`` leaves out up to world_size - 1 rows, so every rank runs the same number of DDP steps),
+    the validation set in shares that keep every row (validation runs no collective per batch, and its
+    summed metrics are those of the whole split)."""
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        training = {name: dataset for name, dataset in datasets.items() if name != "valid"}
+        shards = super().configure(training, world_size, worker_handles, worker_node_ids, **kwargs)
+        if "valid" in datasets:
+            valid = datasets["valid"].copy(datasets["valid"])
+            valid.context.execution_options = self._resolve_execution_options("valid")
+            for shard, split in zip(shards, valid.streaming_split(world_size, equal=False), strict=True):
+                shard["valid"] = split
+        return shards
+
+
 def keeps_data_in_memory(prepared: PreparedPipeline) -> bool:
     return _folder_bytes(prepared.dataset_dir) < MATERIALIZE_BELOW_BYTES
 
@@ -249,6 +275,7 @@ def build_trainer(
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=job.to_config(),
+        torch_config=process_group_config(),
         scaling_config=ray.train.ScalingConfig(
             num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu, resources_per_worker=resources
         ),
@@ -260,8 +287,8 @@ def build_trainer(
             callbacks=list(callbacks),
         ),
         datasets=datasets if datasets is not None else build_datasets(prepared, [stage.name for stage in job.stages]),
-        # small datasets: every worker reads each whole and keeps its own share in memory (see _rank_slice)
-        dataset_config=ray.train.DataConfig(datasets_to_split=[] if job.cache_shards_in_memory else "all"),
+        # small datasets: every worker reads each whole and keeps its own share in memory (see _rank_share)
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]) if job.cache_shards_in_memory else StreamedSplits(),
     )
 
 
@@ -297,6 +324,8 @@ def worker_job(
         class_weights=prepared.class_weights,
         gate_flops=prepared.costs.gate_flops,
         expert_flops=prepared.costs.expert_flops,
+        routed_path_flops=prepared.costs.routed_path_flops,
+        loss_flops=prepared.costs.loss_flops,
     )
 
 
@@ -341,29 +370,77 @@ def run_training(
         tracking_uri, spec.tracking.experiment or spec.name, run_name,
         params=spec.model_dump(mode="json", by_alias=True), tags={"dynmm.pipeline": spec.name, "dynmm.kind": "train"},
     )
-    progress = progress_actor_name(run_name)
-    job = worker_job(prepared, stage_configs(spec), run_name, tracking_uri, run_id, progress)
-    trainer = build_trainer(prepared, job, run_name)
-    try:
-        with ProgressPrinter(progress, show):
+    with closing_run(tracking_uri, run_id):  # FINISHED, or FAILED / KILLED however the block is left
+        progress = progress_actor_name(run_name)
+        job = worker_job(prepared, stage_configs(spec), run_name, tracking_uri, run_id, progress)
+        trainer = build_trainer(prepared, job, run_name)
+        with ProgressPrinter(progress, show), ctrl_c_as_keyboard_interrupt(), user_errors_of_workers():
             result = trainer.fit()
-    except Exception:
-        finish_run(tracking_uri, run_id, "FAILED")
-        raise
-    history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
-    if result.checkpoint is not None:
-        model = load_model_from_checkpoint(spec, result.checkpoint)
-        example = FlatInputDynMM(model).flatten(model.example_inputs(2)).numpy()
-        log_final_model(tracking_uri, run_id, FlatInputDynMM(model), example)
-    finish_run(tracking_uri, run_id, "FINISHED")
+        raise_if_loss_diverged(result.metrics, job.stages)
+        history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
+        if result.checkpoint is not None:
+            model = load_model_from_checkpoint(spec, result.checkpoint)
+            example = FlatInputDynMM(model).flatten(model.example_inputs(2)).numpy()
+            log_final_model(tracking_uri, run_id, FlatInputDynMM(model), example)
     return TrainResult(
         run_name, tracking_uri, run_id, prepared.quality_metric, prepared.costs, dict(result.metrics or {}),
         history, result.checkpoint.path if result.checkpoint else None,
     )
 
 
+@contextmanager
+def ctrl_c_as_keyboard_interrupt():
+    """Ray Train's fit installs a Ctrl-C handler that aborts the run and then calls ``sys.exit(0)`` (the process
+    exited 1, silently); here that ends as a ``KeyboardInterrupt``, and Ctrl-C works as before after the fit."""
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    except SystemExit:  # nothing else in fit exits; Ray Train's SIGINT handler does
+        raise KeyboardInterrupt from None
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, handler)
+
+
+def raise_if_loss_diverged(metrics: dict | None, stages: Sequence[StageConfig]) -> None:
+    """The workers end a run whose loss turned non-finite with that epoch's report (not with an exception,
+    which Ray Train would retry as a crash); that report becomes one ``UserError`` naming stage and epoch."""
+    metrics = metrics or {}
+    diverged = nonfinite_losses({name: value for name, value in metrics.items() if isinstance(value, int | float)})
+    if not diverged:
+        return
+    stage = stages[int(metrics["stage_index"])]
+    losses = ", ".join(f"{name}={metrics[name]}" for name in diverged)
+    raise UserError(
+        f"stages.{stage.name}: the loss turned non-finite in epoch {int(metrics['epoch']) + 1}/{stage.epochs} of "
+        f"the {stage.name} stage ({losses}); training stopped. Lower stages.{stage.name}.lr or check the data"
+    )
+
+
+@contextmanager
+def user_errors_of_workers():
+    """A ``UserError`` a worker raised (e.g. a damaged checkpoint to resume from) is raised here as itself: one
+    line for the user, not Ray's wrapped traceback."""
+    try:
+        yield
+    except ray.train.TrainingFailedError as error:
+        failures = getattr(error, "worker_failures", {}) or {}
+        for failure in failures.values():
+            cause = failure
+            while cause is not None and not isinstance(cause, UserError):
+                cause = cause.__cause__ or getattr(cause, "cause", None)
+            if isinstance(cause, UserError):  # its message alone: Ray's wrappers print the worker traceback
+                raise UserError(str(cause.args[0]) if cause.args else str(cause)) from None
+        raise
+
+
 def load_model_from_checkpoint(spec: PipelineSpec, checkpoint: ray.train.Checkpoint):
+    """The pipeline's model with a checkpoint's weights; a checkpoint of another model is one ``UserError``."""
     model = build_model(spec.model.name, **spec.model.args)
     with checkpoint.as_directory() as directory:
-        model.load_state_dict(load_state(directory)["model"])
+        try:
+            model.load_state_dict(load_state(directory)["model"])
+        except RuntimeError as error:
+            raise UserError(f"{Path(checkpoint.path) / STATE_FILE}: does not fit model {spec.model.name!r}: "
+                            f"{str(error).strip().splitlines()[0]}") from None
     return model.eval()
