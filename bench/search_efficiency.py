@@ -14,9 +14,11 @@ beside them; random and grid run once, with the first seed. About 50 minutes on 
         [--only tpe-fifo,tpe-moasha]
 
 Targets (issue 5): MO-TPE >= grid; MO-ASHA keeps >= 95% of FIFO's hypervolume with <= 60% of its
-trial-epochs; the front holds a model within 0.5 points of static fusion with >= 25% less compute.
-Hypervolumes are normalised to [0, 1]. Last line: JSON with hv_tpe, hv_random, hv_grid,
-hv_moasha_vs_fifo, epochs_moasha_vs_fifo (means over the seeds; the per-seed values under ..._per_seed).
+trial-epochs; the front holds a model within 0.5 points of static fusion with >= 25% less compute (chosen
+on validation, judged on the test split, issue 23). Hypervolumes are normalised to [0, 1], as a share of the
+box and beyond random routing (the experts mixed at random: 0 = no better than that). Last line: JSON with
+hv_tpe, hv_random, hv_grid, hv_beyond_random_*, hv_moasha_vs_fifo, epochs_moasha_vs_fifo (means over the
+seeds; the per-seed values under ..._per_seed).
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from dynmm.models import build_model
 from dynmm.spec import load_pipeline
+from dynmm.train.checkpoints import read_experts
+from dynmm.train.evaluate import evaluate_split
 from dynmm.tune.front import build_front, static_baselines
 from dynmm.tune.study import run_study
 
@@ -78,24 +83,45 @@ def summarise(run, seconds: float) -> dict:
     baselines = static_baselines(run.experts_metrics, prepared)
     report = build_front(run.trials, list(run.objectives.metrics), list(run.objectives.modes), baselines)
     fusion = max(baselines, key=lambda b: b["gflops"])
-    gflops_index = run.objectives.metrics.index("val_gflops_per_sample")
-    # the claim: a front member within 0.5 points of static fusion with >= 25% less compute
-    claims = [m for m in report.members if m["values"][0] >= fusion["quality"] - 0.005
-              and 1 - m["values"][gflops_index] / fusion["gflops"] >= 0.25]
-    best_saving = max((1 - m["values"][gflops_index] / fusion["gflops"] for m in report.members
-                       if m["values"][0] >= fusion["quality"] - 0.005), default=0.0)
+    fusion_test = static_fusion_test_quality(prepared)
+    test_saving, held = saving_within_half_point(report, fusion, fusion_test, prepared.quality_metric)
     return {
         "hypervolume": report.hypervolume_fraction,  # of the box from the reference point to the ideal: in [0, 1]
+        "beyond_random": report.hypervolume_beyond_random,  # 0: no better than random routing, 1: the ideal
         "reference": report.reference,
         "front": len(report.members),
         "completed": sum(t["state"] == "complete" for t in run.trials),
         "pruned": sum(t["state"] == "pruned" for t in run.trials),
         "epochs": sum(max(t["epochs"], 0) for t in run.trials),
         "fusion_quality": fusion["quality"],
-        "claim_met": bool(claims),
-        "best_saving_within_half_point": best_saving,
+        "fusion_test_quality": fusion_test,
+        "claim_met": held and test_saving >= 0.25,
+        "best_saving_within_half_point": test_saving if held else 0.0,
         "minutes": seconds / 60,
     }
+
+
+def saving_within_half_point(report, fusion: dict, fusion_test: float, quality: str) -> tuple[float, bool]:
+    """The claim "a front member within 0.5 points of static fusion": the member with the largest saving among
+    those within half a point of fusion on validation is chosen there, then judged on the test split. Returns
+    its test compute saving and whether its test quality is within half a point of fusion's test quality."""
+    gflops_index = report.metrics.index("val_gflops_per_sample")
+    candidates = [m for m in report.members if m["values"][0] >= fusion["quality"] - 0.005]
+    chosen = max(candidates, key=lambda m: 1 - m["values"][gflops_index] / fusion["gflops"], default=None)
+    if chosen is None or f"test_{quality}" not in chosen["metrics"]:
+        return 0.0, False
+    saving = 1 - chosen["metrics"]["test_gflops_per_sample"] / fusion["gflops"]
+    return saving, chosen["metrics"][f"test_{quality}"] >= fusion_test - 0.005
+
+
+def static_fusion_test_quality(prepared) -> float:
+    """Static fusion (the most expensive expert alone, no gate) on the test split."""
+    model = build_model(prepared.spec.model.name, **prepared.spec.model.args)
+    model.experts.load_state_dict(read_experts(prepared.experts_uri))
+    fusion = max(range(len(prepared.costs.expert_flops)), key=lambda i: prepared.costs.expert_flops[i])
+    metrics = evaluate_split(model, prepared.dataset_dir, "test", prepared.meta.task, prepared.meta.num_classes or 0,
+                             prepared.costs, force_path=fusion)
+    return metrics[prepared.quality_metric]
 
 
 def print_table(rows: dict[tuple[str, int], dict], seeds: list[int], spec) -> None:
@@ -104,11 +130,12 @@ def print_table(rows: dict[tuple[str, int], dict], seeds: list[int], spec) -> No
     print(f"\ndigits, {spec.search.num_trials} trials per study, gate {gate.epochs} epochs (hard from "
           f"{gate.epoch_hard}), 2 workers per trial; hypervolume as a fraction of the box between the reference "
           f"point {[round(v, 6) for v in any_row['reference']]} and the ideal (quality 1, 0 GFLOPs)")
-    print(f"  {'study':<20} {'seed':>4} {'hypervolume':>12} {'front':>6} {'done':>5} {'pruned':>7} "
-          f"{'trial-epochs':>13} {'within 0.5pt of fusion, saved':>30} {'minutes':>8}")
+    print(f"  {'study':<20} {'seed':>4} {'hypervolume':>12} {'beyond random':>14} {'front':>6} {'done':>5} "
+          f"{'pruned':>7} {'trial-epochs':>13} {'within 0.5pt of fusion (test), saved':>37} {'minutes':>8}")
     for (name, seed), row in rows.items():
-        print(f"  {name:<20} {seed:>4} {row['hypervolume']:>12.4g} {row['front']:>6} {row['completed']:>5} "
-              f"{row['pruned']:>7} {row['epochs']:>13} {row['best_saving_within_half_point']:>30.1%} "
+        print(f"  {name:<20} {seed:>4} {row['hypervolume']:>12.4g} {row['beyond_random']:>14.4g} "
+              f"{row['front']:>6} {row['completed']:>5} "
+              f"{row['pruned']:>7} {row['epochs']:>13} {row['best_saving_within_half_point']:>37.1%} "
               f"{row['minutes']:>8.1f}")
 
     def per_seed(name: str) -> dict[int, dict]:
@@ -138,8 +165,8 @@ def print_table(rows: dict[tuple[str, int], dict], seeds: list[int], spec) -> No
               f"{epoch_ratio:.3f} of the trial-epochs (targets: >= 0.95 and <= 0.60) -> "
               f"{'met' if hv_ratio >= 0.95 and epoch_ratio <= 0.60 else 'MISSED'}")
     claim = any(row["claim_met"] for row in rows.values())
-    print(f"  a front model within 0.5 points of static fusion ({any_row['fusion_quality']:.4f}) with >= 25% less "
-          f"compute: {'yes' if claim else 'no'}")
+    print(f"  a front model chosen on validation, within 0.5 points of static fusion on test "
+          f"({any_row['fusion_test_quality']:.4f}) with >= 25% less compute: {'yes' if claim else 'no'}")
 
     def rounded(value):
         return None if value is None else round(value, 4)
@@ -148,6 +175,9 @@ def print_table(rows: dict[tuple[str, int], dict], seeds: list[int], spec) -> No
         "hv_tpe": rounded(mean([row["hypervolume"] for row in tpe.values()])),
         "hv_random": rounded(random and random["hypervolume"]),
         "hv_grid": rounded(grid and grid["hypervolume"]),
+        "hv_beyond_random_tpe": rounded(mean([row["beyond_random"] for row in tpe.values()])),
+        "hv_beyond_random_random": rounded(random and random["beyond_random"]),
+        "hv_beyond_random_grid": rounded(grid and grid["beyond_random"]),
         "hv_moasha_vs_fifo": rounded(hv_ratio),
         "epochs_moasha_vs_fifo": rounded(epoch_ratio),
         "seeds": seeds,

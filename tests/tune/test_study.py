@@ -33,9 +33,12 @@ def tiny_study_overrides(tmp_path: Path, tracking_uri: str) -> list[str]:
         "data.root": tmp_path / "datasets",
         "run.storage_path": tmp_path / "runs",
         "tracking.uri": tracking_uri,
-        "stages.experts.epochs": 3,
+        # experts good enough, and lambdas strong enough, that a gate mixes them: a trial that sends every
+        # sample one way is matched by that expert alone (no gate to pay) and is not on the front
+        "stages.experts.epochs": 10,
         "stages.gate.epochs": 2,
         "stages.gate.epoch_hard": 1,
+        "search.parameters.lambda.low": 0.4,
         "search.num_trials": TRIALS,
         "search.scheduler.kind": "fifo",
     }
@@ -99,7 +102,11 @@ def test_killed_study_resumes_without_rerunning_finished_trials_and_writes_its_f
     assert all("test_accuracy" in member["test_metrics"] for member in front["members"])
     assert (results_dir / "front.csv").read_text().startswith("trial_id")
     assert (results_dir / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert f"hypervolume {front['hypervolume_fraction']:.4f} of the box" in resumed_study.stdout
+    # what users judge by: the share beyond random routing (the experts mixed at random), then the box share
+    assert front["random_routing"] and 0 <= front["hypervolume_beyond_random"] <= 1
+    assert (f"hypervolume {front['hypervolume_beyond_random']:.4f} beyond random routing" in resumed_study.stdout
+            and f"{front['hypervolume_fraction']:.4f} of the box" in resumed_study.stdout)
+    assert "gain_over_random_routing" in (results_dir / "front.csv").read_text().splitlines()[0]
     # the compact live view, not Tune's own console output (its experiment box, paths and trial table)
     assert "trials: " in resumed_study.stdout
     assert not any(tune_line in resumed_study.stdout
@@ -115,7 +122,7 @@ def test_runs_front_and_registry_read_back_from_the_server(resumed_study, tmp_pa
     assert len(kinds["experts"]) == 1 and len(kinds["study"]) == 1, "experts and study: one run each, even resumed"
     study = kinds["study"][0]
     assert study.info.status == "FINISHED"
-    for metric in ("hypervolume", "hypervolume_fraction"):
+    for metric in ("hypervolume", "hypervolume_fraction", "hypervolume_beyond_random"):
         assert [m.step for m in client.get_metric_history(study.info.run_id, metric)] == [1, 2, 3]
     assert {"pareto_front.json", "front"} <= {a.path for a in client.list_artifacts(study.info.run_id)}
     assert {a.path for a in client.list_artifacts(study.info.run_id, "front")} == {
@@ -141,8 +148,40 @@ def test_runs_front_and_registry_read_back_from_the_server(resumed_study, tmp_pa
     assert {"max-quality", "min-compute", "knee"} <= set(client.get_registered_model("digits-dynmm").aliases)
     knee = client.get_model_version_by_alias("digits-dynmm", "knee")
     assert knee.tags["trial_id"] == front["knee_trial_id"] and knee.tags["pareto"] == "true"
+    knee_member = next(m for m in front["members"] if m["trial_id"] == front["knee_trial_id"])
+    line = front["random_routing"]  # the knee's quality above random routing at its compute, as a tag
+    cost = knee_member["values"][1]
+    (x0, y0), (x1, y1) = line[0], line[-1]
+    assert float(knee.tags["gain_over_random_routing"]) == pytest.approx(
+        knee_member["values"][0] - (y0 + (y1 - y0) * (min(cost, x1) - x0) / (x1 - x0)), abs=1e-5)
+    assert float(knee.tags["study_hypervolume_beyond_random"]) == pytest.approx(
+        front["hypervolume_beyond_random"], abs=1e-5)
     stdout = resumed_study.stdout
     assert "Registered model digits-dynmm" in stdout and "dynmm models pick digits-dynmm --max-gflops" in stdout
+
+
+def test_registered_models_score_the_raw_source_as_their_recorded_test_accuracy(resumed_study):
+    """No train/serve skew: a registry model takes scikit-learn's digits as they come (pixels 0..16, not the
+    stored pixel / 16) and scores the test split's rows as its ``test_accuracy`` tag says."""
+    from sklearn.datasets import load_digits
+
+    from dynmm.data.digits import split_indices
+    from dynmm.data.format import read_meta
+
+    seed = read_meta(resumed_study.results_dir.parents[1] / "datasets" / "digits").params["seed"]
+    digits = load_digits()
+    test_rows = split_indices(digits.target, seed)["test"]
+    pixels = digits.images[test_rows].astype(np.float32)
+    assert pixels.max() == 16
+    client = MlflowClient(resumed_study.server.url)
+    mlflow.set_tracking_uri(resumed_study.server.url)
+    aliases = client.get_registered_model("digits-dynmm").aliases
+    assert aliases, "the study registered its front"
+    for alias in aliases:
+        recorded = float(client.get_model_version_by_alias("digits-dynmm", alias).tags["test_accuracy"])
+        served = mlflow.pyfunc.load_model(f"models:/digits-dynmm@{alias}")
+        predicted = served.predict({"top": pixels[:, :4], "bottom": pixels[:, 4:]})["prediction"].to_numpy()
+        assert (predicted == digits.target[test_rows]).mean() == pytest.approx(recorded, abs=0.01), alias
 
 
 def test_registered_model_answers_rest_requests(resumed_study, tmp_path):

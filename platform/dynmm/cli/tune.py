@@ -36,6 +36,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def tune_and_report(spec, *, address=None, verbose=False, resume=False) -> None:
+    from dynmm.track.runs import redact_credentials
     from dynmm.tune.study import register_study_front, report_study, run_study
 
     printer = EpochPrinter()
@@ -47,7 +48,7 @@ def tune_and_report(spec, *, address=None, verbose=False, resume=False) -> None:
     print(f"  front            {paths['json']}  (and .csv)")
     print(f"  plot             {paths['png']}")
     print(f"  Optuna study     {run.results_dir / 'optuna-journal.log'}  (optuna-dashboard opens it)")
-    print(f"  MLflow           {run.tracking_uri}  (study run {run.parent_run_id})")
+    print(f"  MLflow           {redact_credentials(run.tracking_uri)}  (study run {run.parent_run_id})")
     if run.tracking_uri.startswith("sqlite:///"):
         print(f"  browse           .venv/bin/mlflow ui --backend-store-uri {run.tracking_uri}")
     print(f"  elapsed          {run.elapsed_seconds / 60:.1f} min")
@@ -56,6 +57,7 @@ def tune_and_report(spec, *, address=None, verbose=False, resume=False) -> None:
 
 def print_registry(run, report, aliases: dict[str, str]) -> None:
     from dynmm.track.registry import registered_name
+    from dynmm.track.runs import redact_credentials
 
     name = registered_name(run.prepared.spec.name)
     print()
@@ -64,7 +66,7 @@ def print_registry(run, report, aliases: dict[str, str]) -> None:
     gflops = report.metrics.index("val_gflops_per_sample")
     budget = sorted(member["values"][gflops] for member in report.members)[len(report.members) // 2] \
         if report.members else 0.0
-    env = f"MLFLOW_TRACKING_URI={run.tracking_uri} "
+    env = f"MLFLOW_TRACKING_URI={redact_credentials(run.tracking_uri)} "
     print(f"  pick by budget   {env}.venv/bin/dynmm models pick {name} --max-gflops {budget:.3g}")
     print(f"  load in Python   mlflow.pyfunc.load_model('models:/{name}@knee')")
 
@@ -80,10 +82,14 @@ def print_front(report, spec) -> None:
     volume = f"{report.hypervolume:.4g} (reference point: {reference})"
     if report.hypervolume_fraction is not None:
         ideal = ", ".join(f"{m}={v:g}" for m, v in zip(report.metrics, report.ideal, strict=True))
-        volume = (f"{report.hypervolume_text()} of the box from the reference point ({reference}) to the ideal "
-                  f"({ideal}); unnormalised {report.hypervolume:.4g}")
+        volume = (f"{report.hypervolume_fraction:.4f} of the box from the reference point ({reference}) to the "
+                  f"ideal ({ideal}); unnormalised {report.hypervolume:.4g}")
+    if report.hypervolume_beyond_random is not None:
+        volume = (f"{report.hypervolume_beyond_random:.4f} beyond random routing (0: no better than sending "
+                  f"samples to the experts at random, 1: the ideal); {volume}")
     print(f"Pareto front: {len(report.members)} models, hypervolume {volume}")
-    header = f"  {'trial':<14} {'lambda':>8} {'tau':>13} {quality:>14} {'GFLOPs':>10} {'saved':>7} {test_quality:>14}"
+    header = (f"  {'trial':<14} {'lambda':>8} {'tau':>13} {quality:>14} {'GFLOPs':>10} {'saved':>7} "
+              f"{test_quality:>14} {'vs random':>10}")
     print(header)
     static = max(b["gflops"] for b in report.baselines)
     for member in report.members:
@@ -93,7 +99,17 @@ def print_front(report, spec) -> None:
         cost = member["values"][gflops]
         print(f"  {member['trial_id']:<14} {gate['lambda']:>8.3g} {tau:>13} "
               f"{member['values'][0]:>14.4f} {cost:>10.3g} {1 - cost / static:>7.1%} "
-              f"{member.get('test_metrics', {}).get(test_quality, float('nan')):>14.4f}{knee}")
+              f"{member.get('test_metrics', {}).get(test_quality, float('nan')):>14.4f} "
+              f"{_gain_text(report, member):>10}{knee}")
     for baseline in report.baselines:
         print(f"  {baseline['name']:<14} {'':>8} {'':>13} {baseline['quality'] or float('nan'):>14.4f} "
               f"{baseline['gflops']:>10.3g}")
+
+
+def _gain_text(report, member: dict) -> str:
+    """The member's quality above random routing at the same compute: in points for a quality that is a share,
+    raw otherwise; '-' when there is none."""
+    gain = report.gain_over_random(member)
+    if gain is None:
+        return "-"
+    return f"{100 * gain:+.2f} pt" if report.ideal is not None else f"{gain:+.4g}"

@@ -6,6 +6,11 @@ front only scores where it beats running one expert for every sample. Its raw va
 times GFLOPs (1e-6 for digits); when every objective's best value is known (a quality that is a share in
 [0, 1], GFLOPs down to 0) it is also given as the fraction of the box between the reference point and that
 ideal point, which reads the same across tasks and studies.
+
+The figure users judge a study by is the hypervolume *beyond random routing*: the experts mixed at random
+(every share, no gate) already cover part of that box, so 0 means no better than random routing and 1 the
+ideal. The front is judged with the static experts in it: a gated model that an expert alone matches or beats
+(at least as good, at most as costly) is not a member.
 """
 
 from __future__ import annotations
@@ -14,11 +19,12 @@ import csv
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dynmm.train.metrics import FRACTION_METRICS
 from dynmm.tune.pareto import hypervolume, knee_point, pareto_front
+from dynmm.tune.random_routing import curve_quality, random_routing_curve, share_beyond_random
 
 GFLOPS_METRIC = "val_gflops_per_sample"
 
@@ -33,6 +39,9 @@ class FrontReport:
     knee_trial_id: str | None
     baselines: list[dict]
     ideal: list[float] | None = None  # the best value of every objective, where each is known
+    # (gflops, quality) vertices of the best random mixture of the experts; empty when not two objectives
+    random_routing: list[list[float]] = field(default_factory=list)
+    hypervolume_beyond_random: float | None = None  # 0: no better than random routing, 1: the ideal
 
     @property
     def hypervolume_fraction(self) -> float | None:
@@ -44,10 +53,28 @@ class FrontReport:
         return self.hypervolume / box if box > 0 else None
 
     def hypervolume_text(self) -> str:
-        """The hypervolume as a user reads it: the fraction of the box when there is one, else the raw value."""
+        """The hypervolume as a user reads it: beyond random routing when known, else the fraction of the box
+        when there is one, else the raw value."""
+        if self.hypervolume_beyond_random is not None:
+            return f"{self.hypervolume_beyond_random:.4f} beyond random routing"
         if self.hypervolume_fraction is None:
             return f"{self.hypervolume:.4g}"
         return f"{self.hypervolume_fraction:.4f}"
+
+    def gain_over_random(self, member: dict) -> float | None:
+        """The member's quality minus random routing's at the same GFLOPs (None without a random-routing line
+        or below the cheapest expert's cost)."""
+        if not self.random_routing:
+            return None
+        quality = curve_quality([tuple(v) for v in self.random_routing], member["values"][self._gflops_index])
+        if quality is None:
+            return None
+        return _oriented(member["values"][1 - self._gflops_index], self.modes[1 - self._gflops_index]) - _oriented(
+            quality, self.modes[1 - self._gflops_index])
+
+    @property
+    def _gflops_index(self) -> int:
+        return self.metrics.index(GFLOPS_METRIC)
 
     def to_json(self) -> dict:
         return {**asdict(self), "hypervolume_fraction": self.hypervolume_fraction}
@@ -100,18 +127,73 @@ def build_front(trials: list[dict], metrics: list[str], modes: list[str], baseli
     completed = [t for t in trials if t["state"] == "complete" and None not in t["values"]]
     values = [t["values"] for t in completed]
     reference = reference_point(metrics, modes, values, baselines)
-    members = [completed[i] for i in pareto_front(values, modes)]
-    knee = knee_point(values, modes)
+    members = [completed[i] for i in pareto_front(values, modes)
+               if not _matched_by_an_expert(completed[i]["values"], metrics, modes, baselines)]
+    knee = knee_point([m["values"] for m in members], modes)
+    ideal = ideal_point(metrics, modes)
+    curve, beyond = _random_routing(values, metrics, modes, baselines, reference, ideal)
     return FrontReport(
         metrics=list(metrics),
         modes=list(modes),
         reference=reference,
         hypervolume=hypervolume(values, reference, modes),
         members=sorted(members, key=lambda t: t["values"][metrics.index(GFLOPS_METRIC)]),
-        knee_trial_id=completed[knee]["trial_id"] if knee is not None else None,
+        knee_trial_id=members[knee]["trial_id"] if knee is not None else None,
         baselines=baselines,
-        ideal=ideal_point(metrics, modes),
+        ideal=ideal,
+        random_routing=curve,
+        hypervolume_beyond_random=beyond,
     )
+
+
+def _quality_objective(metrics, modes) -> tuple[int, str] | None:
+    """The index and mode of the quality objective when the study has exactly quality and GFLOPs."""
+    if len(metrics) != 2 or GFLOPS_METRIC not in metrics:
+        return None
+    index = 1 - metrics.index(GFLOPS_METRIC)
+    return index, modes[index]
+
+
+def _oriented(quality: float, mode: str) -> float:
+    return quality if mode == "max" else -quality
+
+
+def _expert_points(metrics, modes, baselines) -> list[tuple[float, float]] | None:
+    """(gflops, quality larger-is-better) of every static expert; None when the study is not quality vs GFLOPs
+    or an expert's quality is unknown."""
+    objective = _quality_objective(metrics, modes)
+    if objective is None or not baselines or any(b["quality"] is None for b in baselines):
+        return None
+    return [(b["gflops"], _oriented(b["quality"], objective[1])) for b in baselines]
+
+
+def _matched_by_an_expert(values, metrics, modes, baselines) -> bool:
+    """True when some expert alone is at least as good and at most as costly as this gated model."""
+    experts = _expert_points(metrics, modes, baselines)
+    if experts is None:
+        return False
+    index, mode = _quality_objective(metrics, modes)
+    quality, gflops = _oriented(values[index], mode), values[1 - index]
+    return any(expert_gflops <= gflops and expert_quality >= quality for expert_gflops, expert_quality in experts)
+
+
+def _random_routing(values, metrics, modes, baselines, reference, ideal):
+    """The random-routing line (gflops, quality as the metric reads) and the share of the hypervolume box
+    beyond it; ([], None) when the study is not quality vs GFLOPs with a known ideal."""
+    experts = _expert_points(metrics, modes, baselines)
+    if experts is None:
+        return [], None
+    index, mode = _quality_objective(metrics, modes)
+    curve = random_routing_curve(experts)
+    line = [[gflops, _oriented(quality, mode)] for gflops, quality in curve]
+    if reference is None or ideal is None:
+        return line, None
+    points = [(v[1 - index], _oriented(v[index], mode)) for v in values]
+    beyond = share_beyond_random(
+        points, experts, (reference[1 - index], _oriented(reference[index], mode)),
+        (ideal[1 - index], _oriented(ideal[index], mode)),
+    )
+    return line, beyond
 
 
 def write_front(report: FrontReport, trials: list[dict], results_dir: Path) -> dict[str, Path]:
@@ -134,6 +216,9 @@ def front_row(report: FrontReport, member: dict) -> dict:
     row = {"trial_id": member["trial_id"], "knee": member["trial_id"] == report.knee_trial_id}
     row.update({f"param_{k}": v for k, v in member["params"].items()})
     row.update(dict(zip(report.metrics, member["values"], strict=True)))
+    gain = report.gain_over_random(member)
+    if gain is not None:
+        row["gain_over_random_routing"] = gain
     row.update({k: v for k, v in member.get("test_metrics", {}).items()})
     row["checkpoint"] = member.get("checkpoint")
     return row
@@ -165,6 +250,11 @@ def plot_front(report: FrontReport, trials: list[dict], path: Path) -> None:
         if member["trial_id"] == report.knee_trial_id:
             axes.scatter([member["values"][cost_index]], [member["values"][quality_index]], s=140,
                          facecolors="none", edgecolors="tab:red", linewidths=2, label="knee", zorder=4)
+    if report.random_routing:
+        gflops_bound = report.reference[cost_index] if report.reference else report.random_routing[-1][0]
+        line = [*report.random_routing, [max(gflops_bound, report.random_routing[-1][0]), report.random_routing[-1][1]]]
+        axes.plot([p[0] for p in line], [p[1] for p in line], "--", color="black", linewidth=1,
+                  label="random routing (experts mixed at random)", zorder=2)
     for baseline in report.baselines:
         if baseline["quality"] is not None:
             axes.scatter([baseline["gflops"]], [baseline["quality"]], marker="s", color="black", zorder=4)
@@ -172,7 +262,8 @@ def plot_front(report: FrontReport, trials: list[dict], path: Path) -> None:
                           xytext=(4, -10), fontsize=8)
     axes.set_xlabel("expected GFLOPs per sample (validation, hard gates)")
     axes.set_ylabel(report.metrics[quality_index].removeprefix("val_") + " (validation)")
-    share = " of the box from the reference point to the ideal" if report.hypervolume_fraction is not None else ""
+    share = (" of the box from the reference point to the ideal"
+             if report.hypervolume_fraction is not None and report.hypervolume_beyond_random is None else "")
     axes.set_title(f"Pareto front, hypervolume {report.hypervolume_text()}{share}", fontsize=10)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8, loc="lower right")

@@ -69,6 +69,8 @@ class StudyProgress(ray.tune.Callback):
         metrics = {"hypervolume": report.hypervolume, "front_size": len(report.members)}
         if report.hypervolume_fraction is not None:
             metrics["hypervolume_fraction"] = report.hypervolume_fraction
+        if report.hypervolume_beyond_random is not None:
+            metrics["hypervolume_beyond_random"] = report.hypervolume_beyond_random
         self.logger.log_epoch(completed, metrics)
 
     def _print(self) -> None:

@@ -8,9 +8,11 @@ JournalStorage file next to the results, so it survives restarts and opens in op
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -26,7 +28,16 @@ from dynmm.spec import PipelineSpec
 from dynmm.track import resolve_tracking_uri, start_job_run
 from dynmm.track.pyfunc import log_pyfunc_model
 from dynmm.track.registry import FrontModel, register_front, registered_name
-from dynmm.track.runs import check_tracking_reachable, find_runs, finish_run, log_run_outputs
+from dynmm.track.runs import (
+    check_tracking_reachable,
+    closing_run,
+    find_runs,
+    finish_runs_now,
+    log_run_outputs,
+    redact_credentials,
+    running_runs,
+    stopped_status,
+)
 from dynmm.train.checkpoints import read_experts, read_experts_metrics
 from dynmm.train.evaluate import evaluate_split
 from dynmm.train.job import stable_hash
@@ -35,9 +46,11 @@ from dynmm.train.runner import (
     build_datasets,
     build_trainer,
     connect_ray,
+    ctrl_c_as_keyboard_interrupt,
     load_model_from_checkpoint,
     prepare_pipeline,
     quiet_libraries,
+    raise_if_loss_diverged,
     stage_configs,
     worker_job,
 )
@@ -113,9 +126,8 @@ def ensure_experts(prepared: PreparedPipeline, tracking_uri: str, show: Callable
         )
         progress = progress_actor_name(run_name)
         job = worker_job(prepared, stage_configs(spec, ("experts",)), run_name, tracking_uri, run_id, progress)
-        with ProgressPrinter(progress, show):
+        with closing_run(tracking_uri, run_id), ProgressPrinter(progress, show), ctrl_c_as_keyboard_interrupt():
             build_trainer(prepared, job, run_name).fit()
-        finish_run(tracking_uri, run_id, "FINISHED")
     metrics = read_experts_metrics(prepared.experts_uri)
     if metrics is None:
         raise UserError(f"the experts stage at {prepared.experts_uri} did not finish")
@@ -137,18 +149,19 @@ def run_trial(
         tags={"dynmm.pipeline": spec.name, "dynmm.kind": "trial", "study": study, "trial_id": trial_id,
               "mlflow.parentRunId": parent_run_id},
     )
-    job = worker_job(trial_prepared, stage_configs(spec, TRIAL_STAGES), run_name, tracking_uri, run_id)
-    trainer = build_trainer(trial_prepared, job, run_name, callbacks=[TuneReportCallback()], datasets=datasets)
-    result = trainer.fit()
-    # A trial restarted after its Train run had already finished reports nothing new: hand Tune the
-    # final result again so the searcher and the front still see it (a repeat changes no decision).
-    final = dict(result.metrics or {})
-    if result.checkpoint is not None:
-        final["checkpoint_path"] = result.checkpoint.path
-        if final.get("finished"):
-            final.update(record_finished_trial(prepared, config, result.checkpoint, tracking_uri, run_id))
-    ray.tune.report(final)
-    finish_run(tracking_uri, run_id, "FINISHED")
+    with closing_run(tracking_uri, run_id):  # FINISHED; FAILED on any error; KILLED when Tune stops the trial
+        job = worker_job(trial_prepared, stage_configs(spec, TRIAL_STAGES), run_name, tracking_uri, run_id)
+        trainer = build_trainer(trial_prepared, job, run_name, callbacks=[TuneReportCallback()], datasets=datasets)
+        result = trainer.fit()
+        raise_if_loss_diverged(result.metrics, job.stages)  # the trial errors with the message; the study goes on
+        # A trial restarted after its Train run had already finished reports nothing new: hand Tune the
+        # final result again so the searcher and the front still see it (a repeat changes no decision).
+        final = dict(result.metrics or {})
+        if result.checkpoint is not None:
+            final["checkpoint_path"] = result.checkpoint.path
+            if final.get("finished"):
+                final.update(record_finished_trial(prepared, config, result.checkpoint, tracking_uri, run_id))
+        ray.tune.report(final)
 
 
 def record_finished_trial(prepared: PreparedPipeline, config: dict, checkpoint, tracking_uri: str, run_id: str) -> dict:
@@ -215,6 +228,9 @@ def run_study(
     results_dir = Path(prepared.storage_path) / name
     if resume and not results_dir.exists():
         raise UserError(f"--resume: no study at {results_dir} to resume; run without --resume first")
+    # Ctrl-C is a KeyboardInterrupt (runs marked KILLED, exit 130); Tune's own handler would end the study
+    # quietly and go on to report a partial front. --resume continues from Tune's last snapshot either way.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     connect_ray(address, verbose)
     experts_metrics = ensure_experts(prepared, tracking_uri, show_epoch)
     parent_run_id = start_job_run(
@@ -251,12 +267,25 @@ def run_study(
             ),
             run_config=run_config,
         )
-    grid = tuner.fit()
-    close_orphaned_trials(results_dir, name)
-    finish_run(tracking_uri, parent_run_id, "FINISHED")
+    with closing_study_runs(tracking_uri, spec.tracking.experiment or spec.name, name, parent_run_id):
+        grid = tuner.fit()
+        close_orphaned_trials(results_dir, name)
     trials = [trial_row(result, objectives) for result in grid]
     return StudyRun(name, results_dir, tracking_uri, parent_run_id, objectives, prepared, experts_metrics, trials,
                     time.monotonic() - started)
+
+
+@contextmanager
+def closing_study_runs(tracking_uri: str, experiment: str, study: str, parent_run_id: str):
+    """The study run ends FINISHED with the block; on Ctrl-C (KILLED) or an error (FAILED) so do the runs of
+    its trials that the stopped driver leaves RUNNING (their processes go with it)."""
+    with closing_run(tracking_uri, parent_run_id):
+        try:
+            yield
+        except BaseException as error:
+            finish_runs_now(tracking_uri, running_runs(tracking_uri, experiment, {"study": study}),
+                            stopped_status(error))
+            raise
 
 
 def build_searcher(spec: PipelineSpec, objectives: Objectives, name: str, results_dir: Path) -> StudySearch:
@@ -376,6 +405,11 @@ def register_study_front(run: StudyRun, report: FrontReport) -> dict[str, str]:
         tags["tau"] = f"{gate['tau_start']:.3g}->{gate['tau_end']:.3g}"
         if test_quality in member.get("test_metrics", {}):
             tags[test_quality] = f"{member['test_metrics'][test_quality]:.6g}"
+        gain = report.gain_over_random(member)
+        if gain is not None:
+            tags["gain_over_random_routing"] = f"{gain:.6g}"
+        if report.hypervolume_beyond_random is not None:
+            tags["study_hypervolume_beyond_random"] = f"{report.hypervolume_beyond_random:.6g}"
         members.append(FrontModel(
             trial_id=member["trial_id"], run_id=trial_run_id(run, member["trial_id"]),
             quality=member["values"][0], gflops=cost, reduction=1 - cost / static, tags=tags,
@@ -389,7 +423,7 @@ def register_study_front(run: StudyRun, report: FrontReport) -> dict[str, str]:
         with tempfile.TemporaryDirectory() as workdir:
             return log_pyfunc_model(
                 front_model.run_id, model, spec.model.name, spec.model.args, prepared.meta.task,
-                prepared.costs.path_gflops, Path(workdir),
+                prepared.costs.path_gflops, Path(workdir), input_transforms=prepared.meta.input_transforms,
             )
 
     return register_front(
@@ -402,7 +436,8 @@ def trial_run_id(run: StudyRun, trial_id: str) -> str:
     found = find_runs(run.tracking_uri, run.prepared.spec.tracking.experiment or run.prepared.spec.name,
                       {"study": run.name, "trial_id": trial_id})
     if not found:
-        raise UserError(f"MLflow: no run of trial {trial_id} in study {run.name} at {run.tracking_uri}")
+        raise UserError(f"MLflow: no run of trial {trial_id} in study {run.name} at "
+                        f"{redact_credentials(run.tracking_uri)}")
     return found[0]
 
 
