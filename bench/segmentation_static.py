@@ -16,32 +16,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 from dynmm.data.nyuv2 import convert_nyuv2
+from dynmm.data.synthetic import write_depth_labelled_nyuv2
 from dynmm.spec import load_pipeline
 from dynmm.train.evaluate import Noise, evaluate_checkpoints
 from dynmm.train.runner import run_training
 
 PIPELINE = Path(__file__).parents[1] / "pipelines" / "nyuv2.yaml"
-
-
-def write_depth_labelled_layout(folder: Path, train_size: int, test_size: int, size: tuple[int, int]) -> None:
-    """An ESANet-layout folder whose labels are a function of the depth image."""
-    rng = np.random.default_rng(0)
-    ids = {"train": [f"{i:04d}" for i in range(train_size)],
-           "test": [f"{i:04d}" for i in range(1000, 1000 + test_size)]}
-    for part, part_ids in ids.items():
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{part}.txt").write_text("\n".join(part_ids))
-        for sample_id in part_ids:
-            depth = rng.integers(500, 8000, size, dtype=np.uint16)
-            label = np.where(depth < 3000, 1, np.where(depth > 5000, 2, 0)).astype(np.uint8)
-            images = {"rgb": rng.integers(0, 256, (*size, 3), dtype=np.uint8), "depth": depth, "labels_40": label}
-            for name, array in images.items():
-                (folder / part / name).mkdir(parents=True, exist_ok=True)
-                Image.fromarray(array).save(folder / part / name / f"{sample_id}.png")
 
 
 def main() -> None:
@@ -54,7 +35,9 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="dynmm-seg-static-"))
-    write_depth_labelled_layout(work / "esanet", args.train_size, args.test_size, tuple(args.size))
+    ids = {"train": [f"{i:04d}" for i in range(args.train_size)],
+           "test": [f"{i:04d}" for i in range(1000, 1000 + args.test_size)]}
+    write_depth_labelled_nyuv2(work / "esanet", ids, tuple(args.size))
     dataset = convert_nyuv2(work / "esanet", work / "nyuv2", valid_size=max(2, args.train_size // 5))
     recipe = {
         "data.dataset": dataset, "data.batch_size": 4, "data.eval_batch_size": 8,

@@ -13,6 +13,8 @@ from contextlib import contextmanager
 import ray
 import ray._private.ray_constants as ray_constants
 
+from dynmm.envvars import temporary_environment
+
 LOOPBACK = "127.0.0.1"
 
 # Ray's name for "this machine never joins a cluster": with it off, Ray takes loopback for the node's IP.
@@ -28,7 +30,7 @@ def start_local_ray(**init_options) -> None:
     stops are never freed. The processes this Ray starts inherit ``loopback_interface_environment()``: gloo
     and NCCL, whatever runs them, open their sockets on the loopback interface. ``init_options`` go to
     ``ray.init`` (``num_cpus``, logging)."""
-    with _loopback_node_ip(), _environment(loopback_interface_environment()):
+    with _loopback_node_ip(), temporary_environment(loopback_interface_environment()):
         ray.init(
             address="local", _node_ip_address=LOOPBACK, include_dashboard=True, dashboard_host=LOOPBACK,
             **init_options,
@@ -72,21 +74,6 @@ def _is_loopback(address: str) -> bool:
 
 
 @contextmanager
-def _environment(variables: dict[str, str]) -> Iterator[None]:
-    """Set ``variables`` in this process's environment for the block, then restore what was there."""
-    previous = {name: os.environ.get(name) for name in variables}
-    os.environ.update(variables)
-    try:
-        yield
-    finally:
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-@contextmanager
 def _loopback_node_ip() -> Iterator[None]:
     """Keep 127.0.0.1 as the node's IP while Ray starts.
 
@@ -96,15 +83,10 @@ def _loopback_node_ip() -> Iterator[None]:
     all interfaces. This driver reads the flag Ray computed at import; the processes Ray starts read the
     environment they inherit. Both are restored afterwards: a later ``ray.init`` in this process may join a
     real cluster."""
-    previous_variable = os.environ.get(_CLUSTERS_ENABLED_VARIABLE)
     previous_flag = ray_constants.ENABLE_RAY_CLUSTER
-    os.environ[_CLUSTERS_ENABLED_VARIABLE] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        yield
+        with temporary_environment({_CLUSTERS_ENABLED_VARIABLE: "0"}):
+            yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = previous_flag
-        if previous_variable is None:
-            os.environ.pop(_CLUSTERS_ENABLED_VARIABLE, None)
-        else:
-            os.environ[_CLUSTERS_ENABLED_VARIABLE] = previous_variable

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from PIL import Image
 
 from dynmm.cli import main
 from dynmm.data.format import read_meta
 from dynmm.data.nyuv2 import convert_nyuv2
 from dynmm.data.readers import resolve_dataset
+from dynmm.data.synthetic import write_depth_labelled_nyuv2
 from dynmm.models import TemperatureSchedule, build_model, depth_encoder_flops, measure_path_costs
 from dynmm.spec import load_pipeline
 from dynmm.train import loop
@@ -131,25 +131,10 @@ def test_noise_reaches_about_a_third_of_the_batches_and_either_picks_both_modali
     assert hit["rgb"] > 60 and hit["depth"] > 60
 
 
-def write_esanet_layout(folder: Path, ids: dict[str, list[str]], size=(48, 64)) -> None:
-    """Tiny NYU Depth V2 images whose labels follow the depth (near: class 1, far: class 2, else void)."""
-    rng = np.random.default_rng(0)
-    for part, part_ids in ids.items():
-        (folder / f"{part}.txt").parent.mkdir(parents=True, exist_ok=True)
-        (folder / f"{part}.txt").write_text("\n".join(part_ids))
-        for sample_id in part_ids:
-            depth = rng.integers(500, 8000, size, dtype=np.uint16)
-            label = np.where(depth < 3000, 1, np.where(depth > 5000, 2, 0)).astype(np.uint8)
-            images = {"rgb": rng.integers(0, 256, (*size, 3), dtype=np.uint8), "depth": depth, "labels_40": label}
-            for name, array in images.items():
-                (folder / part / name).mkdir(parents=True, exist_ok=True)
-                Image.fromarray(array).save(folder / part / name / f"{sample_id}.png")
-
-
 def tiny_nyuv2_overrides(tmp_path: Path) -> list[str]:
     """A tiny ESANet-layout dataset converted under ``tmp_path`` and the pipeline settings that train on it."""
     ids = {"train": ["0001", "0002", "0003", "0004", "0005", "0006"], "test": ["0100", "0101"]}
-    write_esanet_layout(tmp_path / "esanet", ids)
+    write_depth_labelled_nyuv2(tmp_path / "esanet", ids)
     dataset = convert_nyuv2(tmp_path / "esanet", tmp_path / "nyuv2", valid_size=2)
     settings = {
         "data.dataset": dataset, "data.batch_size": 2, "data.eval_batch_size": 4,

@@ -148,3 +148,25 @@ def generate_synthetic_mosei(
                 writer.write(split, {**features, "label": labels, "sample_id": sample_ids})
             first_row += size
     return Path(out_dir)
+
+
+def write_depth_labelled_nyuv2(folder: str | Path, ids: dict[str, list[str]], size: tuple[int, int] = (48, 64)) -> Path:
+    """A stand-in for NYU Depth V2 in its ESANet layout (``{part}.txt`` and ``{part}/{rgb,depth,labels_40}/
+    {id}.png``, for ``convert_nyuv2``), which cannot be downloaded here: random RGB, random depth in
+    millimetres and labels that follow the depth (near: class 1, far: class 2, else void), so the depth stream
+    carries the task. For tests and benches; ``ids`` maps each part (train, test) to its sample ids."""
+    from PIL import Image
+
+    folder = Path(folder)
+    rng = np.random.default_rng(0)
+    for part, part_ids in ids.items():
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{part}.txt").write_text("\n".join(part_ids))
+        for sample_id in part_ids:
+            depth = rng.integers(500, 8000, size, dtype=np.uint16)
+            label = np.where(depth < 3000, 1, np.where(depth > 5000, 2, 0)).astype(np.uint8)
+            images = {"rgb": rng.integers(0, 256, (*size, 3), dtype=np.uint8), "depth": depth, "labels_40": label}
+            for name, array in images.items():
+                (folder / part / name).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(array).save(folder / part / name / f"{sample_id}.png")
+    return folder

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import re
 import threading
@@ -16,6 +15,7 @@ import mlflow
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
+from dynmm.envvars import temporary_environment
 from dynmm.track.store import default_artifact_location
 
 log = logging.getLogger(__name__)
@@ -189,20 +189,10 @@ def log_final_model(tracking_uri: str, run_id: str, model, input_example, artifa
         )
 
 
-@contextmanager
 def few_http_retries(retries: int = 0, timeout_seconds: int = 10):
     """MLflow retries a refused connection for minutes by default; a reachability check must not."""
-    names = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries), "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_seconds)}
-    saved = {name: os.environ.get(name) for name in names}
-    os.environ.update(names)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    return temporary_environment(
+        {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries), "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_seconds)})
 
 
 def check_tracking_reachable(tracking_uri: str) -> None:
