@@ -211,14 +211,18 @@ def check_tracking_reachable(tracking_uri: str) -> None:
         ) from None
 
 
-def find_runs(tracking_uri: str, experiment: str, tags: Mapping[str, str]) -> list[str]:
-    """Ids of the runs of ``experiment`` carrying all ``tags`` (newest first)."""
+def find_runs(tracking_uri: str, experiment: str, tags: Mapping[str, str], status: str | None = None) -> list[str]:
+    """Ids of the runs of ``experiment`` carrying all ``tags`` (newest first); only those in ``status``
+    (e.g. RUNNING) when given."""
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return []
-    query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
-    runs = client.search_runs([found.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"])
+    conditions = [f"tags.`{key}` = '{value}'" for key, value in tags.items()]
+    if status is not None:
+        conditions.append(f"attributes.status = '{status}'")
+    runs = client.search_runs([found.experiment_id], filter_string=" and ".join(conditions),
+                              order_by=["attributes.start_time DESC"])
     return [run.info.run_id for run in runs]
 
 
@@ -275,14 +279,3 @@ def finish_runs_now(tracking_uri: str, run_ids: list[str], status: str) -> None:
         for run_id in run_ids:
             retry(lambda r=run_id: MlflowClient(tracking_uri).set_terminated(r, status=status), "closing the run",
                   attempts=2)
-
-
-def running_runs(tracking_uri: str, experiment: str, tags: Mapping[str, str]) -> list[str]:
-    """Ids of the runs of ``experiment`` with all ``tags`` that are still RUNNING (e.g. the trials of a study)."""
-    client = MlflowClient(tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return []
-    query = " and ".join([*(f"tags.`{key}` = '{value}'" for key, value in tags.items()),
-                          "attributes.status = 'RUNNING'"])
-    return [run.info.run_id for run in client.search_runs([found.experiment_id], filter_string=query)]

@@ -127,11 +127,12 @@ def build_front(trials: list[dict], metrics: list[str], modes: list[str], baseli
     completed = [t for t in trials if t["state"] == "complete" and None not in t["values"]]
     values = [t["values"] for t in completed]
     reference = reference_point(metrics, modes, values, baselines)
+    experts = _expert_points(metrics, modes, baselines)
     members = [completed[i] for i in pareto_front(values, modes)
-               if not _matched_by_an_expert(completed[i]["values"], metrics, modes, baselines)]
+               if not _matched_by_an_expert(completed[i]["values"], metrics, modes, experts)]
     knee = knee_point([m["values"] for m in members], modes)
     ideal = ideal_point(metrics, modes)
-    curve, beyond = _random_routing(values, metrics, modes, baselines, reference, ideal)
+    curve, beyond = _random_routing(values, metrics, modes, experts, reference, ideal)
     return FrontReport(
         metrics=list(metrics),
         modes=list(modes),
@@ -167,9 +168,9 @@ def _expert_points(metrics, modes, baselines) -> list[tuple[float, float]] | Non
     return [(b["gflops"], _oriented(b["quality"], objective[1])) for b in baselines]
 
 
-def _matched_by_an_expert(values, metrics, modes, baselines) -> bool:
-    """True when some expert alone is at least as good and at most as costly as this gated model."""
-    experts = _expert_points(metrics, modes, baselines)
+def _matched_by_an_expert(values, metrics, modes, experts) -> bool:
+    """True when some expert alone (``_expert_points``) is at least as good and at most as costly as this gated
+    model."""
     if experts is None:
         return False
     index, mode = _quality_objective(metrics, modes)
@@ -177,10 +178,9 @@ def _matched_by_an_expert(values, metrics, modes, baselines) -> bool:
     return any(expert_gflops <= gflops and expert_quality >= quality for expert_gflops, expert_quality in experts)
 
 
-def _random_routing(values, metrics, modes, baselines, reference, ideal):
-    """The random-routing line (gflops, quality as the metric reads) and the share of the hypervolume box
-    beyond it; ([], None) when the study is not quality vs GFLOPs with a known ideal."""
-    experts = _expert_points(metrics, modes, baselines)
+def _random_routing(values, metrics, modes, experts, reference, ideal):
+    """The random-routing line of ``experts`` (gflops, quality as the metric reads) and the share of the
+    hypervolume box beyond it; ([], None) when the study is not quality vs GFLOPs with a known ideal."""
     if experts is None:
         return [], None
     index, mode = _quality_objective(metrics, modes)

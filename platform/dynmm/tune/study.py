@@ -35,7 +35,6 @@ from dynmm.track.runs import (
     finish_runs_now,
     log_run_outputs,
     redact_credentials,
-    running_runs,
     stopped_status,
 )
 from dynmm.train.checkpoints import read_experts, read_experts_metrics
@@ -283,7 +282,7 @@ def closing_study_runs(tracking_uri: str, experiment: str, study: str, parent_ru
         try:
             yield
         except BaseException as error:
-            finish_runs_now(tracking_uri, running_runs(tracking_uri, experiment, {"study": study}),
+            finish_runs_now(tracking_uri, find_runs(tracking_uri, experiment, {"study": study}, status="RUNNING"),
                             stopped_status(error))
             raise
 
