@@ -28,6 +28,7 @@ test: lint
 
 bench: $(INSTALLED)
 	$(BIN)/python bench/dynamic_inference.py
+	$(BIN)/python bench/latency_vs_flops.py
 	$(BIN)/python bench/data_throughput.py
 
 clean:
