@@ -205,9 +205,13 @@ def test_registered_model_answers_rest_requests(resumed_study, tmp_path):
         local = mlflow.pyfunc.load_model("models:/digits-dynmm@knee").predict({"top": top, "bottom": bottom})
         assert [row["prediction"] for row in rows] == local["prediction"].tolist()
         assert [row["path"] for row in rows] == local["path"].tolist()
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            _post(port, {"inputs": {"top": top.tolist()}})
-        assert refused.value.code == 400 and "bottom" in refused.value.read().decode()
+        # without the bottom half every sample takes the path that reads the top half only, and says so
+        degraded = _post(port, {"inputs": {"top": top.tolist()}})["predictions"]
+        assert [(row["degraded"], row["missing_modalities"], row["path"]) for row in degraded] == [
+            (True, "bottom", 0)] * 3
+        # without the top half no path can answer: each row is refused naming the modality, with no prediction
+        refused = _post(port, {"inputs": {"bottom": bottom.tolist()}})["predictions"]
+        assert all(row["prediction"] is None and "top" in row["error"] for row in refused) and len(refused) == 3
     finally:
         if serving.poll() is None:
             os.killpg(serving.pid, signal.SIGTERM)

@@ -1,12 +1,15 @@
-"""``dynmm evaluate PIPELINE.yaml --checkpoint DIR [--noise rgb|depth|either --noise-scale S --runs 10]``:
-a static baseline and the DynMM model side by side on a split, optionally under the robustness protocol
-of DYNMM.md (seeded noise runs, mean and std of the quality metric)."""
+"""``dynmm evaluate PIPELINE.yaml --checkpoint DIR [--noise rgb|depth|either --noise-scale S --runs 10]
+[--drop-modality NAME[:RATE]]``: a static baseline and the DynMM model side by side on a split, optionally
+under the robustness protocol of DYNMM.md (seeded noise runs, mean and std of the quality metric) or with a
+modality missing from a seeded share of the samples (then the cheap expert too, and each one's coverage)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 
+from dynmm.errors import UserError
 from dynmm.spec import load_pipeline
 
 
@@ -26,6 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--noise-scale", type=float, default=0.1, help="noise std as a multiple of mean|x| (s)")
     parser.add_argument("--noise-probability", type=float, default=0.33, help="chance that a batch gets noise")
     parser.add_argument("--runs", type=int, default=10, help="seeded noise runs (seeds SEED..SEED+RUNS-1)")
+    parser.add_argument("--drop-modality", default=None, metavar="NAME[:RATE]",
+                        help="serve without this modality for a seeded share RATE of the samples (default 1): "
+                             "DynMM routes them among the paths that do not read it, a static path refuses them")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=None, help="default: the pipeline's eval_batch_size")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
@@ -38,12 +44,24 @@ def run(args: argparse.Namespace) -> int:
 
     spec = load_pipeline(args.pipeline, args.overrides)
     noise = Noise(args.noise, args.noise_scale, args.noise_probability) if args.noise else None
+    drop = parse_drop_modality(args.drop_modality) if args.drop_modality else None
     report = evaluate_checkpoints(
         spec, args.checkpoint, args.static_checkpoint, split=args.split, noise=noise, runs=args.runs,
-        seed=args.seed, batch_size=args.batch_size, device=args.device,
+        seed=args.seed, batch_size=args.batch_size, device=args.device, drop=drop,
     )
     print(json.dumps(report_as_dict(report)) if args.json else format_report(report))
     return 0
+
+
+def parse_drop_modality(text: str):
+    """``NAME`` or ``NAME:RATE`` -> ``DropModality``."""
+    from dynmm.train.evaluate import DropModality
+
+    name, _, rate = text.partition(":")
+    try:
+        return DropModality(name, float(rate) if rate else 1.0)
+    except ValueError:
+        raise UserError(f"--drop-modality {text!r}: expected NAME or NAME:RATE with RATE a number in (0, 1]") from None
 
 
 def report_as_dict(report) -> dict:
@@ -53,11 +71,13 @@ def report_as_dict(report) -> dict:
         "noise": None if report.noise is None else vars(report.noise),
         "runs": report.runs,
         "static_trained": report.static_trained,
+        "drop_modality": None if report.drop is None else vars(report.drop),
         "models": {
             model.name: {
-                f"{report.quality_metric}_mean": model.quality_mean,
-                f"{report.quality_metric}_std": model.quality_std,
-                f"{report.quality_metric}_per_run": list(model.quality_per_run),
+                f"{report.quality_metric}_mean": _finite(model.quality_mean),
+                f"{report.quality_metric}_std": _finite(model.quality_std),
+                f"{report.quality_metric}_per_run": [_finite(value) for value in model.quality_per_run],
+                "coverage": model.coverage,
                 "gflops_per_sample": model.metrics["gflops_per_sample"],
                 "compute_reduction": model.metrics["compute_reduction"],
                 "depth_encoder_reduction": model.depth_encoder_reduction,
@@ -74,23 +94,36 @@ def format_report(report) -> str:
         f"noise on {report.noise.modality}, scale {report.noise.scale:g} x mean|x|, "
         f"probability {report.noise.probability:g} per batch"
     )
+    if report.drop is not None:
+        noise += f"; {report.drop.modality} missing from {report.drop.rate:.0%} of the samples (seeded)"
     quality = report.quality_metric
     static = "trained static model" if report.static_trained else "static: the DynMM weights on the full path"
+    coverage_header = f" {'answered':>8}" if report.drop is not None else ""
     lines = [
         f"split {report.split}, {noise}, {report.runs} run(s); {static}",
-        f"{'model':<8} {quality + ' mean':>12} {'std':>8} {'GFLOPs':>9} {'saved':>7} {'depth GFLOPs':>12} "
-        f"{'depth saved':>11}  paths",
+        f"{'model':<8} {quality + ' mean':>12} {'std':>8}{coverage_header} {'GFLOPs':>9} {'saved':>7} "
+        f"{'depth GFLOPs':>12} {'depth saved':>11}  paths",
     ]
     for model in report.models:
         depth = "-" if model.depth_encoder_reduction is None else f"{model.depth_encoder_reduction:.1%}"
         depth_gflops = "-" if model.depth_encoder_gflops is None else f"{model.depth_encoder_gflops:.4g}"
         fractions = " / ".join(f"{fraction:.0%}" for fraction in _path_fractions(model.metrics))
+        coverage = f" {model.coverage:>8.1%}" if report.drop is not None else ""
         lines.append(
-            f"{model.name:<8} {model.quality_mean:>12.4f} {model.quality_std:>8.4f} "
+            f"{model.name:<8} {model.quality_mean:>12.4f} {model.quality_std:>8.4f}{coverage} "
             f"{model.metrics['gflops_per_sample']:>9.4g} {model.metrics['compute_reduction']:>7.1%} "
             f"{depth_gflops:>12} {depth:>11}  {fractions}"
         )
+    if report.drop is not None:
+        lines.append(f"quality and GFLOPs are over the samples each model answered; static and cheap cannot answer "
+                     f"a sample without what their path reads, DynMM routes it to a path that does not read "
+                     f"{report.drop.modality}")
     return "\n".join(lines)
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no NaN: a quality over no answered sample is null."""
+    return value if math.isfinite(value) else None
 
 
 def _path_fractions(metrics: dict) -> list[float]:

@@ -2,13 +2,17 @@
 
 Also the robustness protocol of DYNMM.md: Gaussian noise of scale ``s * mean|x|`` added to one modality
 of a batch with probability 0.33, over seeded runs, reported as mean and std of the quality metric for a
-static baseline and the DynMM model side by side (the same noise reaches both).
+static baseline and the DynMM model side by side (the same noise reaches both). And serving without a
+modality (``DropModality``): a seeded share of the samples loses it; DynMM routes them among the paths that
+do not read it (``dynmm.models.degraded``), a static path refuses what it cannot read, and each model's
+coverage (the share of samples it answered) is reported beside its quality on what it answered.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +24,7 @@ from dynmm.errors import UserError
 from dynmm.home import default_datasets_root
 from dynmm.models import FusionDynMM, PathCosts, build_model, measure_path_costs
 from dynmm.models.builders import FUSION_MODEL_NAMES
+from dynmm.models.degraded import allowed_paths, fallback_order, gate_modalities, path_modalities, route_with_missing
 from dynmm.spec import PipelineSpec
 from dynmm.train.checkpoints import STATE_FILE, load_state
 from dynmm.train.metrics import QUALITY_METRIC, EpochSums, finalize, task_loss
@@ -66,6 +71,28 @@ def add_noise(batch: Mapping[str, torch.Tensor], noise: Noise, generator: torch.
     return batch
 
 
+@dataclass(frozen=True)
+class DropModality:
+    """``modality`` taken away from each sample with probability ``rate`` (seeded): serving without it."""
+
+    modality: str
+    rate: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.rate <= 1:
+            raise UserError(f"--drop-modality {self.modality}:{self.rate:g}: the rate must be in (0, 1]")
+
+
+def drop_mask(batch: Mapping[str, torch.Tensor], drop: DropModality, generator: torch.Generator) -> torch.Tensor:
+    """(B,) bool: the samples of ``batch`` that lose ``drop.modality`` (drawn from ``generator``, on CPU)."""
+    if drop.modality not in batch or drop.modality == "label":
+        modalities = sorted(name for name in batch if name != "label")
+        raise UserError(f"--drop-modality {drop.modality!r}: not a modality of this dataset; expected one of "
+                        f"{modalities}")
+    size = batch[drop.modality].shape[0]
+    return (torch.rand(size, generator=generator) < drop.rate).to(batch[drop.modality].device)
+
+
 @torch.no_grad()
 def evaluate_split(
     model,
@@ -78,25 +105,47 @@ def evaluate_split(
     force_path: int | None = None,
     noise: Noise | None = None,
     seed: int = 0,
+    drop: DropModality | None = None,
+    fallback: Sequence[int] = (),
 ) -> dict[str, float]:
     """Metrics of ``model`` on ``split``, routed (or one path forced, for static baselines), optionally
-    with ``noise`` drawn from ``seed``."""
+    with ``noise`` and ``drop`` drawn from ``seed``. With ``drop``, the metrics are those of the samples the
+    model answered, ``coverage`` the share it answered; ``fallback`` is ``fallback_order``."""
     model.eval()
     sums = EpochSums.zeros(task, model.num_paths, num_classes)
-    # a forced path does not run the gate: charge the expert alone, as the static model would cost
-    path_gflops = torch.tensor(
-        [f / 1e9 for f in (costs.expert_flops if force_path is not None else costs.path_flops)], dtype=torch.float64
-    )
+    # a path the gate did not choose (forced, or a fallback) costs the expert alone, as a static model would
+    with_gate = torch.tensor([f / 1e9 for f in costs.path_flops], dtype=torch.float64)
+    alone = torch.tensor([f / 1e9 for f in costs.expert_flops], dtype=torch.float64)
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
+    answered = total = 0
     for batch in iter_batches(dataset_dir, split, batch_size):
         batch = {name: values.to(device) for name, values in batch.items()}
         if noise is not None:
             batch = add_noise(batch, noise, generator)
         label = batch.pop("label")
-        result = model(batch, mode="routed", force_path=force_path)
-        sums.add(result.output, label, task_loss(task, result.output, label), result.paths, path_gflops)
-    return finalize(sums, costs.static_flops / 1e9)
+        if drop is None:
+            result = model(batch, mode="routed", force_path=force_path)
+            path_gflops = alone if force_path is not None else with_gate
+            sums.add(result.output, label, task_loss(task, result.output, label), result.paths, path_gflops)
+            continue
+        missing = drop_mask({**batch, "label": label}, drop, generator)
+        batch[drop.modality] = batch[drop.modality].masked_fill(_rows(missing, batch[drop.modality]), 0)
+        routed = route_with_missing(model, batch, {drop.modality: missing}, fallback, force_path)
+        chosen_by_gate = routed.answered & routed.gate_ran
+        for rows, path_gflops in ((chosen_by_gate, with_gate), (routed.answered & ~routed.gate_ran, alone)):
+            if rows.any():
+                output = routed.output[rows]
+                sums.add(output, label[rows], task_loss(task, output, label[rows]), routed.paths[rows], path_gflops)
+        answered, total = answered + int(routed.answered.sum()), total + len(label)
+    metrics = finalize(sums, costs.static_flops / 1e9)
+    if drop is not None:
+        metrics["coverage"] = answered / total if total else 0.0
+    return metrics
+
+
+def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return mask.view(-1, *[1] * (like.dim() - 1))
 
 
 @dataclass(frozen=True)
@@ -108,6 +157,7 @@ class ModelEvaluation:
     metrics: dict[str, float]
     depth_encoder_reduction: float | None = None
     depth_encoder_gflops: float | None = None  # expected depth-encoder GFLOPs per sample (fusion-level net)
+    coverage: float | None = None  # with a dropped modality: the share of samples answered (first run)
 
     @property
     def quality_mean(self) -> float:
@@ -115,6 +165,8 @@ class ModelEvaluation:
 
     @property
     def quality_std(self) -> float:
+        if any(math.isnan(quality) for quality in self.quality_per_run):  # a run that answered nothing
+            return math.nan
         return statistics.stdev(self.quality_per_run) if len(self.quality_per_run) > 1 else 0.0
 
 
@@ -126,6 +178,7 @@ class EvaluationReport:
     runs: int
     models: tuple[ModelEvaluation, ...]
     static_trained: bool = False  # the static model was trained as its own model, not DynMM's weights forced
+    drop: DropModality | None = None
 
 
 def load_checkpoint_model(spec: PipelineSpec, checkpoint_dir: str | Path, device: str = "cpu"):
@@ -158,11 +211,13 @@ def evaluate_checkpoints(
     seed: int = 0,
     batch_size: int | None = None,
     device: str = "cpu",
+    drop: DropModality | None = None,
 ) -> EvaluationReport:
     """``dynmm evaluate``: a static baseline (``static_checkpoint``: the static net trained as its own model,
     ``model.args.static: true``, or any checkpoint run on its full-fusion path; default the DynMM checkpoint
     itself on that path) and the DynMM model (hard gates, routed), each over ``runs`` seeded runs (one run
-    without noise: it would repeat exactly). Costs are the DynMM model's; the static one pays no gate."""
+    without noise or a dropped modality: it would repeat exactly). Costs are the DynMM model's; the static
+    one pays no gate. With ``drop``, the cheapest expert alone is reported too, and each model's coverage."""
     if runs < 1:
         raise UserError(f"--runs must be >= 1, got {runs}")
     dataset_dir = resolve_dataset(spec.data.dataset, spec.data.root or default_datasets_root())
@@ -171,21 +226,48 @@ def evaluate_checkpoints(
     static = load_checkpoint_model(spec, static_checkpoint, device) if static_checkpoint else dynamic
     costs = measure_path_costs(dynamic)
     full_path = max(range(dynamic.num_paths), key=lambda path: costs.expert_flops[path])
-    seeds = [seed + run for run in range(runs if noise is not None else 1)]
+    seeds = [seed + run for run in range(runs if noise is not None or drop is not None else 1)]
     quality = QUALITY_METRIC[meta.task]
     options = {"task": meta.task, "num_classes": meta.num_classes or 0, "costs": costs, "noise": noise,
-               "batch_size": batch_size or spec.data.eval_batch_size}
+               "batch_size": batch_size or spec.data.eval_batch_size, "drop": drop}
+    contenders = [("static", static, full_path), ("dynmm", dynamic, None)]
+    if drop is not None:
+        if drop.modality not in dynamic.input_shapes:
+            raise UserError(f"--drop-modality {drop.modality!r}: not a modality of this model; expected one of "
+                            f"{sorted(dynamic.input_shapes)}")
+        options["fallback"] = _fallback(dynamic, drop, dataset_dir, options, quality)
+        contenders.append(("cheap", dynamic, min(range(dynamic.num_paths), key=lambda p: costs.expert_flops[p])))
     evaluations = []
-    for name, model, force_path in (("static", static, full_path), ("dynmm", dynamic, None)):
+    for name, model, force_path in contenders:
         per_run = [evaluate_split(model, dataset_dir, split, force_path=force_path, seed=s, **options) for s in seeds]
         depth_flops = _expected_depth_encoder_flops(costs, per_run[0]) if isinstance(model, FusionDynMM) else None
         evaluations.append(ModelEvaluation(
-            name, tuple(metrics[quality] for metrics in per_run), per_run[0],
+            name, tuple(_answered_quality(metrics, quality) for metrics in per_run), per_run[0],
             None if depth_flops is None else 1.0 - depth_flops / max(costs.loss_flops),
             None if depth_flops is None else depth_flops / 1e9,
+            per_run[0].get("coverage"),
         ))
     static_trained = static is not dynamic and isinstance(static, FusionDynMM) and static.static
-    return EvaluationReport(split, quality, noise, len(seeds), tuple(evaluations), static_trained)
+    return EvaluationReport(split, quality, noise, len(seeds), tuple(evaluations), static_trained, drop)
+
+
+def _answered_quality(metrics: Mapping[str, float], quality: str) -> float:
+    """The quality metric; NaN where a dropped modality left the model nothing it could answer."""
+    return math.nan if metrics.get("coverage", 1.0) == 0 else metrics[quality]
+
+
+def _fallback(model, drop: DropModality, dataset_dir: Path, options: Mapping, quality: str) -> list[int]:
+    """The fallback order for samples without ``drop.modality`` that the gate cannot read: the paths by
+    validation quality alone (each run forced on the valid split) when the choice matters (two or more paths
+    avoid the modality and the gate reads it), else cheapest first."""
+    costs = options["costs"]
+    candidates = allowed_paths(path_modalities(model), frozenset({drop.modality}))
+    if drop.modality not in gate_modalities(model) or len(candidates) < 2:
+        return fallback_order(costs.path_gflops)
+    intact = {key: value for key, value in options.items() if key not in ("drop", "noise")}
+    validation = [evaluate_split(model, dataset_dir, "valid", force_path=path, **intact)[quality]
+                  for path in range(model.num_paths)]
+    return fallback_order(costs.path_gflops, validation)
 
 
 def _expected_depth_encoder_flops(costs: PathCosts, metrics: Mapping[str, float]) -> float:
