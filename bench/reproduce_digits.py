@@ -24,8 +24,7 @@ from pathlib import Path
 import ray.train
 
 from dynmm.spec import load_pipeline
-from dynmm.train.evaluate import evaluate_split
-from dynmm.train.runner import load_model_from_checkpoint, prepare_pipeline, run_training
+from dynmm.train import evaluate_split, load_model_from_checkpoint, prepare_pipeline, run_training
 from dynmm.tune.front import build_front, static_baselines
 from dynmm.tune.study import run_study
 from search_efficiency import saving_within_half_point, static_fusion_test_quality
@@ -55,7 +54,7 @@ def study_front_on_test(spec, trials: int) -> dict:
                     show_line=lambda line: None)
     baselines = static_baselines(run.experts_metrics, run.prepared)
     report = build_front(run.trials, list(run.objectives.metrics), list(run.objectives.modes), baselines)
-    fusion = max(baselines, key=lambda b: b["gflops"])
+    fusion = max(baselines, key=lambda b: b.gflops)
     saving, held = saving_within_half_point(report, fusion, static_fusion_test_quality(run.prepared),
                                             run.prepared.quality_metric)
     return {"trials": trials, "front": len(report.members), "saving": saving, "held": held,

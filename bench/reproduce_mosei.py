@@ -23,7 +23,7 @@ from pathlib import Path
 import ray.train
 
 from dynmm.spec import load_pipeline
-from dynmm.train.runner import load_model_from_checkpoint, prepare_pipeline, run_training
+from dynmm.train import load_model_from_checkpoint, prepare_pipeline, run_training
 from reproduce_digits import compare_on_test, print_comparison
 
 PIPELINE = Path(__file__).parents[1] / "pipelines" / "synthetic-mosei.yaml"

@@ -31,9 +31,9 @@ from pathlib import Path
 
 from dynmm.models import build_model
 from dynmm.spec import load_pipeline
-from dynmm.train.checkpoints import read_experts
-from dynmm.train.evaluate import evaluate_split
+from dynmm.train import evaluate_split, read_experts
 from dynmm.tune.front import build_front, static_baselines
+from dynmm.tune.records import StaticBaseline
 from dynmm.tune.study import run_study
 
 PIPELINE = Path(__file__).parents[1] / "pipelines" / "digits.yaml"
@@ -82,7 +82,7 @@ def summarise(run, seconds: float) -> dict:
     prepared = run.prepared
     baselines = static_baselines(run.experts_metrics, prepared)
     report = build_front(run.trials, list(run.objectives.metrics), list(run.objectives.modes), baselines)
-    fusion = max(baselines, key=lambda b: b["gflops"])
+    fusion = max(baselines, key=lambda b: b.gflops)
     fusion_test = static_fusion_test_quality(prepared)
     test_saving, held = saving_within_half_point(report, fusion, fusion_test, prepared.quality_metric)
     return {
@@ -90,10 +90,10 @@ def summarise(run, seconds: float) -> dict:
         "beyond_random": report.hypervolume_beyond_random,  # 0: no better than random routing, 1: the ideal
         "reference": report.reference,
         "front": len(report.members),
-        "completed": sum(t["state"] == "complete" for t in run.trials),
-        "pruned": sum(t["state"] == "pruned" for t in run.trials),
-        "epochs": sum(max(t["epochs"], 0) for t in run.trials),
-        "fusion_quality": fusion["quality"],
+        "completed": sum(t.state == "complete" for t in run.trials),
+        "pruned": sum(t.state == "pruned" for t in run.trials),
+        "epochs": sum(max(t.epochs, 0) for t in run.trials),
+        "fusion_quality": fusion.quality,
         "fusion_test_quality": fusion_test,
         "claim_met": held and test_saving >= 0.25,
         "best_saving_within_half_point": test_saving if held else 0.0,
@@ -101,17 +101,16 @@ def summarise(run, seconds: float) -> dict:
     }
 
 
-def saving_within_half_point(report, fusion: dict, fusion_test: float, quality: str) -> tuple[float, bool]:
+def saving_within_half_point(report, fusion: StaticBaseline, fusion_test: float, quality: str) -> tuple[float, bool]:
     """The claim "a front member within 0.5 points of static fusion": the member with the largest saving among
     those within half a point of fusion on validation is chosen there, then judged on the test split. Returns
     its test compute saving and whether its test quality is within half a point of fusion's test quality."""
-    gflops_index = report.metrics.index("val_gflops_per_sample")
-    candidates = [m for m in report.members if m["values"][0] >= fusion["quality"] - 0.005]
-    chosen = max(candidates, key=lambda m: 1 - m["values"][gflops_index] / fusion["gflops"], default=None)
-    if chosen is None or f"test_{quality}" not in chosen["metrics"]:
+    candidates = [m.trial for m in report.members if m.trial.values[0] >= fusion.quality - 0.005]
+    chosen = max(candidates, key=lambda t: 1 - t.values[report.gflops_index] / fusion.gflops, default=None)
+    if chosen is None or f"test_{quality}" not in chosen.metrics:
         return 0.0, False
-    saving = 1 - chosen["metrics"]["test_gflops_per_sample"] / fusion["gflops"]
-    return saving, chosen["metrics"][f"test_{quality}"] >= fusion_test - 0.005
+    saving = 1 - chosen.metrics["test_gflops_per_sample"] / fusion.gflops
+    return saving, chosen.metrics[f"test_{quality}"] >= fusion_test - 0.005
 
 
 def static_fusion_test_quality(prepared) -> float:

@@ -19,8 +19,8 @@ from pathlib import Path
 from dynmm.data.nyuv2 import convert_nyuv2
 from dynmm.data.synthetic import write_depth_labelled_nyuv2
 from dynmm.spec import load_pipeline
+from dynmm.train import run_training
 from dynmm.train.evaluate import Noise, evaluate_checkpoints
-from dynmm.train.runner import run_training
 
 PIPELINE = Path(__file__).parents[1] / "pipelines" / "nyuv2.yaml"
 

@@ -28,8 +28,8 @@ from dynmm.data.readers import load_split
 from dynmm.data.synthetic import generate_synthetic_mosei
 from dynmm.models import build_model
 from dynmm.spec import load_pipeline
+from dynmm.train import run_training
 from dynmm.train.metrics import task_loss
-from dynmm.train.runner import run_training
 
 PIPELINE = Path(__file__).parents[1] / "pipelines" / "synthetic-mosei.yaml"
 BATCH_SIZE = 32

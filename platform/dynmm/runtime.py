@@ -1,10 +1,12 @@
-"""Where the platform's Ray runs: a local Ray of its own that listens on loopback only, or a named cluster.
+"""Where the platform's Ray runs: a local Ray of its own that listens on loopback only, or a named cluster;
+and keeping Ray's, MLflow's and Optuna's routine chatter out of the way (``quiet_libraries``).
 
 Must not import dynmm.train, dynmm.tune or dynmm.cluster.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from collections.abc import Iterator
@@ -14,6 +16,7 @@ import ray
 import ray._private.ray_constants as ray_constants
 
 from dynmm.envvars import temporary_environment
+from dynmm.errors import UserError
 
 LOOPBACK = "127.0.0.1"
 
@@ -90,3 +93,36 @@ def _loopback_node_ip() -> Iterator[None]:
             yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = previous_flag
+
+
+def connect_ray(address: str | None = None, verbose: bool = False) -> None:
+    """Use the cluster named by ``address`` or ``RAY_ADDRESS``; else start a local Ray of our own that
+    listens on 127.0.0.1 only (never the cluster ``ray start`` last started on this machine)."""
+    if ray.is_initialized():
+        return
+    options = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
+    address = address or os.environ.get("RAY_ADDRESS")
+    # Ray Train V2's controller collects reports on its health-check tick (2 s by default), which
+    # dominates an epoch of a small model; a local Ray started here inherits this environment.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    try:
+        if address:
+            join_ray(address, **options)
+        else:
+            start_local_ray(**options)
+    except ConnectionError as error:
+        raise UserError(f"cannot reach the Ray cluster at {address}: {error}") from None
+    ray.data.DataContext.get_current().enable_progress_bars = verbose
+
+
+def quiet_libraries() -> None:
+    """Keep Ray's and MLflow's routine chatter out of the way; ``--verbose`` skips this."""
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    # a local raylet warns once per burst of worker start-ups beyond its CPU count (trials x workers)
+    os.environ.setdefault("RAY_worker_maximum_startup_concurrency", "64")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # Tune's default console output prints its experiment box and result paths even at verbose=0; the
+    # older reporter it keeps behind this switch is silent at 0 (dynmm prints its own live view).
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    for name in ("ray", "ray.data", "ray.train", "ray.tune", "mlflow", "optuna"):
+        logging.getLogger(name).setLevel(logging.ERROR)

@@ -8,7 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dynmm.data.format import DatasetMeta, ModalitySpec, dataset_writer, read_meta, write_meta
+from dynmm.data.format import DatasetMeta, ModalitySpec, read_meta, write_meta
+from dynmm.data.writer import dataset_writer
 from dynmm.errors import DatasetError, UserError
 
 
@@ -83,6 +84,18 @@ def test_metadata_round_trips_through_dataset_json(tmp_path):
     meta = tiny_meta(task="regression", num_classes=None, label_range=(-1.0, 1.0), params={"seed": 3})
     write_meta(tmp_path, meta)
     assert read_meta(tmp_path) == meta
+
+
+def test_read_meta_parses_an_unchanged_file_once_and_a_rewritten_one_again(tmp_path):
+    path = write_meta(tmp_path, tiny_meta(name="aaaa"))
+    first = read_meta(tmp_path)
+    assert read_meta(tmp_path / ".." / tmp_path.name) is first  # the same folder spelt otherwise: one parse
+    # rewritten in place, same size, same inode, likely within one tick of the file system's clock
+    path.write_text(path.read_text().replace('"aaaa"', '"bbbb"'))
+    assert read_meta(tmp_path).name == "bbbb"
+    path.unlink()
+    with pytest.raises(DatasetError, match=r"dataset\.json: not found"):
+        read_meta(tmp_path)
 
 
 def test_read_meta_names_the_missing_file(tmp_path):

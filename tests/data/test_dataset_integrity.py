@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from dynmm.cli import main
-from dynmm.data.format import DatasetMeta, ModalitySpec, dataset_writer, read_meta, verify_dataset
+from dynmm.data.format import DatasetMeta, ModalitySpec, read_meta, verify_dataset
+from dynmm.data.writer import dataset_writer
 from dynmm.errors import DatasetError
 
 TASKS = {

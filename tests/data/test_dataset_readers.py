@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from dynmm.data import readers
-from dynmm.data.format import DatasetMeta, ModalitySpec, dataset_writer, read_meta
+from dynmm.data.format import DatasetMeta, ModalitySpec, read_meta
 from dynmm.data.readers import iter_batches, load_split, resolve_dataset
+from dynmm.data.writer import dataset_writer
 from dynmm.errors import DatasetError
 
 SPLIT_ROWS = {"train": 23, "valid": 4, "test": 5}

@@ -40,6 +40,8 @@ def test_set_overrides_a_nested_field_with_a_typed_value(tmp_path):
         ({"stages.gate.tau_end": 5.0}, "tau_end (5.0) must not exceed tau_start"),
         ({"scaling.num_workers": 0}, "scaling.num_workers"),
         ({"stages.gate.lr_schedule": "linear"}, "stages.gate.lr_schedule"),
+        # fault injection is a test's business (DYNMM_FAULT_CRASH_AT_GATE_EPOCH), not a pipeline's
+        ({"run.fail_once_at_epoch": 2}, "run.fail_once_at_epoch: unknown field"),
     ],
 )
 def test_malformed_field_is_one_error_naming_file_and_field(tmp_path, changes, field):

@@ -12,7 +12,7 @@ from dynmm.cli import main
 from dynmm.data.digits import digits_meta
 from dynmm.data.format import dataset_writer
 from dynmm.spec import load_pipeline
-from dynmm.train import runner
+from dynmm.train import datasets, runner
 
 PIPELINE = Path(__file__).parents[2] / "pipelines" / "digits.yaml"
 pytestmark = pytest.mark.integration
@@ -51,7 +51,7 @@ def test_uneven_shares_train_in_step_and_validation_counts_every_row(ray_session
     # 65 train rows, batches of 32, 2 workers: shares of 32 and 33 rows would take 1 and 2 DDP steps
     dataset = write_small_digits(tmp_path / "small-digits", {"train": 65, "valid": 33, "test": 33})
     if streamed:
-        monkeypatch.setattr(runner, "MATERIALIZE_BELOW_BYTES", 0)
+        monkeypatch.setattr(datasets, "MATERIALIZE_BELOW_BYTES", 0)
     overrides = settings(tmp_path, **{"data.dataset": dataset, "data.batch_size": 32,
                                       "stages.gate.holdout_fraction": 0.0})
     result = runner.run_training(load_pipeline(PIPELINE, overrides))

@@ -39,7 +39,7 @@ REPORT = "platform-run-report:"
 import ray, ray.train
 from ray.train.torch import TorchTrainer
 from dynmm.train.rendezvous import process_group_config
-from dynmm.train.runner import connect_ray
+from dynmm.runtime import connect_ray
 
 def hold_and_report_store_port(config):
     import torch, torch.distributed as dist

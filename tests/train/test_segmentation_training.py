@@ -17,8 +17,9 @@ from dynmm.data.readers import resolve_dataset
 from dynmm.data.synthetic import write_depth_labelled_nyuv2
 from dynmm.models import TemperatureSchedule, build_model, depth_encoder_flops, measure_path_costs
 from dynmm.spec import load_pipeline
-from dynmm.train import loop
+from dynmm.train.batches import RankShare
 from dynmm.train.checkpoints import save_state
+from dynmm.train.epoch import loss_cost_reductions, train_epoch
 from dynmm.train.evaluate import Noise, add_noise, evaluate_split
 from dynmm.train.job import StageConfig, WorkerJob
 from dynmm.train.metrics import (
@@ -29,6 +30,8 @@ from dynmm.train.metrics import (
     segmentation_metrics,
     task_loss,
 )
+from dynmm.train.stages import build_lr_scheduler, build_optimizer, freeze_for_stage
+from dynmm.train.state import StageRun, WorkerState
 
 PIPELINE = Path(__file__).parents[2] / "pipelines" / "nyuv2.yaml"
 PATH_GFLOPS = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0], dtype=torch.float64)
@@ -179,32 +182,28 @@ TINY_3_CLASSES = {"preset": "tiny", "input_size": (48, 64), "num_classes": 3}
 
 def one_gate_epoch(static: bool, resource_lambda: float) -> dict[str, float]:
     """One gate-stage epoch (random-path warm-up) of the tiny fusion net through the loop's own
-    ``_train_epoch``, on in-memory rows; the finalised training metrics."""
+    ``train_epoch``, on in-memory rows; the finalised training metrics."""
     torch.manual_seed(0)
     model = build_model("nyuv2", static=static, **TINY_3_CLASSES)
     costs = measure_path_costs(model)
     stage = StageConfig("gate", epochs=1, lr=0.01, optimizer="sgd", resource_lambda=resource_lambda, epoch_ini=1,
                         freeze_experts=False)
     job = WorkerJob("nyuv2", TINY_3_CLASSES, "segmentation", 3, (stage,), experts_uri="", batch_size=4,
-                    cache_shards_in_memory=True, loss_flops=costs.loss_flops)
+                    cache_shards_in_memory=True, gate_flops=costs.gate_flops, expert_flops=costs.expert_flops,
+                    routed_path_flops=costs.routed_path_flops, loss_flops=costs.loss_flops)
     generator = torch.Generator().manual_seed(0)
     columns = {"rgb": 255 * torch.rand((8, 3, 48, 64), generator=generator),
                "depth": 10_000 * torch.rand((8, 1, 48, 64), generator=generator),
                "label": torch.randint(0, 4, (8, 48, 64), generator=generator)}
-    loop._SHARD_CACHE.shards.clear()
-    loop._SHARD_CACHE.shards["train_gate"] = loop._RankShare(columns, 8, 8)
-    loop._freeze_for_stage(model, stage)
-    optimizer = loop._build_optimizer(stage, model)
-    schedule = TemperatureSchedule(1.0, 1.0, 0, stage.epoch_ini)
-    path_gflops = torch.tensor(costs.path_gflops, dtype=torch.float64)
-    normalised = torch.tensor(costs.normalised, dtype=torch.float32)
-    try:
-        sums = loop._train_epoch(model, model, stage, schedule, 0, optimizer, job, "cpu", normalised, path_gflops)
-    finally:
-        loop._SHARD_CACHE.shards.clear()
+    state = WorkerState.create(job, model)
+    state.shards["train_gate"] = RankShare(columns, 8, 8)
+    freeze_for_stage(model, stage)
+    optimizer = build_optimizer(stage, model)
+    temperature = TemperatureSchedule(1.0, 1.0, 0, stage.epoch_ini)
+    run = StageRun(0, stage, model, optimizer, build_lr_scheduler(stage, optimizer), temperature)
+    sums = train_epoch(state, run, 0)
     metrics = {f"train_{key}": value for key, value in finalize(sums, costs.static_flops / 1e9).items()}
-    return metrics | loop.loss_cost_reductions(metrics | {f"val_path{p}_fraction": 0.2 for p in range(5)},
-                                               job.loss_flops)
+    return metrics | loss_cost_reductions(metrics | {f"val_path{p}_fraction": 0.2 for p in range(5)}, job.loss_flops)
 
 
 def test_the_static_net_trains_on_the_task_loss_alone_with_every_sample_on_the_full_path():
@@ -222,11 +221,11 @@ def test_training_reports_the_depth_encoder_saving_beside_the_whole_network_savi
     costs = measure_path_costs(model)
     half_on_path_zero = {f"{split}_path{path}_fraction": 0.5 if path in (0, 4) else 0.0
                          for split in ("train", "val") for path in range(5)}
-    reductions = loop.loss_cost_reductions(half_on_path_zero, costs.loss_flops)
+    reductions = loss_cost_reductions(half_on_path_zero, costs.loss_flops)
     assert reductions == {"train_depth_encoder_reduction": 0.5, "val_depth_encoder_reduction": 0.5}
     whole_network = 1 - (costs.path_flops[0] + costs.path_flops[4]) / 2 / costs.static_flops
     assert whole_network < 0.25, "the whole-network saving of the same routing is much smaller"
-    assert loop.loss_cost_reductions(half_on_path_zero, ()) == {}
+    assert loss_cost_reductions(half_on_path_zero, ()) == {}
 
 
 def test_evaluate_compares_dynmm_with_the_trained_static_net_in_miou_depth_encoder_and_total_gflops(tmp_path, capsys):

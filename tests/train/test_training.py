@@ -17,8 +17,11 @@ from mlflow.tracking import MlflowClient
 from dynmm.cli import main
 from dynmm.data.readers import load_split
 from dynmm.spec import load_pipeline
+from dynmm.train.datasets import in_gate_holdout
 from dynmm.train.evaluate import evaluate_split
-from dynmm.train.runner import in_gate_holdout, load_model_from_checkpoint, prepare_pipeline, run_training
+from dynmm.train.faults import CRASH_AT_GATE_EPOCH_VARIABLE
+from dynmm.train.runner import load_model_from_checkpoint, prepare_pipeline, run_training
+from dynmm.train.tracking import checkpointed_epochs
 
 PIPELINE = Path(__file__).parents[2] / "pipelines" / "digits.yaml"
 pytestmark = pytest.mark.integration
@@ -41,10 +44,9 @@ def logged_steps(tracking_uri: str, run_id: str, key: str = "val_loss") -> list[
     return [entry.step for entry in MlflowClient(tracking_uri).get_metric_history(run_id, key)]
 
 
-def test_worker_crash_is_recovered_from_the_last_checkpoint_without_gaps_in_mlflow(ray_session, tmp_path):
-    overrides = small_digits_overrides(
-        tmp_path, **{"run.fail_once_at_epoch": 2, "stages.gate.lambda": 0.3, "stages.gate.lr_schedule": "cosine"}
-    )
+def test_worker_crash_is_recovered_from_the_last_checkpoint_without_gaps_in_mlflow(ray_session, tmp_path, monkeypatch):
+    monkeypatch.setenv(CRASH_AT_GATE_EPOCH_VARIABLE, "2")  # the last rank dies once, hard, at gate epoch 2
+    overrides = small_digits_overrides(tmp_path, **{"stages.gate.lambda": 0.3, "stages.gate.lr_schedule": "cosine"})
     spec = load_pipeline(PIPELINE, overrides)
     shown = []
     result = run_training(spec, show=shown.append)
@@ -56,7 +58,10 @@ def test_worker_crash_is_recovered_from_the_last_checkpoint_without_gaps_in_mlfl
     assert epochs[:4] == [("experts", 0), ("experts", 1), ("experts", 2), ("gate", 0)]
     assert all(epochs.count(("experts", e)) == 1 for e in range(3)) and epochs[-1] == ("gate", 3)
     assert logged_steps(result.tracking_uri, result.mlflow_run_id) == list(range(7))
-    # the gate's cosine learning rate is a function of the epoch: the resumed epochs carry on the same curve
+    # what a resumed driver logs again first: the epochs of the checkpoints Ray Train keeps, the last one last
+    kept = checkpointed_epochs(f"{tmp_path / 'runs'}/{result.run_name}")
+    assert [int(epoch["global_step"]) for epoch in kept][-1] == 6 and len(kept) == spec.checkpoint.num_to_keep
+    # the gate's cosine learning rate: the resumed epochs carry on the same curve
     lr_history = MlflowClient(result.tracking_uri).get_metric_history(result.mlflow_run_id, "lr")
     gate_lrs = [entry.value for entry in sorted(lr_history, key=lambda entry: entry.step)][3:]
     lr = spec.stages.gate.lr

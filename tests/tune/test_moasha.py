@@ -10,6 +10,7 @@ from ray.tune.schedulers import TrialScheduler
 from dynmm.errors import SpecError
 from dynmm.spec import load_pipeline
 from dynmm.tune.moasha import CONTINUE, STOP, MoAshaRungs, MoAshaScheduler
+from dynmm.tune.records import StaticBaseline
 from dynmm.tune.study import Objectives, build_scheduler, check_scheduler_objectives
 
 PIPELINE = Path(__file__).parents[2] / "pipelines" / "digits.yaml"
@@ -199,8 +200,7 @@ def test_the_pipeline_scheduler_section_reaches_the_rungs():
     assert scheduler.rungs.keep_front is False
     assert scheduler.rungs.milestones == [1, 3, 9]  # hard epochs only: 16 - 4 = 12 of them
     assert scheduler.rungs.reference is None  # no experts' baselines given: rungs rank fronts by crowding
-    baselines = [{"name": "expert0 alone", "quality": 0.84, "gflops": 1.3e-6},
-                 {"name": "expert1 alone", "quality": 0.97, "gflops": 1.8e-5}]
+    baselines = [StaticBaseline("expert0 alone", 0.84, 1.3e-6), StaticBaseline("expert1 alone", 0.97, 1.8e-5)]
     scheduler = build_scheduler(spec, Objectives(("val_accuracy", "val_gflops_per_sample"), ("max", "min")),
                                 baselines)
     assert scheduler.rungs.reference == [0.84, 1.8e-5]  # the front's reference point: worst expert, fusion
@@ -210,8 +210,7 @@ def test_the_recipes_min_contribution_reaches_the_rungs_and_needs_bounded_object
     spec = load_pipeline(PIPELINE, ["search.scheduler.kind=moasha"])
     objectives = Objectives(("val_accuracy", "val_gflops_per_sample"), ("max", "min"))
     check_scheduler_objectives(spec, objectives)
-    baselines = [{"name": "expert0 alone", "quality": 0.84, "gflops": 1.3e-6},
-                 {"name": "expert1 alone", "quality": 0.97, "gflops": 1.8e-5}]
+    baselines = [StaticBaseline("expert0 alone", 0.84, 1.3e-6), StaticBaseline("expert1 alone", 0.97, 1.8e-5)]
     scheduler = build_scheduler(spec, objectives, baselines)
     assert scheduler.rungs.min_contribution == spec.search.scheduler.min_contribution == 0.01
     # a third objective has no reference value from the experts: refused before any training starts

@@ -1,6 +1,8 @@
 """Pareto math against hand-computed sets (quality maximised, GFLOPs minimised)."""
 
+import itertools
 import math
+import random
 
 import pytest
 
@@ -98,3 +100,52 @@ def test_with_a_reference_a_front_is_ranked_by_hypervolume_contribution():
     points = [*front, (0.6, 5.0)]
     assert selection_order(points, QUALITY_VS_COST)[:3] == [0, 2, 1]  # crowding: the extremes first
     assert selection_order(points, QUALITY_VS_COST, reference=(0.55, 10.0)) == [1, 2, 0, 3]
+
+
+def _brute_force_hypervolume(points, reference):
+    """Minimisation: cut the box at every coordinate and add each cell whose low corner some point dominates."""
+    axes = [sorted({p[k] for p in points if p[k] < reference[k]} | {reference[k]}) for k in range(len(reference))]
+    volume = 0.0
+    for cell in itertools.product(*(range(len(axis) - 1) for axis in axes)):
+        low = [axes[k][i] for k, i in enumerate(cell)]
+        if any(all(x <= c for x, c in zip(p, low, strict=True)) for p in points):
+            volume += math.prod(axes[k][i + 1] - axes[k][i] for k, i in enumerate(cell))
+    return volume
+
+
+def test_hypervolume_and_contributions_of_a_random_three_objective_set_match_brute_force():
+    rng = random.Random(7)
+    directions = ("max", "min", "min")
+    points = [(rng.uniform(0, 1), rng.uniform(0, 10), rng.uniform(0, 5)) for _ in range(9)]
+    points += [points[0], (0.05, 9.5, 4.8)]  # a duplicate and a point dominated by almost everything
+    reference = (0.1, 9.0, 4.5)
+    minimised = [(-q, c, t) for q, c, t in points]
+    bound = (-reference[0], reference[1], reference[2])
+    total = _brute_force_hypervolume(minimised, bound)
+    assert total > 0
+    assert hypervolume(points, reference, directions) == pytest.approx(total, rel=1e-9)
+    lost = [total - _brute_force_hypervolume(minimised[:i] + minimised[i + 1:], bound) for i in range(len(points))]
+    assert hypervolume_contributions(points, reference, directions) == pytest.approx(lost, rel=1e-9, abs=1e-9)
+
+
+def test_fronts_of_a_random_three_objective_set_match_pairwise_dominance():
+    rng = random.Random(11)
+    directions = ("max", "min", "max")
+    points = [tuple(float(rng.randint(0, 3)) for _ in range(3)) for _ in range(12)]
+    fronts = non_dominated_sort(points, directions)
+    remaining = set(range(len(points)))
+    for front in fronts:
+        expected = sorted(i for i in remaining
+                          if not any(dominates(points[j], points[i], directions) for j in remaining))
+        assert front == expected
+        remaining -= set(front)
+    assert not remaining
+    assert pareto_front(points, directions) == fronts[0]
+
+
+def test_one_objective_keeps_the_best_value_and_its_ties():
+    points = [(0.4,), (0.9,), (0.9,), (0.1,)]
+    assert non_dominated_sort(points, ("max",)) == [[1, 2], [0], [3]]
+    assert non_dominated_sort(points, ("min",)) == [[3], [0], [1, 2]]
+    assert hypervolume(points, (0.0,), ("max",)) == pytest.approx(0.9)
+    assert hypervolume_contributions([(0.4,), (0.9,), (0.1,)], (0.0,), ("max",)) == pytest.approx([0.0, 0.5, 0.0])

@@ -8,16 +8,21 @@ import pytest
 
 from dynmm.tune.front import build_front, front_row
 from dynmm.tune.random_routing import curve_quality, dominated_area, random_routing_curve, share_beyond_random
+from dynmm.tune.records import StaticBaseline, TrialRecord
 
 METRICS, MODES = ["val_accuracy", "val_gflops_per_sample"], ["max", "min"]
 
 
-def trial(trial_id: str, quality: float, gflops: float, state: str = "complete") -> dict:
-    return {"trial_id": trial_id, "params": {}, "state": state, "values": [quality, gflops]}
+def trial(trial_id: str, quality: float, gflops: float, state: str = "complete") -> TrialRecord:
+    return TrialRecord(trial_id, {}, (quality, gflops), state)
 
 
-def experts(*points: tuple[float, float]) -> list[dict]:
-    return [{"name": f"expert{i} alone", "gflops": g, "quality": q} for i, (g, q) in enumerate(points)]
+def experts(*points: tuple[float, float]) -> list[StaticBaseline]:
+    return [StaticBaseline(f"expert{i} alone", quality, gflops) for i, (gflops, quality) in enumerate(points)]
+
+
+def member_ids(report) -> list[str]:
+    return [member.trial.trial_id for member in report.members]
 
 
 def test_the_random_routing_line_is_the_upper_hull_of_the_experts():
@@ -86,16 +91,16 @@ def test_a_gated_model_that_an_expert_alone_matches_is_not_on_the_front():
     # good for less, so the model is not a member, not the knee, and cannot become min-compute
     trials = [trial("cheap", 0.8389, 2.7e-6), trial("mid", 0.93, 1e-5), trial("top", 0.96, 1.6e-5)]
     report = build_front(trials, METRICS, MODES, experts((1.34e-6, 0.8389), (1.77e-5, 0.9667)))
-    assert [m["trial_id"] for m in report.members] == ["mid", "top"]
+    assert member_ids(report) == ["mid", "top"]
     assert report.knee_trial_id in {"mid", "top"}
     # matched exactly (same quality, same cost) also counts as matched
     tie = build_front([trial("same", 0.9667, 1.77e-5), trial("mid", 0.93, 1e-5)], METRICS, MODES,
                       experts((1.34e-6, 0.8389), (1.77e-5, 0.9667)))
-    assert [m["trial_id"] for m in tie.members] == ["mid"]
+    assert member_ids(tie) == ["mid"]
 
 
 def test_a_study_with_more_objectives_has_no_random_routing_line():
-    trials = [{"trial_id": "a", "params": {}, "state": "complete", "values": [0.9, 1e-5, 0.3]}]
+    trials = [TrialRecord("a", {}, (0.9, 1e-5, 0.3), "complete")]
     report = build_front(trials, [*METRICS, "val_loss"], [*MODES, "min"], experts((1e-6, 0.8), (2e-5, 0.96)))
     assert report.random_routing == [] and report.hypervolume_beyond_random is None
-    assert [m["trial_id"] for m in report.members] == ["a"]
+    assert member_ids(report) == ["a"]

@@ -77,3 +77,21 @@ def test_a_trial_trains_its_sampled_values_over_the_recipe_ones_with_tau_end_cap
     assert trained_gate(spec, {"lambda": 0.36}) == {"lambda": 0.36, "tau_start": 1.0, "tau_end": 0.1}
     # a sampled tau_end above the sampled tau_start is trained at tau_start
     assert trained_gate(spec, {"tau_start": 0.6, "tau_end": 0.9}) == {"lambda": 0.5, "tau_start": 0.6, "tau_end": 0.6}
+
+
+def test_a_finished_trial_above_max_gflops_is_infeasible_and_leaves_the_front(tmp_path):
+    spec = digits("search.max_gflops=1.0", "search.startup_trials=2")
+    searcher = build_searcher(spec, OBJECTIVES, "s", tmp_path)
+    configs = {trial_id: searcher.suggest(trial_id) for trial_id in ("queued", "costly", "cheap", "stopped")}
+    # told out of order: each result reaches the Optuna trial asked for its Ray trial
+    searcher.on_trial_complete("stopped", {"finished": False, "val_accuracy": 0.99, "val_gflops_per_sample": 0.1})
+    searcher.on_trial_complete("cheap", {"finished": True, "val_accuracy": 0.80, "val_gflops_per_sample": 0.5})
+    searcher.on_trial_complete("costly", {"finished": True, "val_accuracy": 0.95, "val_gflops_per_sample": 2.0})
+    study = optuna.load_study(study_name="s", storage=open_study_storage(tmp_path))
+    by_ray_id = {ray_id: next(t for t in study.get_trials() if t.params == configs[ray_id]) for ray_id in configs}
+    assert by_ray_id["costly"].user_attrs["constraint"] == [pytest.approx(1.0)]
+    assert by_ray_id["cheap"].user_attrs["constraint"] == [pytest.approx(-0.5)]
+    assert by_ray_id["stopped"].state == optuna.trial.TrialState.PRUNED
+    assert "constraint" not in by_ray_id["stopped"].user_attrs
+    # both finished trials are non-dominated, but the one over budget is infeasible to Optuna
+    assert [trial.number for trial in study.best_trials] == [by_ray_id["cheap"].number]

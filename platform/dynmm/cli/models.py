@@ -37,24 +37,21 @@ def run_list(args: argparse.Namespace) -> int:
 
     uri = reachable_tracking_uri(args.tracking_uri)
     if args.name is None:
-        rows = registry.list_models(uri)
-        if not rows:
+        models = registry.list_models(uri)
+        if not models:
             print(f"no registered models in {redact_credentials(uri)} (dynmm tune registers the Pareto front)")
-        for name, count, aliases in rows:
-            named = ", ".join(f"{alias} -> v{version}" for alias, version in sorted(aliases.items()))
-            print(f"{name:<28} {count:>3} versions   {named}")
+        for model in models:
+            named = ", ".join(f"{alias} -> v{version}" for alias, version in sorted(model.aliases.items()))
+            print(f"{model.name:<28} {model.version_count:>3} versions   {named}")
         return 0
     versions = registry.list_versions(uri, args.name)
-    quality = versions[0].tags.get("quality_metric", "quality") if versions else "quality"
-    test_key = f"test_{quality}"
-    print(f"{'version':>7}  {'aliases':<26} {'front':<5} {quality:>10} {test_key:>14} {'GFLOPs':>10} "
+    quality = versions[0].quality_metric if versions else "quality"
+    print(f"{'version':>7}  {'aliases':<26} {'front':<5} {quality:>10} {'test_' + quality:>14} {'GFLOPs':>10} "
           f"{'saved':>7} {'lambda':>8} {'tau':>13}  trial")
     for v in versions:
-        test = registry.as_number(v.tags.get(test_key))
         print(f"{v.version:>7}  {','.join(v.aliases) or '-':<26} {'yes' if v.pareto else 'no':<5} "
-              f"{v.quality:>10.4f} {test:>14.4f} {v.gflops:>10.4g} {v.reduction:>7.1%} "
-              f"{registry.as_number(v.tags.get('lambda')):>8.3g} {v.tags.get('tau', '-'):>13}  "
-              f"{v.tags.get('trial_id', '-')}")
+              f"{v.quality:>10.4f} {v.test_quality:>14.4f} {v.gflops:>10.4g} {v.reduction:>7.1%} "
+              f"{v.resource_lambda:>8.3g} {v.tau:>13}  {v.trial_id}")
     return 0
 
 
@@ -64,7 +61,7 @@ def run_pick(args: argparse.Namespace) -> int:
     uri = reachable_tracking_uri(args.tracking_uri)
     chosen = registry.pick(registry.list_versions(uri, args.name), args.max_gflops, args.min_quality)
     aliases = f" ({', '.join(chosen.aliases)})" if chosen.aliases else ""
-    print(f"version {chosen.version}{aliases}: {chosen.tags.get('quality_metric', 'quality')} {chosen.quality:.4f}, "
+    print(f"version {chosen.version}{aliases}: {chosen.quality_metric} {chosen.quality:.4f}, "
           f"{chosen.gflops:.4g} GFLOPs per sample ({chosen.reduction:.1%} less than static fusion)")
     print(chosen.uri)
     return 0

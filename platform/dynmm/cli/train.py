@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from typing import TextIO
+
+from tqdm import tqdm
 
 from dynmm.spec import load_pipeline
 
@@ -27,31 +31,63 @@ def run(args: argparse.Namespace) -> int:
 
     spec = load_pipeline(args.pipeline, args.overrides)
     printer = EpochPrinter()
-    result = run_training(spec, address=args.address, verbose=args.verbose, show=printer)
+    try:
+        result = run_training(spec, address=args.address, verbose=args.verbose, show=printer)
+    finally:
+        printer.close()
     print_summary(result)
     return 0
 
 
 class EpochPrinter:
-    """One line per epoch: stage, epoch/total, key metrics, elapsed and ETA of the stage."""
+    """Each epoch as it ends: stage, epoch/total, loss, key validation metrics, elapsed and ETA of the stage.
 
-    def __init__(self) -> None:
+    On a terminal each stage has one line that updates in place (``tqdm``); elsewhere (CI, ``dynmm jobs logs``,
+    a pipe) every epoch prints a line of its own, which a log keeps and a script can read."""
+
+    def __init__(self, stream: TextIO | None = None, interactive: bool | None = None) -> None:
+        self.stream = stream or sys.stdout
+        self.interactive = self.stream.isatty() if interactive is None else interactive
         self.started = time.monotonic()
         self.stage_started: dict[str, tuple[float, int]] = {}
+        self.bars: dict = {}
 
     def __call__(self, record: dict) -> None:
+        if self.interactive:
+            self._update_bar(record)
+        else:
+            print(self._line(record), file=self.stream, flush=True)
+
+    def close(self) -> None:
+        """End every stage's line (a stage that stopped early leaves its last state on screen)."""
+        for bar in self.bars.values():
+            bar.close()
+
+    def _line(self, record: dict) -> str:
         stage, epoch, epochs, metrics = record["stage"], record["epoch"], record["epochs"], record["metrics"]
         now = time.monotonic()
         first_time, first_epoch = self.stage_started.setdefault(stage, (now - metrics["epoch_seconds"], epoch))
         per_epoch = (now - first_time) / (epoch - first_epoch + 1)
         eta = per_epoch * (epochs - epoch - 1)
-        quality = _quality_items(metrics)
-        print(
-            f"{stage:<8} {epoch + 1:>3}/{epochs:<3} loss {metrics['train_loss']:.4f}  {quality}  "
-            f"GFLOPs {metrics['val_gflops_per_sample']:.3g}  saved {metrics['val_compute_reduction']:6.1%}  "
-            f"elapsed {_clock(now - self.started)}  ETA {_clock(eta)}",
-            flush=True,
-        )
+        return (f"{stage:<8} {epoch + 1:>3}/{epochs:<3} {_metrics_text(record['metrics'])}  "
+                f"elapsed {_clock(now - self.started)}  ETA {_clock(eta)}")
+
+    def _update_bar(self, record: dict) -> None:
+        stage, done, epochs = record["stage"], record["epoch"] + 1, record["epochs"]
+        text = f"{stage:<8} {done:>3}/{epochs:<3} {_metrics_text(record['metrics'])}"
+        bar = self.bars.get(stage)
+        if bar is None:  # a resumed stage starts where its checkpoint left it
+            bar = self.bars[stage] = tqdm(total=epochs, initial=done - 1, desc=text, file=self.stream,
+                                          bar_format="{desc}  elapsed {elapsed}  ETA {remaining}")
+        bar.set_description_str(text, refresh=False)
+        bar.update(max(done - bar.n, 0))
+        if done == epochs:
+            bar.close()
+
+
+def _metrics_text(metrics: dict) -> str:
+    return (f"loss {metrics['train_loss']:.4f}  {_quality_items(metrics)}  "
+            f"GFLOPs {metrics['val_gflops_per_sample']:.3g}  saved {metrics['val_compute_reduction']:6.1%}")
 
 
 def _quality_items(metrics: dict) -> str:

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dynmm.cli.train import EpochPrinter, add_pipeline_arguments
-from dynmm.spec import load_pipeline
+from dynmm.spec import PipelineSpec, load_pipeline
+
+if TYPE_CHECKING:
+    from dynmm.tune.front import FrontReport
+    from dynmm.tune.records import FrontMember
+    from dynmm.tune.study import StudyRun
 
 DEFAULT_PIPELINE = Path(__file__).resolve().parents[3] / "pipelines" / "digits.yaml"
 
@@ -37,7 +43,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def tune_and_report(spec, *, address=None, verbose=False, resume=False) -> None:
     from dynmm.track.runs import redact_credentials
-    from dynmm.tune.study import register_study_front, report_study, run_study
+    from dynmm.tune.register import register_study_front
+    from dynmm.tune.study import report_study, run_study
 
     printer = EpochPrinter()
     run = run_study(spec, address=address, verbose=verbose, resume=resume, show_epoch=printer, show_line=print)
@@ -55,7 +62,7 @@ def tune_and_report(spec, *, address=None, verbose=False, resume=False) -> None:
     print_registry(run, report, aliases)
 
 
-def print_registry(run, report, aliases: dict[str, str]) -> None:
+def print_registry(run: StudyRun, report: FrontReport, aliases: dict[str, str]) -> None:
     from dynmm.track.registry import registered_name
     from dynmm.track.runs import redact_credentials
 
@@ -63,19 +70,15 @@ def print_registry(run, report, aliases: dict[str, str]) -> None:
     print()
     print(f"Registered model {name}: {len(report.members)} Pareto versions; aliases "
           + ", ".join(f"{alias} -> v{version}" for alias, version in aliases.items()))
-    gflops = report.metrics.index("val_gflops_per_sample")
-    budget = sorted(member["values"][gflops] for member in report.members)[len(report.members) // 2] \
-        if report.members else 0.0
+    costs = sorted(report.gflops_of(member) for member in report.members)
+    budget = costs[len(costs) // 2] if costs else 0.0
     env = f"MLFLOW_TRACKING_URI={redact_credentials(run.tracking_uri)} "
     print(f"  pick by budget   {env}.venv/bin/dynmm models pick {name} --max-gflops {budget:.3g}")
     print(f"  load in Python   mlflow.pyfunc.load_model('models:/{name}@knee')")
 
 
-def print_front(report, spec) -> None:
-    from dynmm.tune.study import trained_gate
-
+def print_front(report: FrontReport, spec: PipelineSpec) -> None:
     quality = report.metrics[0]
-    gflops = report.metrics.index("val_gflops_per_sample")
     test_quality = "test_" + quality.removeprefix("val_")
     print()
     reference = ", ".join(f"{m}={r:.4g}" for m, r in zip(report.metrics, report.reference, strict=True))
@@ -91,22 +94,32 @@ def print_front(report, spec) -> None:
     header = (f"  {'trial':<14} {'lambda':>8} {'tau':>13} {quality:>14} {'GFLOPs':>10} {'saved':>7} "
               f"{test_quality:>14} {'vs random':>10}")
     print(header)
-    static = max(b["gflops"] for b in report.baselines)
+    static = max(baseline.gflops for baseline in report.baselines)
     for member in report.members:
-        gate = trained_gate(spec, member["params"])
-        tau = f"{gate['tau_start']:.2g}->{gate['tau_end']:.2g}"
-        knee = "  <- knee" if member["trial_id"] == report.knee_trial_id else ""
-        cost = member["values"][gflops]
-        print(f"  {member['trial_id']:<14} {gate['lambda']:>8.3g} {tau:>13} "
-              f"{member['values'][0]:>14.4f} {cost:>10.3g} {1 - cost / static:>7.1%} "
-              f"{member.get('test_metrics', {}).get(test_quality, float('nan')):>14.4f} "
-              f"{_gain_text(report, member):>10}{knee}")
+        print_member(report, member, spec, static, test_quality)
     for baseline in report.baselines:
-        print(f"  {baseline['name']:<14} {'':>8} {'':>13} {baseline['quality'] or float('nan'):>14.4f} "
-              f"{baseline['gflops']:>10.3g}")
+        print(f"  {baseline.name:<14} {'':>8} {'':>13} {baseline.quality or float('nan'):>14.4f} "
+              f"{baseline.gflops:>10.3g}")
 
 
-def _gain_text(report, member: dict) -> str:
+def print_member(
+    report: FrontReport, member: FrontMember, spec: PipelineSpec, static_gflops: float, test_quality: str
+) -> None:
+    """One row of the front table: the gate the trial trained, its validation trade-off and test quality."""
+    from dynmm.tune.trials import trained_gate
+
+    trial = member.trial
+    gate = trained_gate(spec, trial.params)
+    tau = f"{gate['tau_start']:.2g}->{gate['tau_end']:.2g}"
+    knee = "  <- knee" if trial.trial_id == report.knee_trial_id else ""
+    cost = report.gflops_of(member)
+    print(f"  {trial.trial_id:<14} {gate['lambda']:>8.3g} {tau:>13} "
+          f"{trial.values[0]:>14.4f} {cost:>10.3g} {1 - cost / static_gflops:>7.1%} "
+          f"{(member.test_metrics or {}).get(test_quality, float('nan')):>14.4f} "
+          f"{_gain_text(report, member):>10}{knee}")
+
+
+def _gain_text(report: FrontReport, member: FrontMember) -> str:
     """The member's quality above random routing at the same compute: in points for a quality that is a share,
     raw otherwise; '-' when there is none."""
     gain = report.gain_over_random(member)

@@ -8,18 +8,11 @@ built, so the plain reader works without starting Ray.
 
 from dynmm.data.convert import convert_avmnist, convert_mmimdb, convert_mosei, prepare_dataset
 from dynmm.data.digits import prepare_digits
-from dynmm.data.format import (
-    SPLITS,
-    DatasetMeta,
-    DatasetWriter,
-    ModalitySpec,
-    dataset_writer,
-    read_meta,
-    write_meta,
-)
+from dynmm.data.format import SPLITS, DatasetMeta, ModalitySpec, read_meta, write_meta
 from dynmm.data.nyuv2 import convert_nyuv2
 from dynmm.data.readers import BUILTIN_DATASETS, iter_batches, load_split, ray_dataset, resolve_dataset
 from dynmm.data.synthetic import generate_synthetic_mosei
+from dynmm.data.writer import DatasetWriter, dataset_writer
 from dynmm.errors import DatasetError
 
 __all__ = [

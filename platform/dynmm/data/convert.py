@@ -18,20 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from dynmm.data.format import (
-    SPLITS,
-    DatasetMeta,
-    InputTransform,
-    ModalitySpec,
-    NonFinitePolicy,
-    dataset_writer,
-    describe_location,
-    expect_numeric,
-    expect_shape,
-)
+from dynmm.data.format import SPLITS, DatasetMeta, InputTransform, ModalitySpec
 from dynmm.data.nyuv2 import convert_nyuv2
 from dynmm.data.readers import BUILTIN_DATASETS
 from dynmm.data.safe_pickle import load_data_pickle
+from dynmm.data.writer import NonFinitePolicy, dataset_writer, describe_location, expect_numeric, expect_shape
 from dynmm.errors import DatasetError
 
 CHUNK_ROWS = 2048

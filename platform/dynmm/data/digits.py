@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dynmm.data.format import DatasetMeta, InputTransform, ModalitySpec, dataset_writer
+from dynmm.data.format import DatasetMeta, InputTransform, ModalitySpec
+from dynmm.data.writer import dataset_writer
 
 SPLIT_FRACTIONS = {"train": 0.6, "valid": 0.2, "test": 0.2}
 # scikit-learn's pixels count 0..16 inked cells; the dataset stores pixel / 16, and a served model takes raw pixels.

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from dynmm.data.format import DatasetMeta, ModalitySpec, dataset_writer
+from dynmm.data.format import DatasetMeta, ModalitySpec
+from dynmm.data.writer import dataset_writer
 from dynmm.errors import DatasetError
 
 NYUV2_CLASSES = 40

@@ -41,7 +41,7 @@ def _columns_to_read(meta: DatasetMeta, columns: Sequence[str] | None, default: 
     return list(columns)
 
 
-def _arrow_to_torch(column: pa.Array | pa.ChunkedArray) -> torch.Tensor | list[str]:
+def arrow_to_torch(column: pa.Array | pa.ChunkedArray) -> torch.Tensor | list[str]:
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     if pa.types.is_string(column.type):
@@ -58,7 +58,7 @@ def _arrow_to_torch(column: pa.Array | pa.ChunkedArray) -> torch.Tensor | list[s
 
 
 def _table_to_batch(table: pa.Table) -> Batch:
-    return {name: _arrow_to_torch(table.column(name)) for name in table.column_names}
+    return {name: arrow_to_torch(table.column(name)) for name in table.column_names}
 
 
 def load_split(directory: str | Path, split: str, columns: Sequence[str] | None = None) -> Batch:
@@ -143,12 +143,12 @@ def ray_dataset(
     # Left alone, Ray cuts a split into ~200 blocks (tens of rows each for MOSEI-sized samples) and then
     # re-assembles them into batches; blocks of ~32 MiB ingest about twice as fast.
     num_blocks = max(len(files), math.ceil(split_bytes / RAY_BLOCK_BYTES))
-    dataset = _read_parquet_v1(files, selected, num_blocks)
+    dataset = read_parquet_files(files, selected, num_blocks)
     dataset.context.execution_options.preserve_order = preserve_order
     return dataset
 
 
-def _read_parquet_v1(files: list[str], columns: list[str], num_blocks: int) -> ray.data.Dataset:
+def read_parquet_files(files: list[str], columns: list[str], num_blocks: int) -> ray.data.Dataset:
     """``ray.data.read_parquet`` through Ray's V1 Parquet reader.
 
     Ray 2.60's default reader (DataSourceV2) starts a pool of 32 footer-reading actors each time a dataset

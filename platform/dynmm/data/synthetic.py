@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dynmm.data.format import SPLITS, DatasetMeta, ModalitySpec, dataset_writer
+from dynmm.data.format import SPLITS, DatasetMeta, ModalitySpec
+from dynmm.data.writer import dataset_writer
 from dynmm.errors import DatasetError
 
 SEQUENCE_STEPS = 50

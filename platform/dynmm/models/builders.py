@@ -10,20 +10,18 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 from dynmm.models.dynmm import ModalityDynMM
-from dynmm.models.experts import (
+from dynmm.models.experts import DIGITS_INPUT_SHAPES, ConcatMLP, ConfidenceGate
+from dynmm.models.fusion import FusionDynMM, load_torchvision_resnet
+from dynmm.models.reference_experts import (
     AVMNIST_INPUT_SHAPES,
-    DIGITS_INPUT_SHAPES,
     AvmnistFusionExpert,
     AvmnistGate,
     AvmnistImageExpert,
-    ConcatMLP,
-    ConfidenceGate,
     MmimdbLateFusionExpert,
     MoseiGate,
     MoseiLateFusionExpert,
     MoseiTextExpert,
 )
-from dynmm.models.fusion import FusionDynMM, load_torchvision_resnet
 
 NYUV2_PRESETS: dict[str, dict[str, tuple[int, ...] | int]] = {
     # ESANet-R34: ResNet-34 encoders, decoder 512-256-128, context bins (1, 5)

@@ -53,6 +53,14 @@ def measure_flops(module_fn: Callable[[Any], Any], inputs: Any) -> int:
     return counter.get_total_flops()
 
 
+FLOPS_PER_GFLOP = 1e9
+
+
+def flops_to_gflops(flops: float) -> float:
+    """FLOPs (what ``PathCosts`` counts) in GFLOPs (what metrics, objectives, the front and the registry use)."""
+    return flops / FLOPS_PER_GFLOP
+
+
 @dataclass(frozen=True)
 class PathCosts:
     """FLOPs per sample of the gate and of each expert, and what each path costs."""
@@ -78,7 +86,7 @@ class PathCosts:
 
     @property
     def path_gflops(self) -> tuple[float, ...]:
-        return tuple(flops / 1e9 for flops in self.path_flops)
+        return tuple(flops_to_gflops(flops) for flops in self.path_flops)
 
     @property
     def normalised(self) -> tuple[float, ...]:

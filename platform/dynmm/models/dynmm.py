@@ -1,7 +1,8 @@
 """Modality-level DynMM: a gate over the raw inputs picks one expert (path) per sample.
 
 Owns the model that combines experts and a gate, its forward modes (soft and hard mixtures for
-training, routed execution for inference, a forced static path, random warm-up paths) and
+training, routed execution for inference, a forced static path, random warm-up paths), the same modes over
+precomputed frozen-expert outputs (``forward_cached``, what the expert-output cache feeds) and
 ``run_routed``, which executes each chosen expert once on only the samples routed to it.
 Imports torch only.
 """
@@ -13,6 +14,7 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor, nn
 
+from dynmm.models.frozen_features import frozen_gate_features, has_frozen_features, logits_from_frozen_features
 from dynmm.models.gates import gate_decision
 
 ForwardMode = Literal["soft", "hard", "routed"]
@@ -48,6 +50,16 @@ class DynMMOutput:
     paths: Tensor
     gate_logits: Tensor | None
     side_outputs: tuple[Tensor, ...] = ()
+
+
+@dataclass
+class FrozenOutputs:
+    """What the frozen weights of a modality-level DynMM compute for a batch, computed once beforehand (the
+    expert-output cache): every expert's output stacked by path, (B, P, *out), and the features the gate's
+    frozen part computes, (B, F), or None for a gate that reads raw inputs only."""
+
+    expert_outputs: Tensor
+    gate_features: Tensor | None = None
 
 
 def run_routed(
@@ -126,10 +138,33 @@ class ModalityDynMM(nn.Module):
                     f"the gate runs expert {self.gate_expert}: its body must be that expert's module, not a copy"
                 )
             self.register_load_state_dict_pre_hook(_gate_body_loads_from_its_expert)
+        self.experts_frozen = False
 
     @property
     def num_paths(self) -> int:
         return len(self.experts)
+
+    @property
+    def gate_input_modalities(self) -> tuple[str, ...]:
+        """The raw modalities the gate reads beside what frozen weights compute for it: what a gate stage over
+        the expert-output cache still reads from the dataset (none for a gate over an expert's confidence)."""
+        if has_frozen_features(self.gate):
+            return ()
+        return tuple(getattr(self.gate, "modalities", self.input_shapes))
+
+    def freeze_experts(self, frozen: bool = True) -> "ModalityDynMM":
+        """Frozen experts (the gate stage with ``freeze_experts``) take no gradients and stay in evaluation mode
+        when the model trains, so they compute what they compute at inference (no dropout, batch-norm running
+        statistics) and what the expert-output cache holds. A gate built on an expert's module freezes with it."""
+        self.experts_frozen = frozen
+        self.experts.requires_grad_(not frozen)
+        return self.train(self.training)
+
+    def train(self, mode: bool = True) -> "ModalityDynMM":
+        super().train(mode)
+        if self.experts_frozen:
+            self.experts.eval()
+        return self
 
     def example_inputs(
         self, batch_size: int = 1, device: torch.device | str | None = None
@@ -148,6 +183,7 @@ class ModalityDynMM(nn.Module):
         force_path: int | None = None,
         random_paths: bool = False,
         gumbel: bool = False,
+        frozen: FrozenOutputs | None = None,
     ) -> DynMMOutput:
         """soft / hard: every expert runs on every sample, output = sum_i g_i * E_i(x) (training).
         routed: hard gate, only the chosen experts run, each on its own samples (inference).
@@ -155,7 +191,13 @@ class ModalityDynMM(nn.Module):
         random_paths=True: a uniformly random path per sample, routed (warm-up epochs).
         gumbel=True: Gumbel noise on the gate logits in training mode (soft and hard modes; a training
         setting of the gate stage, so the caller passes it); evaluation is always deterministic.
+        frozen: precomputed frozen-expert outputs; ``inputs`` then holds only the gate's raw modalities
+        (``forward_cached``; through ``forward`` so that a DDP wrapper sees the call).
         """
+        if frozen is not None:
+            if force_path is not None:
+                raise ValueError("force_path runs an expert; it cannot be combined with frozen outputs")
+            return self.forward_cached(inputs, frozen, mode, tau, random_paths, gumbel)
         if force_path is not None:
             return self._forward_forced(inputs, force_path)
         if random_paths:
@@ -172,8 +214,55 @@ class ModalityDynMM(nn.Module):
         expert_outputs = torch.stack(
             [computed[i] if i in computed else expert(inputs) for i, expert in enumerate(self.experts)], dim=1
         )
-        output = torch.einsum("bp,bp...->b...", decisions, expert_outputs)
-        return DynMMOutput(output, decisions, decisions.argmax(dim=-1), gate_logits)
+        return DynMMOutput(_mixture(decisions, expert_outputs), decisions, decisions.argmax(dim=-1), gate_logits)
+
+    @torch.no_grad()
+    def frozen_outputs(self, inputs: Mapping[str, Tensor]) -> FrozenOutputs:
+        """Every expert's output on every sample and the gate's frozen features: in evaluation mode, what the
+        gate stage with frozen experts computes every epoch, computed once for the expert-output cache."""
+        expert_outputs = torch.stack([expert(inputs) for expert in self.experts], dim=1)
+        return FrozenOutputs(expert_outputs, frozen_gate_features(self.gate, inputs))
+
+    def forward_cached(
+        self,
+        gate_inputs: Mapping[str, Tensor],
+        frozen: FrozenOutputs,
+        mode: ForwardMode = "routed",
+        tau: float = 1.0,
+        random_paths: bool = False,
+        gumbel: bool = False,
+    ) -> DynMMOutput:
+        """``forward`` with the frozen experts' work read from ``frozen`` (``frozen_outputs`` in evaluation mode)
+        instead of run: the same output, decisions, paths and gate gradients as ``forward(inputs, ...)`` of this
+        model with its experts frozen, in every mode. ``gate_inputs`` holds the ``gate_input_modalities``;
+        nothing runs but the gate, and routed mode takes each sample's row of its chosen path. Random paths
+        draw from torch's generator as ``forward`` does, so a seeded run picks the same paths."""
+        if not self.experts_frozen:
+            raise ValueError("forward_cached stands for frozen experts only; call freeze_experts() first")
+        expert_outputs = frozen.expert_outputs
+        if expert_outputs.ndim < 2 or expert_outputs.shape[1] != self.num_paths:
+            raise ValueError(f"expert_outputs must be (B, {self.num_paths}, ...), got {tuple(expert_outputs.shape)}")
+        if random_paths:
+            paths = torch.randint(self.num_paths, (expert_outputs.shape[0],), device=expert_outputs.device)
+            return DynMMOutput(_rows_of_paths(expert_outputs, paths), self._one_hot(paths, expert_outputs.dtype),
+                               paths, None)
+        if mode not in FORWARD_MODES:
+            raise ValueError(f"mode must be one of {FORWARD_MODES}, got {mode!r}")
+        gate_logits = self._cached_gate_logits(gate_inputs, frozen)
+        if mode == "routed":
+            decisions = gate_decision(gate_logits, tau=tau, hard=True)
+            paths = decisions.argmax(dim=-1)
+            return DynMMOutput(_rows_of_paths(expert_outputs, paths), decisions, paths, gate_logits)
+        add_noise = gumbel and self.training
+        decisions = gate_decision(gate_logits, tau=tau, hard=mode == "hard", gumbel=add_noise)
+        return DynMMOutput(_mixture(decisions, expert_outputs), decisions, decisions.argmax(dim=-1), gate_logits)
+
+    def _cached_gate_logits(self, gate_inputs: Mapping[str, Tensor], frozen: FrozenOutputs) -> Tensor:
+        if not has_frozen_features(self.gate):
+            return self.gate(gate_inputs)
+        if frozen.gate_features is None:
+            raise ValueError("this gate reads features of a frozen expert: frozen.gate_features must be given")
+        return logits_from_frozen_features(self.gate, frozen.gate_features)
 
     def routed_on_path(self, inputs: Mapping[str, Tensor], path: int) -> Tensor:
         """Routed inference with every sample sent to ``path``: the gate runs, then the path, sharing the
@@ -204,6 +293,16 @@ class ModalityDynMM(nn.Module):
 
     def _one_hot(self, paths: Tensor, dtype: torch.dtype) -> Tensor:
         return nn.functional.one_hot(paths, self.num_paths).to(dtype)
+
+
+def _mixture(decisions: Tensor, expert_outputs: Tensor) -> Tensor:
+    """sum_i g_i * E_i(x) per sample: decisions (B, P), expert outputs (B, P, *out)."""
+    return torch.einsum("bp,bp...->b...", decisions, expert_outputs)
+
+
+def _rows_of_paths(expert_outputs: Tensor, paths: Tensor) -> Tensor:
+    """Each sample's row of its own path: (B, P, *out) -> (B, *out)."""
+    return expert_outputs[torch.arange(paths.shape[0], device=paths.device), paths]
 
 
 def _gate_body_loads_from_its_expert(model: ModalityDynMM, state_dict: dict, prefix: str, *_: object) -> None:

@@ -42,6 +42,8 @@ class FrontModel:
 
 @dataclass(frozen=True)
 class Version:
+    """One registered version as read back: its trade-off as numbers, and the tags ``register_front`` gave it."""
+
     version: str
     aliases: tuple[str, ...]
     pareto: bool
@@ -55,6 +57,34 @@ class Version:
     @property
     def uri(self) -> str:
         return f"models:/{self.name}/{self.version}"
+
+    @property
+    def quality_metric(self) -> str:
+        return self.tags.get("quality_metric", "quality")
+
+    @property
+    def test_quality(self) -> float:
+        """The quality on the test split (NaN when the study did not evaluate it)."""
+        return as_number(self.tags.get(f"test_{self.quality_metric}"))
+
+    @property
+    def resource_lambda(self) -> float:
+        return as_number(self.tags.get("lambda"))
+
+    @property
+    def tau(self) -> str:
+        return self.tags.get("tau", "-")
+
+    @property
+    def trial_id(self) -> str:
+        return self.tags.get("trial_id", "-")
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    name: str
+    version_count: int
+    aliases: dict[str, str]  # alias -> version
 
 
 def register_front(
@@ -146,14 +176,14 @@ def list_versions(tracking_uri: str, name: str) -> list[Version]:
     return sorted(versions, key=lambda v: int(v.version))
 
 
-def list_models(tracking_uri: str) -> list[tuple[str, int, dict[str, str]]]:
-    """(name, number of versions, aliases) of every registered model."""
+def list_models(tracking_uri: str) -> list[RegisteredModel]:
+    """Every registered model with its number of versions and its aliases."""
     client = MlflowClient(tracking_uri)
-    rows = []
-    for model in client.search_registered_models():
-        count = len(client.search_model_versions(f"name = '{model.name}'"))
-        rows.append((model.name, count, {k: str(v) for k, v in (model.aliases or {}).items()}))
-    return rows
+    return [
+        RegisteredModel(model.name, len(client.search_model_versions(f"name = '{model.name}'")),
+                        {alias: str(version) for alias, version in (model.aliases or {}).items()})
+        for model in client.search_registered_models()
+    ]
 
 
 def pick(versions: Sequence[Version], max_gflops: float | None = None, min_quality: float | None = None) -> Version:

@@ -1,4 +1,4 @@
-"""One MLflow run per training job: created by the driver, filled by rank 0 of the workers."""
+"""One MLflow run per training job: created and filled by the driver (workers never talk to MLflow)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import mlflow
+import tenacity
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
@@ -79,21 +80,21 @@ def start_job_run(
 
 def retry(action: Callable[[], T], what: str, attempts: int = 5, first_delay_seconds: float = 0.5) -> T | None:
     """Run ``action``; on failure wait (doubling) and try again; give up with a warning, never raise."""
-    delay = first_delay_seconds
-    for attempt in range(1, attempts + 1):
-        try:
-            return action()
-        except Exception as error:  # noqa: BLE001 - tracking must never stop training
-            if attempt == attempts:
-                log.warning("MLflow: %s failed after %d attempts: %s", what, attempts, redact_credentials(str(error)))
-                return None
-            time.sleep(delay)
-            delay *= 2
-    return None
+
+    def give_up(state: tenacity.RetryCallState) -> None:
+        error = redact_credentials(str(state.outcome.exception()))
+        log.warning("MLflow: %s failed after %d attempts: %s", what, attempts, error)
+
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(attempts), wait=tenacity.wait_exponential(multiplier=first_delay_seconds),
+        retry_error_callback=give_up,
+    )
+    return retrying(action)
 
 
 class EpochLogger:
-    """Logs each epoch's metrics at step = epoch count over all stages; a no-op on ranks other than 0.
+    """Logs each epoch's metrics at step = epoch count over all stages, in the driver (a no-op without a
+    tracking URI and a run).
 
     Never blocks training: epochs are queued and a background thread sends them, retrying (capped
     back-off) for as long as the tracking server is away; ``close`` waits for the queue to drain, so
@@ -103,10 +104,9 @@ class EpochLogger:
 
     MAX_DELAY_SECONDS = 5.0
 
-    def __init__(self, tracking_uri: str | None, run_id: str | None, enabled: bool = True,
-                 step_key: str = "global_step") -> None:
+    def __init__(self, tracking_uri: str | None, run_id: str | None, step_key: str = "global_step") -> None:
         """``step_key``: a metric present at every step; its history says which steps the run already has."""
-        self.enabled = enabled and bool(tracking_uri and run_id)
+        self.enabled = bool(tracking_uri and run_id)
         self.step_key = step_key
         self.run_id = run_id
         self.client = MlflowClient(tracking_uri) if self.enabled else None
@@ -157,18 +157,23 @@ class EpochLogger:
                 self._logged_steps.add(step)
 
     def _keep_trying(self, action: Callable[[], bool], what: str) -> bool | None:
-        delay = 0.5
-        while True:
-            try:
-                return action()
-            except Exception as error:  # noqa: BLE001 - tracking must never stop training
-                if self._give_up_at is not None and time.monotonic() > self._give_up_at:
-                    log.warning("MLflow: %s lost, the server did not come back in time: %s", what,
-                                redact_credentials(str(error)))
-                    return None
-                log.info("MLflow: %s failed (%s); retrying in %.1fs", what, redact_credentials(str(error)), delay)
-                time.sleep(delay)
-                delay = min(delay * 2, self.MAX_DELAY_SECONDS)
+        """``action``'s result once it succeeds (capped back-off between tries), or None when ``close``'s
+        deadline passed first."""
+
+        def announce(state: tenacity.RetryCallState) -> None:
+            error = redact_credentials(str(state.outcome.exception()))
+            log.info("MLflow: %s failed (%s); retrying in %.1fs", what, error, state.upcoming_sleep)
+
+        def lost(state: tenacity.RetryCallState) -> None:
+            error = redact_credentials(str(state.outcome.exception()))
+            log.warning("MLflow: %s lost, the server did not come back in time: %s", what, error)
+
+        retrying = tenacity.Retrying(
+            stop=lambda state: self._give_up_at is not None and time.monotonic() > self._give_up_at,
+            wait=tenacity.wait_exponential(multiplier=0.5, max=self.MAX_DELAY_SECONDS),
+            before_sleep=announce, retry_error_callback=lost,
+        )
+        return retrying(action)
 
     def _steps_already_logged(self) -> set[int]:
         if self._logged_steps is None:

@@ -1,10 +1,11 @@
 """Training state on disk: the per-epoch checkpoint and the shared expert weights.
 
 A checkpoint holds the model, the optimiser, where training stands (stage, epoch), the torch RNG state
-and the metrics of that epoch. It is read back with ``torch.load(weights_only=True)``: only tensors and
-plain containers are stored. The expert weights are written once, atomically, to a path under the
-run storage (local folder or any pyarrow filesystem URI such as ``s3://``) and read by every later stage
-and every tuning trial.
+and the metrics of that epoch, and beside them (``epochs.json``) the metrics of every epoch so far, from which
+a resumed driver logs the epochs that never reached MLflow. It is read back with
+``torch.load(weights_only=True)``: only tensors and plain containers are stored. The expert weights are
+written once, atomically, to a path under the run storage (local folder or any pyarrow filesystem URI such
+as ``s3://``) and read by every later stage and every tuning trial.
 """
 
 from __future__ import annotations
@@ -23,12 +24,31 @@ import torch
 from dynmm.errors import UserError
 
 STATE_FILE = "state.pt"
+EPOCHS_FILE = "epochs.json"  # every epoch's metrics up to the checkpoint's (plain JSON, read by the driver)
 EXPERTS_FILE = "experts.pt"
 EXPERTS_METRICS_FILE = "experts.json"
 
 
 def save_state(directory: str | Path, state: dict) -> None:
     torch.save(state, Path(directory) / STATE_FILE)
+
+
+def save_epoch_history(directory: str | Path, history: list[dict[str, float]]) -> None:
+    (Path(directory) / EPOCHS_FILE).write_text(json.dumps(history))
+
+
+def read_epoch_history(directory: str | Path) -> list[dict[str, float]]:
+    """The metrics of every epoch up to a checkpoint's, oldest first (empty for a checkpoint without them);
+    numbers only: anything else in the file is left out."""
+    path = Path(directory) / EPOCHS_FILE
+    try:
+        history = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(history, list):
+        return []
+    return [{k: float(v) for k, v in epoch.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+            for epoch in history if isinstance(epoch, dict)]
 
 
 def load_state(directory: str | Path) -> dict:

@@ -41,12 +41,13 @@ class WorkerJob:
     eval_batch_size: int = 256
     seed: int = 0
     checkpoint_every: int = 1
-    tracking_uri: str | None = None
-    mlflow_run_id: str | None = None
-    progress_actor: str | None = None
-    fail_once_marker: str | None = None
-    fail_once_at_epoch: int | None = None
+    # test-only fault injection (``DYNMM_FAULT_CRASH_AT_GATE_EPOCH`` in the driver): the last rank dies once, hard,
+    # at this gate-stage epoch; the marker file says it happened, so the resumed run does not crash again
+    crash_at_gate_epoch: int | None = None
+    crash_marker: str | None = None
     cache_shards_in_memory: bool = False
+    # the gate stage reads the frozen experts' outputs from the expert-output cache instead of running them
+    frozen_outputs_cached: bool = False
     class_weights: tuple[float, ...] = ()  # segmentation: per-class loss weights (empty: unweighted)
     # FLOPs per sample of the gate and of each expert, counted once by the driver (``worker_job`` sets them)
     gate_flops: float = 0.0

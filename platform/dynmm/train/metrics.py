@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 TASKS = ("regression", "binary", "multiclass", "multilabel", "segmentation")
+GFLOPS_METRIC = "val_gflops_per_sample"  # expected validation GFLOPs per sample: the compute objective of a study
 
 # The quality metric each task is selected and tuned on (higher is better for all of them).
 QUALITY_METRIC = {

@@ -1,19 +1,27 @@
-"""Readable progress: rank 0 posts one record per epoch to a named actor; the driver prints them.
+"""What the workers report, handed to the driver one record per epoch.
 
-Workers' stdout stays out of the way (Ray's own chatter with it) unless ``--verbose``; this board is
-how a person still sees one line per epoch, on a laptop or through a cluster's job logs.
+Ray Train calls its callbacks in its controller, not in the driver (``ray.train.UserCallback``); as Ray's own
+``TuneReportCallback`` passes reports on to Tune through a queue, ``ForwardEpochs`` passes each epoch's report
+to a board actor, and the driver's ``EpochFeed`` hands the new records to its consumers (MLflow logging,
+the progress display) from a thread while training runs. A record: ``{"stage", "epoch", "epochs", "metrics"}``.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import ray
+import ray.train
+
+from dynmm.train.job import StageConfig
+
+log = logging.getLogger(__name__)
 
 
 @ray.remote(num_cpus=0)
-class ProgressBoard:
+class EpochBoard:
     def __init__(self) -> None:
         self.records: list[dict] = []
 
@@ -24,28 +32,41 @@ class ProgressBoard:
         return self.records[start:]
 
 
-def post_progress(actor_name: str | None, record: dict) -> None:
-    if actor_name is None:
-        return
-    try:
-        ray.get_actor(actor_name).post.remote(record)
-    except ValueError:  # the driver that owned the board is gone: training goes on silently
-        pass
+class ForwardEpochs(ray.train.UserCallback):
+    """In the controller: rank 0's report of each epoch (all ranks report the same summed metrics) to the board,
+    named by stage. Waits until the board holds it, so that nothing is still on its way when the run ends."""
+
+    def __init__(self, board, stages: Sequence[StageConfig]) -> None:
+        self.board = board
+        self.stages = [(stage.name, stage.epochs) for stage in stages]
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        reported = metrics[0]
+        name, epochs = self.stages[int(reported["stage_index"])]
+        record = {"stage": name, "epoch": int(reported["epoch"]), "epochs": epochs, "metrics": dict(reported)}
+        try:
+            ray.get(self.board.post.remote(record), timeout=60)
+        except Exception:  # noqa: BLE001 - the driver that owned the board is gone: training goes on silently
+            pass
 
 
-class ProgressPrinter:
-    """Owns a board and a thread that hands new records to ``show`` while training runs."""
+class EpochFeed:
+    """Owns a board and a thread that hands its new records to each of ``consumers`` while training runs; the
+    last records are handed over when the block ends."""
 
-    def __init__(self, actor_name: str, show: Callable[[dict], None], interval_seconds: float = 0.5) -> None:
-        self.actor_name = actor_name
-        self.board = ProgressBoard.options(name=actor_name, lifetime=None).remote()
-        self.show = show
+    def __init__(self, consumers: Sequence[Callable[[dict], None]], interval_seconds: float = 0.5) -> None:
+        self.consumers = list(consumers)
+        self.board = EpochBoard.remote()
         self.interval_seconds = interval_seconds
         self.seen = 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread = threading.Thread(target=self._run, name="dynmm-epoch-feed", daemon=True)
 
-    def __enter__(self) -> ProgressPrinter:
+    def callback(self, stages: Sequence[StageConfig]) -> ForwardEpochs:
+        """The Ray Train callback that feeds this board (``RunConfig(callbacks=...)``)."""
+        return ForwardEpochs(self.board, stages)
+
+    def __enter__(self) -> EpochFeed:
         self._thread.start()
         return self
 
@@ -62,8 +83,12 @@ class ProgressPrinter:
     def _drain(self) -> None:
         try:
             records = ray.get(self.board.take.remote(self.seen), timeout=10)
-        except Exception:  # noqa: BLE001 - progress printing must never break a run
+        except Exception:  # noqa: BLE001 - a display or log must never break a run
             return
         self.seen += len(records)
         for record in records:
-            self.show(record)
+            for consume in self.consumers:  # one consumer's failure must not starve the others
+                try:
+                    consume(record)
+                except Exception:  # noqa: BLE001
+                    log.exception("handing over epoch %s of stage %s failed", record["epoch"], record["stage"])

@@ -2,44 +2,51 @@
 
 Checks everything a user can get wrong before anything is written (dataset, model, model-vs-data
 shapes), connects to Ray (a local one on 127.0.0.1 unless an address is given), builds the worker job,
-runs the trainer with the spec's scaling, failure and checkpoint settings, and logs the final model.
+runs the trainer with the spec's scaling, failure and checkpoint settings, logs each epoch the workers report
+to MLflow and shows it (``progress``, ``tracking``: the driver's side), and logs the final model.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import threading
-import uuid
-import zlib
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow as pa
 import ray
 import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
 from dynmm.data.format import DatasetMeta, read_meta, verify_dataset
-from dynmm.data.readers import iter_batches, locate_dataset, ray_dataset, resolve_dataset
+from dynmm.data.readers import iter_batches, locate_dataset, resolve_dataset
 from dynmm.errors import DatasetError, SpecError, UserError
 from dynmm.home import default_datasets_root, default_storage_path
 from dynmm.models import FusionDynMM, PathCosts, build_model, measure_path_costs
 from dynmm.models.export import FlatInputDynMM
-from dynmm.runtime import join_ray, start_local_ray
+from dynmm.runtime import connect_ray, quiet_libraries
 from dynmm.spec import PipelineSpec
 from dynmm.track import resolve_tracking_uri, start_job_run
 from dynmm.track.runs import check_tracking_reachable, closing_run, log_final_model
 from dynmm.train.checkpoints import STATE_FILE, load_state
+from dynmm.train.datasets import (
+    StreamedSplits,
+    build_datasets,
+    cache_in_memory,
+    holdout_fraction,
+    keeps_data_in_memory,
+)
+from dynmm.train.expert_cache import ExpertOutputCache
+from dynmm.train.faults import CRASH_AT_GATE_EPOCH_VARIABLE
 from dynmm.train.job import StageConfig, WorkerJob, stable_hash
 from dynmm.train.loop import train_loop_per_worker
 from dynmm.train.metrics import QUALITY_METRIC, median_frequency_weights, nonfinite_losses
-from dynmm.train.progress import ProgressPrinter
+from dynmm.train.progress import EpochFeed
 from dynmm.train.rendezvous import process_group_config
+from dynmm.train.tracking import epoch_logging
 
 TASK_OF_DATASET = {"regression": "regression", "binary": "binary", "multiclass": "multiclass",
                    "multilabel": "multilabel", "segmentation": "segmentation"}
@@ -90,7 +97,7 @@ def prepare_pipeline(spec: PipelineSpec) -> PreparedPipeline:
     storage_path = str(spec.run.storage_path or default_storage_path())
     experts_key = stable_hash(
         str(dataset_dir.resolve()), meta.model_dump(mode="json"), spec.model.model_dump(mode="json"),
-        spec.stages.experts.model_dump(mode="json"), _holdout(spec), spec.seed,
+        spec.stages.experts.model_dump(mode="json"), holdout_fraction(spec), spec.seed,
     )
     experts_uri = f"{storage_path.rstrip('/')}/experts/{spec.name}-{experts_key}"
     return PreparedPipeline(
@@ -138,10 +145,6 @@ def _check_model_fits_data(input_shapes: dict, meta: DatasetMeta, dataset_dir: P
             )
 
 
-def _holdout(spec: PipelineSpec) -> float:
-    return spec.stages.gate.holdout_fraction if spec.stages.gate.enabled else 0.0
-
-
 def stage_configs(
     spec: PipelineSpec, names: Sequence[str] = ("experts", "gate", "finetune")
 ) -> tuple[StageConfig, ...]:
@@ -154,110 +157,6 @@ def stage_configs(
         fields = stage_spec.model_dump(exclude={"enabled", "holdout_fraction"})
         stages.append(StageConfig(name=name, **{k: v for k, v in fields.items() if k in StageConfig.__annotations__}))
     return tuple(stages)
-
-
-def connect_ray(address: str | None = None, verbose: bool = False) -> None:
-    """Use the cluster named by ``address`` or ``RAY_ADDRESS``; else start a local Ray of our own that
-    listens on 127.0.0.1 only (never the cluster ``ray start`` last started on this machine)."""
-    if ray.is_initialized():
-        return
-    options = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
-    address = address or os.environ.get("RAY_ADDRESS")
-    # Ray Train V2's controller collects reports on its health-check tick (2 s by default), which
-    # dominates an epoch of a small model; a local Ray started here inherits this environment.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    try:
-        if address:
-            join_ray(address, **options)
-        else:
-            start_local_ray(**options)
-    except ConnectionError as error:
-        raise UserError(f"cannot reach the Ray cluster at {address}: {error}") from None
-    ray.data.DataContext.get_current().enable_progress_bars = verbose
-
-
-def quiet_libraries() -> None:
-    """Keep Ray's and MLflow's routine chatter out of the way; ``--verbose`` skips this."""
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    # a local raylet warns once per burst of worker start-ups beyond its CPU count (trials x workers)
-    os.environ.setdefault("RAY_worker_maximum_startup_concurrency", "64")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    # Tune's default console output prints its experiment box and result paths even at verbose=0; the
-    # older reporter it keeps behind this switch is silent at 0 (dynmm prints its own live view).
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    for name in ("ray", "ray.data", "ray.train", "ray.tune", "mlflow", "optuna"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
-def build_datasets(prepared: PreparedPipeline, stage_names: Sequence[str]) -> dict[str, ray.data.Dataset]:
-    """``train_experts`` / ``train_gate``: the train split, disjoint when the gate trains on a holdout;
-    only those the stages read are built.
-
-    Datasets smaller than ``MATERIALIZE_BELOW_BYTES`` are read once into Ray's object store, so an epoch
-    does not re-read Parquet, and every worker takes its share of them itself (``keeps_data_in_memory``);
-    larger ones stream from the files every epoch, split among the workers by Ray Train."""
-    holdout = _holdout(prepared.spec)
-    valid = ray_dataset(prepared.dataset_dir, "valid")
-    if holdout == 0:
-        train = ray_dataset(prepared.dataset_dir, "train")
-        datasets = {"train_experts": train, "train_gate": train, "valid": valid}
-    else:
-        columns = [*prepared.meta.tensor_columns, "sample_id"]
-        train = ray_dataset(prepared.dataset_dir, "train", columns=columns)
-        datasets = {
-            "train_experts": train.map_batches(_holdout_filter(holdout, keep_holdout=False), batch_format="pyarrow"),
-            "train_gate": train.map_batches(_holdout_filter(holdout, keep_holdout=True), batch_format="pyarrow"),
-            "valid": valid,
-        }
-    needed = {"valid"} | {"train_experts" if name == "experts" else "train_gate" for name in stage_names}
-    datasets = {name: dataset for name, dataset in datasets.items() if name in needed}
-    if keeps_data_in_memory(prepared):
-        datasets = {name: dataset.materialize() for name, dataset in datasets.items()}
-        for dataset in datasets.values():
-            dataset.context.execution_options.preserve_order = True  # every rank slices the same order
-    return datasets
-
-
-class StreamedSplits(ray.train.DataConfig):
-    """How Ray Train splits streamed (large) datasets among the workers: the training sets in equal shares
-    (``equal=True`` leaves out up to world_size - 1 rows, so every rank runs the same number of DDP steps),
-    the validation set in shares that keep every row (validation runs no collective per batch, and its
-    summed metrics are those of the whole split)."""
-
-    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        training = {name: dataset for name, dataset in datasets.items() if name != "valid"}
-        shards = super().configure(training, world_size, worker_handles, worker_node_ids, **kwargs)
-        if "valid" in datasets:
-            valid = datasets["valid"].copy(datasets["valid"])
-            valid.context.execution_options = self._resolve_execution_options("valid")
-            for shard, split in zip(shards, valid.streaming_split(world_size, equal=False), strict=True):
-                shard["valid"] = split
-        return shards
-
-
-def keeps_data_in_memory(prepared: PreparedPipeline) -> bool:
-    return _folder_bytes(prepared.dataset_dir) < MATERIALIZE_BELOW_BYTES
-
-
-MATERIALIZE_BELOW_BYTES = 256 * 2**20
-
-
-def _folder_bytes(folder: Path) -> int:
-    return sum(file.stat().st_size for file in folder.rglob("*.parquet"))
-
-
-def in_gate_holdout(sample_id: str, fraction: float) -> bool:
-    """Whether a train row belongs to the gate's holdout: a stable hash of its sample id, the same rows in
-    every run."""
-    return zlib.crc32(sample_id.encode()) % 10_000 < int(fraction * 10_000)
-
-
-def _holdout_filter(fraction: float, keep_holdout: bool) -> Callable[[pa.Table], pa.Table]:
-    def select(table: pa.Table) -> pa.Table:
-        keep = [in_gate_holdout(sample, fraction) == keep_holdout for sample in table["sample_id"].to_pylist()]
-        return table.filter(pa.array(keep)).drop_columns(["sample_id"])
-
-    return select
 
 
 def build_trainer(
@@ -296,14 +195,10 @@ def worker_job(
     prepared: PreparedPipeline,
     stages: tuple[StageConfig, ...],
     run_name: str,
-    tracking_uri: str | None = None,
-    mlflow_run_id: str | None = None,
-    progress_actor: str | None = None,
+    expert_cache: ExpertOutputCache | None = None,
 ) -> WorkerJob:
     spec = prepared.spec
-    marker = None
-    if spec.run.fail_once_at_epoch is not None:
-        marker = str(Path(prepared.storage_path) / run_name / ".fault-injected")
+    crash_at = os.environ.get(CRASH_AT_GATE_EPOCH_VARIABLE)
     return WorkerJob(
         model_name=spec.model.name,
         model_args=dict(spec.model.args),
@@ -315,12 +210,10 @@ def worker_job(
         eval_batch_size=spec.data.eval_batch_size,
         seed=spec.seed,
         checkpoint_every=spec.checkpoint.every_epochs,
-        tracking_uri=tracking_uri,
-        mlflow_run_id=mlflow_run_id,
-        progress_actor=progress_actor,
-        fail_once_marker=marker,
-        fail_once_at_epoch=spec.run.fail_once_at_epoch,
-        cache_shards_in_memory=keeps_data_in_memory(prepared),
+        crash_at_gate_epoch=int(crash_at) if crash_at else None,
+        crash_marker=str(Path(prepared.storage_path) / run_name / ".fault-injected") if crash_at else None,
+        cache_shards_in_memory=cache_in_memory(expert_cache) if expert_cache else keeps_data_in_memory(prepared),
+        frozen_outputs_cached=expert_cache is not None,
         class_weights=prepared.class_weights,
         gate_flops=prepared.costs.gate_flops,
         expert_flops=prepared.costs.expert_flops,
@@ -333,10 +226,6 @@ def job_run_name(spec: PipelineSpec, kind: str = "train") -> str:
     """Same spec, same name: re-running the same command resumes the same Ray Train run."""
     identity = spec.model_dump(mode="json", by_alias=True, exclude={"tracking", "scaling"})
     return f"{spec.name}-{kind}-{stable_hash(identity)}"
-
-
-def progress_actor_name(run_name: str) -> str:
-    return f"dynmm-progress-{run_name}-{uuid.uuid4().hex[:6]}"
 
 
 @dataclass(frozen=True)
@@ -371,12 +260,8 @@ def run_training(
         params=spec.model_dump(mode="json", by_alias=True), tags={"dynmm.pipeline": spec.name, "dynmm.kind": "train"},
     )
     with closing_run(tracking_uri, run_id):  # FINISHED, or FAILED / KILLED however the block is left
-        progress = progress_actor_name(run_name)
-        job = worker_job(prepared, stage_configs(spec), run_name, tracking_uri, run_id, progress)
-        trainer = build_trainer(prepared, job, run_name)
-        with ProgressPrinter(progress, show), ctrl_c_as_keyboard_interrupt(), user_errors_of_workers():
-            result = trainer.fit()
-        raise_if_loss_diverged(result.metrics, job.stages)
+        result = fit_stages(prepared, stage_configs(spec), run_name, tracking_uri=tracking_uri, mlflow_run_id=run_id,
+                            show=show)
         history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
         if result.checkpoint is not None:
             model = load_model_from_checkpoint(spec, result.checkpoint)
@@ -386,6 +271,40 @@ def run_training(
         run_name, tracking_uri, run_id, prepared.quality_metric, prepared.costs, dict(result.metrics or {}),
         history, result.checkpoint.path if result.checkpoint else None,
     )
+
+
+def fit_stages(
+    prepared: PreparedPipeline,
+    stages: tuple[StageConfig, ...],
+    run_name: str,
+    *,
+    tracking_uri: str | None = None,
+    mlflow_run_id: str | None = None,
+    show: Callable[[dict], None] | None = None,
+    callbacks: Sequence[object] = (),
+    datasets: dict[str, ray.data.Dataset] | None = None,
+    expert_cache: ExpertOutputCache | None = None,
+) -> ray.train.Result:
+    """Train ``stages`` of a prepared pipeline in one Ray Train run named ``run_name`` (the same name resumes
+    it) and return its result. Each epoch the workers report is logged to the MLflow run ``mlflow_run_id`` and
+    handed to ``show`` as it finishes (``callbacks`` see the reports too, in Ray Train's controller); the
+    run's epochs are all in MLflow when this returns. With an ``expert_cache`` (a gate stage over frozen
+    experts) the gate trains over the experts' cached outputs (``datasets``, when given, are built from it).
+    Ctrl-C is a ``KeyboardInterrupt``, a worker's ``UserError`` is raised as itself and a loss that turned
+    non-finite is one ``UserError`` naming stage and epoch."""
+    run_path = f"{prepared.storage_path.rstrip('/')}/{run_name}"
+    with epoch_logging(tracking_uri, mlflow_run_id, run_path) as log_epoch:
+        consumers = [consume for consume in (log_epoch, show) if consume is not None]
+        with EpochFeed(consumers) if consumers else nullcontext() as feed:
+            forward = [feed.callback(stages)] if feed is not None else []
+            job = worker_job(prepared, stages, run_name, expert_cache)
+            if datasets is None:
+                datasets = build_datasets(prepared, [stage.name for stage in stages], expert_cache)
+            trainer = build_trainer(prepared, job, run_name, callbacks=[*forward, *callbacks], datasets=datasets)
+            with ctrl_c_as_keyboard_interrupt(), user_errors_of_workers():
+                result = trainer.fit()
+    raise_if_loss_diverged(result.metrics, stages)
+    return result
 
 
 @contextmanager

@@ -18,15 +18,15 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dynmm.train.metrics import FRACTION_METRICS
+from dynmm.files import atomic_path, write_text_atomically
+from dynmm.models import flops_to_gflops
+from dynmm.train.metrics import FRACTION_METRICS, GFLOPS_METRIC
 from dynmm.tune.pareto import hypervolume, knee_point, pareto_front
 from dynmm.tune.random_routing import curve_quality, random_routing_curve, share_beyond_random
-
-GFLOPS_METRIC = "val_gflops_per_sample"
+from dynmm.tune.records import FrontMember, StaticBaseline, TrialRecord
 
 
 @dataclass
@@ -35,9 +35,9 @@ class FrontReport:
     modes: list[str]
     reference: list[float]
     hypervolume: float
-    members: list[dict]
+    members: list[FrontMember]  # by increasing GFLOPs
     knee_trial_id: str | None
-    baselines: list[dict]
+    baselines: list[StaticBaseline]
     ideal: list[float] | None = None  # the best value of every objective, where each is known
     # (gflops, quality) vertices of the best random mixture of the experts; empty when not two objectives
     random_routing: list[list[float]] = field(default_factory=list)
@@ -61,31 +61,39 @@ class FrontReport:
             return f"{self.hypervolume:.4g}"
         return f"{self.hypervolume_fraction:.4f}"
 
-    def gain_over_random(self, member: dict) -> float | None:
+    def gain_over_random(self, member: FrontMember) -> float | None:
         """The member's quality minus random routing's at the same GFLOPs (None without a random-routing line
         or below the cheapest expert's cost)."""
         if not self.random_routing:
             return None
-        quality = curve_quality([tuple(v) for v in self.random_routing], member["values"][self._gflops_index])
+        values = member.trial.values
+        quality = curve_quality([tuple(v) for v in self.random_routing], values[self.gflops_index])
         if quality is None:
             return None
-        return _oriented(member["values"][1 - self._gflops_index], self.modes[1 - self._gflops_index]) - _oriented(
-            quality, self.modes[1 - self._gflops_index])
+        quality_index = 1 - self.gflops_index
+        return _oriented(values[quality_index], self.modes[quality_index]) - _oriented(
+            quality, self.modes[quality_index])
 
     @property
-    def _gflops_index(self) -> int:
+    def gflops_index(self) -> int:
+        """Where the GFLOPs objective sits in ``metrics`` and in every member's values."""
         return self.metrics.index(GFLOPS_METRIC)
 
+    def gflops_of(self, member: FrontMember) -> float:
+        """The member's expected GFLOPs per sample (validation, hard gates)."""
+        return member.trial.values[self.gflops_index]
+
     def to_json(self) -> dict:
-        return {**asdict(self), "hypervolume_fraction": self.hypervolume_fraction}
+        return {**asdict(self), "members": [member.to_json() for member in self.members],
+                "hypervolume_fraction": self.hypervolume_fraction}
 
 
-def static_baselines(experts_metrics: dict, prepared) -> list[dict]:
+def static_baselines(experts_metrics: dict, prepared) -> list[StaticBaseline]:
     """Each expert alone on every sample (no gate) of a prepared pipeline: the reference points of the plot."""
     quality_metric = prepared.quality_metric
     return [
-        {"name": f"expert{i} alone", "quality": experts_metrics.get(f"val_expert{i}_{quality_metric}"),
-         "gflops": flops / 1e9}
+        StaticBaseline(f"expert{i} alone", experts_metrics.get(f"val_expert{i}_{quality_metric}"),
+                       flops_to_gflops(flops))
         for i, flops in enumerate(prepared.costs.expert_flops)
     ]
 
@@ -97,9 +105,9 @@ def reference_point(metrics, modes, completed_values, baselines) -> list[float] 
     reference = []
     for index, (metric, mode) in enumerate(zip(metrics, modes, strict=True)):
         if metric == GFLOPS_METRIC:
-            reference.append(max(b["gflops"] for b in baselines))
-        elif index == 0 and all(b["quality"] is not None for b in baselines):
-            qualities = [b["quality"] for b in baselines]
+            reference.append(max(b.gflops for b in baselines))
+        elif index == 0 and all(b.quality is not None for b in baselines):
+            qualities = [b.quality for b in baselines]
             reference.append(min(qualities) if mode == "max" else max(qualities))
         elif completed_values is None:
             return None
@@ -123,23 +131,28 @@ def ideal_point(metrics, modes) -> list[float] | None:
     return ideal
 
 
-def build_front(trials: list[dict], metrics: list[str], modes: list[str], baselines: list[dict]) -> FrontReport:
-    completed = [t for t in trials if t["state"] == "complete" and None not in t["values"]]
-    values = [t["values"] for t in completed]
+def build_front(
+    trials: list[TrialRecord], metrics: list[str], modes: list[str], baselines: list[StaticBaseline]
+) -> FrontReport:
+    """The front of the completed ``trials``, less members an expert alone matches; members not yet evaluated
+    on the test split."""
+    completed = [trial for trial in trials if trial.completed]
+    values = [list(trial.values) for trial in completed]
     reference = reference_point(metrics, modes, values, baselines)
     experts = _expert_points(metrics, modes, baselines)
     members = [completed[i] for i in pareto_front(values, modes)
-               if not _matched_by_an_expert(completed[i]["values"], metrics, modes, experts)]
-    knee = knee_point([m["values"] for m in members], modes)
+               if not _matched_by_an_expert(completed[i].values, metrics, modes, experts)]
+    knee = knee_point([list(m.values) for m in members], modes)
     ideal = ideal_point(metrics, modes)
     curve, beyond = _random_routing(values, metrics, modes, experts, reference, ideal)
+    gflops_index = metrics.index(GFLOPS_METRIC)
     return FrontReport(
         metrics=list(metrics),
         modes=list(modes),
         reference=reference,
         hypervolume=hypervolume(values, reference, modes),
-        members=sorted(members, key=lambda t: t["values"][metrics.index(GFLOPS_METRIC)]),
-        knee_trial_id=members[knee]["trial_id"] if knee is not None else None,
+        members=[FrontMember(trial) for trial in sorted(members, key=lambda trial: trial.values[gflops_index])],
+        knee_trial_id=members[knee].trial_id if knee is not None else None,
         baselines=baselines,
         ideal=ideal,
         random_routing=curve,
@@ -163,9 +176,9 @@ def _expert_points(metrics, modes, baselines) -> list[tuple[float, float]] | Non
     """(gflops, quality larger-is-better) of every static expert; None when the study is not quality vs GFLOPs
     or an expert's quality is unknown."""
     objective = _quality_objective(metrics, modes)
-    if objective is None or not baselines or any(b["quality"] is None for b in baselines):
+    if objective is None or not baselines or any(b.quality is None for b in baselines):
         return None
-    return [(b["gflops"], _oriented(b["quality"], objective[1])) for b in baselines]
+    return [(b.gflops, _oriented(b.quality, objective[1])) for b in baselines]
 
 
 def _matched_by_an_expert(values, metrics, modes, experts) -> bool:
@@ -196,41 +209,34 @@ def _random_routing(values, metrics, modes, experts, reference, ideal):
     return line, beyond
 
 
-def write_front(report: FrontReport, trials: list[dict], results_dir: Path) -> dict[str, Path]:
+def write_front(report: FrontReport, trials: list[TrialRecord], results_dir: Path) -> dict[str, Path]:
     """front.json, front.csv and front.png beside the study's results; each written then renamed."""
-    results_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": results_dir / "front.json", "csv": results_dir / "front.csv", "png": results_dir / "front.png"}
-    atomic_write_text(paths["json"], json.dumps(report.to_json(), indent=1, default=str))
+    write_text_atomically(paths["json"], json.dumps(report.to_json(), indent=1, default=str))
     rows = [front_row(report, member) for member in report.members]
-    temporary = paths["csv"].with_suffix(".csv.tmp")
-    with open(temporary, "w", newline="") as stream:
+    with atomic_path(paths["csv"]) as temporary, open(temporary, "w", newline="") as stream:
         writer = csv.DictWriter(stream, fieldnames=list(rows[0]) if rows else ["trial_id"])
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(temporary, paths["csv"])
     plot_front(report, trials, paths["png"])
     return paths
 
 
-def front_row(report: FrontReport, member: dict) -> dict:
-    row = {"trial_id": member["trial_id"], "knee": member["trial_id"] == report.knee_trial_id}
-    row.update({f"param_{k}": v for k, v in member["params"].items()})
-    row.update(dict(zip(report.metrics, member["values"], strict=True)))
+def front_row(report: FrontReport, member: FrontMember) -> dict:
+    """One member as a row of front.csv (and of the study run's MLflow table)."""
+    trial = member.trial
+    row = {"trial_id": trial.trial_id, "knee": trial.trial_id == report.knee_trial_id}
+    row.update({f"param_{k}": v for k, v in trial.params.items()})
+    row.update(dict(zip(report.metrics, trial.values, strict=True)))
     gain = report.gain_over_random(member)
     if gain is not None:
         row["gain_over_random_routing"] = gain
-    row.update({k: v for k, v in member.get("test_metrics", {}).items()})
-    row["checkpoint"] = member.get("checkpoint")
+    row.update(member.test_metrics or {})
+    row["checkpoint"] = trial.checkpoint
     return row
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
-def plot_front(report: FrontReport, trials: list[dict], path: Path) -> None:
+def plot_front(report: FrontReport, trials: list[TrialRecord], path: Path) -> None:
     """Quality versus GFLOPs: every completed trial, the front highlighted, static baselines as references."""
     import matplotlib
 
@@ -238,17 +244,17 @@ def plot_front(report: FrontReport, trials: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     quality_index = 0
-    cost_index = report.metrics.index(GFLOPS_METRIC)
+    cost_index = report.gflops_index
     figure, axes = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    completed = [t for t in trials if t["state"] == "complete" and None not in t["values"]]
-    axes.scatter([t["values"][cost_index] for t in completed], [t["values"][quality_index] for t in completed],
+    completed = [trial for trial in trials if trial.completed]
+    axes.scatter([t.values[cost_index] for t in completed], [t.values[quality_index] for t in completed],
                  s=18, color="0.65", label="completed trials")
-    front_x = [m["values"][cost_index] for m in report.members]
-    front_y = [m["values"][quality_index] for m in report.members]
-    axes.plot(front_x, front_y, "o-", color="tab:blue", label="Pareto front", zorder=3)
-    for member in report.members:
-        if member["trial_id"] == report.knee_trial_id:
-            axes.scatter([member["values"][cost_index]], [member["values"][quality_index]], s=140,
+    front = [member.trial for member in report.members]
+    axes.plot([t.values[cost_index] for t in front], [t.values[quality_index] for t in front], "o-",
+              color="tab:blue", label="Pareto front", zorder=3)
+    for trial in front:
+        if trial.trial_id == report.knee_trial_id:
+            axes.scatter([trial.values[cost_index]], [trial.values[quality_index]], s=140,
                          facecolors="none", edgecolors="tab:red", linewidths=2, label="knee", zorder=4)
     if report.random_routing:
         gflops_bound = report.reference[cost_index] if report.reference else report.random_routing[-1][0]
@@ -256,9 +262,9 @@ def plot_front(report: FrontReport, trials: list[dict], path: Path) -> None:
         axes.plot([p[0] for p in line], [p[1] for p in line], "--", color="black", linewidth=1,
                   label="random routing (experts mixed at random)", zorder=2)
     for baseline in report.baselines:
-        if baseline["quality"] is not None:
-            axes.scatter([baseline["gflops"]], [baseline["quality"]], marker="s", color="black", zorder=4)
-            axes.annotate(baseline["name"], (baseline["gflops"], baseline["quality"]), textcoords="offset points",
+        if baseline.quality is not None:
+            axes.scatter([baseline.gflops], [baseline.quality], marker="s", color="black", zorder=4)
+            axes.annotate(baseline.name, (baseline.gflops, baseline.quality), textcoords="offset points",
                           xytext=(4, -10), fontsize=8)
     axes.set_xlabel("expected GFLOPs per sample (validation, hard gates)")
     axes.set_ylabel(report.metrics[quality_index].removeprefix("val_") + " (validation)")
@@ -268,7 +274,6 @@ def plot_front(report: FrontReport, trials: list[dict], path: Path) -> None:
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8, loc="lower right")
     figure.tight_layout()
-    temporary = path.with_suffix(".tmp.png")
-    figure.savefig(temporary)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary)
     plt.close(figure)
-    os.replace(temporary, path)

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
-from dynmm.tune.front import atomic_write_text
+from dynmm.files import write_text_atomically
 from dynmm.tune.pareto import hypervolume, hypervolume_contributions, pareto_front, selection_order
 
 CONTINUE, STOP = "continue", "stop"
@@ -225,8 +225,7 @@ class MoAshaScheduler(FIFOScheduler):
         text = json.dumps({**self.rungs.state(), "stopped": sorted(self.stopped_trials)})
         if text == self._state_written:
             return
-        self.state_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.state_path, text)
+        write_text_atomically(self.state_path, text)
         self._state_written = text
 
     def debug_string(self) -> str:

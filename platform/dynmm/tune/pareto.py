@@ -1,7 +1,10 @@
-"""Pareto math on plain numbers: dominance, non-dominated sorting, crowding distance, hypervolume, knee.
+"""Pareto math on plain numbers: dominance, non-dominated sorting, hypervolume and its contributions come from
+``moocore``; what is ours is the crowding tie-break, the knee and the order MO-ASHA promotes in.
 
 Every function takes points as sequences of objective values plus one direction per objective
-(``"max"`` or ``"min"``). Internally everything is turned into minimisation. No Ray, no Optuna.
+(``"max"`` or ``"min"``). They are turned into minimisation here, moocore's default, rather than through its
+``maximise`` flags: moocore 0.3.2's ``pareto_rank`` reads ``maximise=[False]`` with one objective as maximising.
+No Ray, no Optuna.
 """
 
 from __future__ import annotations
@@ -9,57 +12,47 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import moocore
+import numpy as np
+
 Point = Sequence[float]
 
 
-def _as_minimisation(points: Sequence[Point], directions: Sequence[str]) -> list[tuple[float, ...]]:
+def _as_minimisation(points: Sequence[Point], directions: Sequence[str]) -> np.ndarray:
+    """``points`` as an (n, objectives) float array to minimise (maximised objectives negated), after checking
+    the directions and every point's length; an empty set keeps its column count, which moocore needs."""
     for direction in directions:
         if direction not in ("max", "min"):
             raise ValueError(f"direction must be 'max' or 'min', got {direction!r}")
     for point in points:
         if len(point) != len(directions):
             raise ValueError(f"point {tuple(point)} has {len(point)} values for {len(directions)} objectives")
-    return [tuple(-v if d == "max" else v for v, d in zip(p, directions, strict=True)) for p in points]
+    signs = np.array([-1.0 if direction == "max" else 1.0 for direction in directions])
+    return np.asarray(points, dtype=float).reshape(len(points), len(directions)) * signs
 
 
 def dominates(a: Point, b: Point, directions: Sequence[str]) -> bool:
     """True when ``a`` is at least as good as ``b`` in every objective and better in one."""
-    first, second = _as_minimisation([a, b], directions)
-    return _dominates(first, second)
-
-
-def _dominates(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
-    return all(x <= y for x, y in zip(a, b, strict=True)) and any(x < y for x, y in zip(a, b, strict=True))
+    # keep_weakly: equal points are both kept, so ``b`` is dropped only when ``a`` is strictly better somewhere
+    kept = moocore.is_nondominated(_as_minimisation([a, b], directions), keep_weakly=True)
+    return not kept[1]
 
 
 def non_dominated_sort(points: Sequence[Point], directions: Sequence[str]) -> list[list[int]]:
-    """Indices grouped into fronts: front 0 is non-dominated, front 1 is non-dominated once 0 is removed...
-    Equal points never dominate each other, so duplicates share a front."""
-    values = _as_minimisation(points, directions)
-    dominated_by_count = [0] * len(values)
-    dominating: list[list[int]] = [[] for _ in values]
-    for i, a in enumerate(values):
-        for j, b in enumerate(values):
-            if i != j and _dominates(a, b):
-                dominating[i].append(j)
-                dominated_by_count[j] += 1
-    fronts: list[list[int]] = []
-    current = [i for i, count in enumerate(dominated_by_count) if count == 0]
-    while current:
-        fronts.append(current)
-        following = []
-        for i in current:
-            for j in dominating[i]:
-                dominated_by_count[j] -= 1
-                if dominated_by_count[j] == 0:
-                    following.append(j)
-        current = sorted(following)
-    return fronts
+    """Indices grouped into fronts, each in input order: front 0 is non-dominated, front 1 is non-dominated once
+    0 is removed... Equal points never dominate each other, so duplicates share a front."""
+    if not points:
+        return []
+    ranks = moocore.pareto_rank(_as_minimisation(points, directions))
+    return [np.flatnonzero(ranks == rank).tolist() for rank in np.unique(ranks)]
 
 
 def pareto_front(points: Sequence[Point], directions: Sequence[str]) -> list[int]:
-    """Indices of the non-dominated points, in input order."""
-    return non_dominated_sort(points, directions)[0] if points else []
+    """Indices of the non-dominated points (duplicates included), in input order."""
+    values = _as_minimisation(points, directions)
+    if not points:
+        return []
+    return np.flatnonzero(moocore.is_nondominated(values, keep_weakly=True)).tolist()
 
 
 def crowding_distance(points: Sequence[Point], directions: Sequence[str]) -> list[float]:
@@ -69,37 +62,23 @@ def crowding_distance(points: Sequence[Point], directions: Sequence[str]) -> lis
     if len(values) <= 2:
         return [math.inf] * len(values)
     for objective in range(len(directions)):
-        order = sorted(range(len(values)), key=lambda i: values[i][objective])
-        low, high = values[order[0]][objective], values[order[-1]][objective]
+        column = values[:, objective].tolist()
+        order = sorted(range(len(column)), key=lambda i: column[i])
+        low, high = column[order[0]], column[order[-1]]
         distance[order[0]] = distance[order[-1]] = math.inf
         if high == low:
             continue
         for previous, current, following in zip(order, order[1:], order[2:], strict=False):
-            distance[current] += (values[following][objective] - values[previous][objective]) / (high - low)
+            distance[current] += (column[following] - column[previous]) / (high - low)
     return distance
 
 
 def hypervolume(points: Sequence[Point], reference: Point, directions: Sequence[str]) -> float:
     """Volume dominated by ``points`` and bounded by ``reference`` (points not better than the reference in
-    every objective add nothing). Exact, by slicing one objective at a time."""
+    every objective add nothing)."""
     values = _as_minimisation(points, directions)
     (bound,) = _as_minimisation([reference], directions)
-    inside = [v for v in values if all(x < r for x, r in zip(v, bound, strict=True))]
-    return _slice_volume(inside, bound)
-
-
-def _slice_volume(points: list[tuple[float, ...]], bound: tuple[float, ...]) -> float:
-    if not points:
-        return 0.0
-    if len(bound) == 1:
-        return bound[0] - min(p[0] for p in points)
-    ordered = sorted(points, key=lambda p: p[-1])
-    volume = 0.0
-    for i, point in enumerate(ordered):
-        upper = ordered[i + 1][-1] if i + 1 < len(ordered) else bound[-1]
-        if upper > point[-1]:
-            volume += _slice_volume([p[:-1] for p in ordered[: i + 1]], bound[:-1]) * (upper - point[-1])
-    return volume
+    return float(moocore.hypervolume(values, ref=bound))
 
 
 def knee_point(points: Sequence[Point], directions: Sequence[str]) -> int | None:
@@ -109,24 +88,25 @@ def knee_point(points: Sequence[Point], directions: Sequence[str]) -> int | None
     if not front:
         return None
     values = _as_minimisation([points[i] for i in front], directions)
-    lows = [min(column) for column in zip(*values, strict=True)]
-    highs = [max(column) for column in zip(*values, strict=True)]
-
-    def distance(value: tuple[float, ...]) -> float:
-        scaled = [(x - lo) / (hi - lo) if hi > lo else 0.0 for x, lo, hi in zip(value, lows, highs, strict=True)]
-        return math.sqrt(sum(s * s for s in scaled))
-
-    return front[min(range(len(front)), key=lambda k: (distance(values[k]), k))]
+    lows, highs = values.min(axis=0), values.max(axis=0)
+    spans = np.where(highs > lows, highs - lows, 1.0)
+    distances = np.sqrt((((values - lows) / spans) ** 2).sum(axis=1)).tolist()
+    return front[min(range(len(front)), key=lambda k: (distances[k], k))]
 
 
 def hypervolume_contributions(points: Sequence[Point], reference: Point, directions: Sequence[str]) -> list[float]:
     """What each point alone adds to the hypervolume of ``points``: the volume lost without it. Dominated
     points, duplicates and points outside the reference box add nothing (exactly 0: rounding noise below
     1e-12 of the total is dropped, so such points tie and the next key orders them)."""
-    total = hypervolume(points, reference, directions)
-    lost = [total - hypervolume([p for j, p in enumerate(points) if j != i], reference, directions)
-            for i in range(len(points))]
-    return [value if value > 1e-12 * total else 0.0 for value in lost]
+    values = _as_minimisation(points, directions)
+    (bound,) = _as_minimisation([reference], directions)
+    total = float(moocore.hypervolume(values, ref=bound))
+    if len(directions) < 2:  # moocore's contributions need two objectives; one is a subtraction per point
+        lost = [total - moocore.hypervolume(np.delete(values, i, axis=0), ref=bound)
+                for i in range(len(values))]
+    else:  # ignore_dominated=False: a dominated point still counts once the point dominating it is gone
+        lost = moocore.hv_contributions(values, ref=bound, ignore_dominated=False).tolist()
+    return [float(value) if value > 1e-12 * total else 0.0 for value in lost]
 
 
 def selection_order(points: Sequence[Point], directions: Sequence[str], reference: Point | None = None) -> list[int]:

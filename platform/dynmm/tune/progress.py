@@ -9,6 +9,7 @@ import ray.tune
 
 from dynmm.track.runs import EpochLogger
 from dynmm.tune.front import FrontReport, build_front, static_baselines
+from dynmm.tune.records import TrialRecord
 
 
 class StudyProgress(ray.tune.Callback):
@@ -56,12 +57,11 @@ class StudyProgress(ray.tune.Callback):
         self.logger.close()
 
     def _update_front(self) -> None:
-        rows = [
-            {"trial_id": trial_id, "params": {}, "state": state,
-             "values": [self.last_results.get(trial_id, {}).get(m) for m in self.metrics]}
+        trials = [
+            TrialRecord(trial_id, {}, tuple(self.last_results.get(trial_id, {}).get(m) for m in self.metrics), state)
             for trial_id, state in self.states.items()
         ]
-        report = build_front(rows, self.metrics, self.modes, self.baselines)
+        report = build_front(trials, self.metrics, self.modes, self.baselines)
         if self.best is None or report.hypervolume >= self.best.hypervolume:
             self.best = report
         self.front_size = len(report.members)

@@ -99,17 +99,44 @@ def build_sampler(search: SearchSpec, num_objectives: int) -> optuna.samplers.Ba
 
 
 class StudySearch(OptunaSearch):
-    """OptunaSearch that prunes unfinished trials and records the compute-budget constraint."""
+    """OptunaSearch that prunes unfinished trials and records the compute-budget constraint.
 
-    def __init__(self, *args, gflops_metric: str, max_gflops: float | None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    The constraint is a user attribute that ``budget_constraint`` reads when the trial is told. It is written
+    through the study's storage, to the Optuna trial this searcher asked for the Ray trial: which one that is,
+    it notes itself at ``suggest`` (the trial that turned RUNNING), rather than reading OptunaSearch's internals.
+    """
+
+    def __init__(
+        self, *args, study_name: str, storage: optuna.storages.BaseStorage, gflops_metric: str,
+        max_gflops: float | None, **kwargs
+    ) -> None:
+        super().__init__(*args, study_name=study_name, storage=storage, **kwargs)
+        self.study_name = study_name
+        self.storage = storage
         self.gflops_metric = gflops_metric
         self.max_gflops = max_gflops
+        self.optuna_numbers: dict[str, int] = {}  # Ray trial id -> Optuna trial number
+
+    def suggest(self, trial_id: str) -> dict | None:
+        before = self._running_numbers()
+        config = super().suggest(trial_id)
+        asked = self._running_numbers() - before
+        if len(asked) == 1:  # nothing new when Tune asks again for a trial it already has
+            (self.optuna_numbers[trial_id],) = asked
+        return config
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         finished = bool(result and result.get("finished"))
-        if finished and self.max_gflops is not None and trial_id in self._ot_trials:
+        number = self.optuna_numbers.pop(trial_id, None)
+        if finished and self.max_gflops is not None and number is not None:
             excess = float(result[self.gflops_metric]) - self.max_gflops
-            self._ot_trials[trial_id].set_user_attr(CONSTRAINT_ATTR, [excess])
+            study_id = self.storage.get_study_id_from_name(self.study_name)
+            optuna_trial_id = self.storage.get_trial_id_from_study_id_trial_number(study_id, number)
+            self.storage.set_trial_user_attr(optuna_trial_id, CONSTRAINT_ATTR, [excess])
         # no result and no error is how OptunaSearch tells Optuna "pruned"
         super().on_trial_complete(trial_id, result if finished else None, error=error)
+
+    def _running_numbers(self) -> set[int]:
+        study_id = self.storage.get_study_id_from_name(self.study_name)
+        running = self.storage.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        return {trial.number for trial in running}

@@ -1,15 +1,16 @@
 """``dynmm tune``: experts trained once, then a Ray Tune study of the gate stage driven by Optuna.
 
-Each trial is a function that builds and fits a ``TorchTrainer`` (multi-worker, possibly multi-GPU) and
-forwards its per-epoch results to Tune with ``TuneReportCallback``. The Optuna study lives in a
-JournalStorage file next to the results, so it survives restarts and opens in optuna-dashboard.
+Each trial (``dynmm.tune.trials``) is a function that builds and fits a ``TorchTrainer`` (multi-worker,
+possibly multi-GPU) and forwards its per-epoch results to Tune. The Optuna study lives in a JournalStorage file
+next to the results, so it survives restarts and opens in optuna-dashboard. Here: the study's objectives,
+searcher and scheduler, running it, and its front report; ``dynmm.tune.register`` puts the front in the
+registry.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -21,49 +22,40 @@ import ray
 import ray.tune
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
-from ray.tune.integration.ray_train import TuneReportCallback
 
 from dynmm.errors import SpecError, UserError
+from dynmm.runtime import connect_ray, quiet_libraries
 from dynmm.spec import PipelineSpec
 from dynmm.track import resolve_tracking_uri, start_job_run
-from dynmm.track.pyfunc import log_pyfunc_model
-from dynmm.track.registry import FrontModel, register_front, registered_name
 from dynmm.track.runs import (
     check_tracking_reachable,
     closing_run,
     find_runs,
     finish_runs_now,
     log_run_outputs,
-    redact_credentials,
     stopped_status,
 )
-from dynmm.train.checkpoints import read_experts, read_experts_metrics
-from dynmm.train.evaluate import evaluate_split
-from dynmm.train.job import stable_hash
-from dynmm.train.runner import (
-    PreparedPipeline,
-    build_datasets,
-    build_trainer,
-    connect_ray,
-    ctrl_c_as_keyboard_interrupt,
-    load_model_from_checkpoint,
-    prepare_pipeline,
-    quiet_libraries,
-    raise_if_loss_diverged,
-    stage_configs,
-    worker_job,
-)
+from dynmm.train import PreparedPipeline, build_datasets, prepare_pipeline, stable_hash, stage_configs
+from dynmm.train.metrics import GFLOPS_METRIC
 from dynmm.tune.front import FrontReport, build_front, front_row, reference_point, static_baselines, write_front
 from dynmm.tune.moasha import MoAshaScheduler
 from dynmm.tune.progress import StudyProgress
-from dynmm.tune.search import STAGE_FIELD, StudySearch, build_sampler, optuna_space, startup_ladder
+from dynmm.tune.records import StaticBaseline, TrialRecord
+from dynmm.tune.search import StudySearch, build_sampler, optuna_space, startup_ladder
+from dynmm.tune.trials import (
+    TRIAL_STAGES,
+    ensure_experts,
+    evaluate_checkpoint,
+    expert_cache_for,
+    run_trial,
+    trial_record,
+)
+from dynmm.tune.trials import trained_gate as trained_gate  # re-exported: tests/tune/test_search.py reads it here
 
-GFLOPS_METRIC = "val_gflops_per_sample"
 # MO-ASHA's rungs (JSON), beside the study: Ray Tune saves no scheduler state. Not named *.json or *.pkl: on
 # restore Tune copies those files of the experiment folder to its staging folder and later syncs them back,
 # which would put back the copy from before the restore.
 MOASHA_STATE = "moasha-rungs.state"
-TRIAL_STAGES = ("gate", "finetune")  # the experts are trained once, before the study
 
 
 @dataclass(frozen=True)
@@ -90,85 +82,6 @@ def study_name(spec: PipelineSpec) -> str:
         mode="json", by_alias=True, exclude={"tracking": True, "scaling": True, "search": {"num_trials"}}
     )
     return f"{spec.name}-study-{stable_hash(identity)}"
-
-
-def trial_spec(spec: PipelineSpec, params: dict) -> PipelineSpec:
-    """The pipeline with a trial's sampled values set on the gate stage (tau_end capped at tau_start)."""
-    gate = spec.stages.gate.model_dump()
-    for name, value in params.items():
-        gate[STAGE_FIELD[name]] = int(round(value)) if name == "epoch_hard" else float(value)
-    gate["tau_end"] = min(gate["tau_end"], gate["tau_start"])
-    stages = spec.stages.model_copy(update={"gate": spec.stages.gate.model_validate(gate)})
-    return spec.model_copy(update={"stages": stages})
-
-
-def trained_gate(spec: PipelineSpec, params: dict) -> dict[str, float]:
-    """lambda and tau of the gate a trial trained: its sampled values over the pipeline's own (a grid
-    or a search without tau still trained with the stage's tau)."""
-    gate = trial_spec(spec, params).stages.gate
-    return {"lambda": gate.resource_lambda, "tau_start": gate.tau_start, "tau_end": gate.tau_end}
-
-
-def ensure_experts(prepared: PreparedPipeline, tracking_uri: str, show: Callable[[dict], None]) -> dict:
-    """Train the experts once (their own Ray Train run and MLflow run); later calls reuse them."""
-    if read_experts(prepared.experts_uri) is None:
-        from dynmm.train.progress import ProgressPrinter
-        from dynmm.train.runner import progress_actor_name
-
-        spec = prepared.spec
-        run_name = f"{spec.name}-experts-{prepared.experts_uri.rsplit('-', 1)[-1]}"
-        run_id = start_job_run(
-            tracking_uri, spec.tracking.experiment or spec.name, run_name,
-            params=spec.model_dump(mode="json", by_alias=True, include={"data", "model", "seed"})
-            | {"stages": {"experts": spec.stages.experts.model_dump(mode="json")}},
-            tags={"dynmm.pipeline": spec.name, "dynmm.kind": "experts"},
-        )
-        progress = progress_actor_name(run_name)
-        job = worker_job(prepared, stage_configs(spec, ("experts",)), run_name, tracking_uri, run_id, progress)
-        with closing_run(tracking_uri, run_id), ProgressPrinter(progress, show), ctrl_c_as_keyboard_interrupt():
-            build_trainer(prepared, job, run_name).fit()
-    metrics = read_experts_metrics(prepared.experts_uri)
-    if metrics is None:
-        raise UserError(f"the experts stage at {prepared.experts_uri} did not finish")
-    return metrics
-
-
-def run_trial(
-    config: dict, *, prepared: PreparedPipeline, datasets: dict, tracking_uri: str, parent_run_id: str, study: str
-) -> None:
-    """One Tune trial: a full multi-worker Ray Train run of the gate (and finetune) stages, on the datasets
-    the study built once."""
-    trial_id = ray.tune.get_context().get_trial_id()
-    spec = trial_spec(prepared.spec, config)
-    trial_prepared = replace(prepared, spec=spec)
-    run_name = f"{study}-{trial_id}"
-    run_id = start_job_run(
-        tracking_uri, spec.tracking.experiment or spec.name, run_name, params={"trial": config, **spec.model_dump(
-            mode="json", by_alias=True, include={"stages"})},
-        tags={"dynmm.pipeline": spec.name, "dynmm.kind": "trial", "study": study, "trial_id": trial_id,
-              "mlflow.parentRunId": parent_run_id},
-    )
-    with closing_run(tracking_uri, run_id):  # FINISHED; FAILED on any error; KILLED when Tune stops the trial
-        job = worker_job(trial_prepared, stage_configs(spec, TRIAL_STAGES), run_name, tracking_uri, run_id)
-        trainer = build_trainer(trial_prepared, job, run_name, callbacks=[TuneReportCallback()], datasets=datasets)
-        result = trainer.fit()
-        raise_if_loss_diverged(result.metrics, job.stages)  # the trial errors with the message; the study goes on
-        # A trial restarted after its Train run had already finished reports nothing new: hand Tune the
-        # final result again so the searcher and the front still see it (a repeat changes no decision).
-        final = dict(result.metrics or {})
-        if result.checkpoint is not None:
-            final["checkpoint_path"] = result.checkpoint.path
-            if final.get("finished"):
-                final.update(record_finished_trial(prepared, config, result.checkpoint, tracking_uri, run_id))
-        ray.tune.report(final)
-
-
-def record_finished_trial(prepared: PreparedPipeline, config: dict, checkpoint, tracking_uri: str, run_id: str) -> dict:
-    """A completed trial's run gets its final checkpoint as artifacts and its hard-gate test metrics."""
-    test_metrics = evaluate_checkpoint(prepared, config, checkpoint.path, "test")
-    with checkpoint.as_directory() as directory:
-        log_run_outputs(tracking_uri, run_id, metrics=test_metrics, artifact_dirs={"checkpoint": directory})
-    return test_metrics
 
 
 def max_concurrent_trials(spec: PipelineSpec) -> int:
@@ -199,8 +112,8 @@ class StudyRun:
     parent_run_id: str
     objectives: Objectives
     prepared: PreparedPipeline
-    experts_metrics: dict
-    trials: list[dict]
+    experts_metrics: dict[str, float]
+    trials: list[TrialRecord]
     elapsed_seconds: float
 
 
@@ -237,10 +150,11 @@ def run_study(
         params=spec.model_dump(mode="json", by_alias=True), tags={"dynmm.pipeline": spec.name, "dynmm.kind": "study",
                                                                   "study": name},
     )
-    datasets = build_datasets(prepared, [stage.name for stage in stage_configs(spec, TRIAL_STAGES)])
+    expert_cache = expert_cache_for(prepared, show_line)
+    datasets = build_datasets(prepared, [stage.name for stage in stage_configs(spec, TRIAL_STAGES)], expert_cache)
     trainable = ray.tune.with_parameters(
         run_trial, prepared=prepared, datasets=datasets, tracking_uri=tracking_uri, parent_run_id=parent_run_id,
-        study=name,
+        study=name, expert_cache=expert_cache,
     )
     trainable = ray.tune.with_resources(trainable, {"cpu": spec.search.trial_driver_cpus})
     progress = StudyProgress(objectives, experts_metrics, prepared, tracking_uri, parent_run_id, show_line, started)
@@ -269,7 +183,7 @@ def run_study(
     with closing_study_runs(tracking_uri, spec.tracking.experiment or spec.name, name, parent_run_id):
         grid = tuner.fit()
         close_orphaned_trials(results_dir, name)
-    trials = [trial_row(result, objectives) for result in grid]
+    trials = [trial_record(result, objectives.metrics) for result in grid]
     return StudyRun(name, results_dir, tracking_uri, parent_run_id, objectives, prepared, experts_metrics, trials,
                     time.monotonic() - started)
 
@@ -320,7 +234,10 @@ def check_scheduler_objectives(spec: PipelineSpec, objectives: Objectives) -> No
 
 
 def build_scheduler(
-    spec: PipelineSpec, objectives: Objectives, baselines: list[dict] | None = None, state_path: Path | None = None
+    spec: PipelineSpec,
+    objectives: Objectives,
+    baselines: list[StaticBaseline] | None = None,
+    state_path: Path | None = None,
 ):
     """FIFO, or MO-ASHA over hard-gate epochs; with the experts' ``baselines`` its rungs know the front's
     hypervolume reference point and rank each front by hypervolume contribution; with a ``state_path`` its
@@ -340,22 +257,6 @@ def build_scheduler(
     )
 
 
-def trial_row(result, objectives: Objectives) -> dict:
-    """Plain data of one finished Tune trial: params, objective values, state, checkpoint path."""
-    metrics = result.metrics or {}
-    finished = bool(metrics.get("finished")) and result.error is None
-    return {
-        "trial_id": metrics.get("trial_id") or Path(result.path).name,
-        "params": dict(result.config or {}),
-        "values": [metrics.get(metric) for metric in objectives.metrics],
-        "state": "complete" if finished else ("error" if result.error else "pruned"),
-        "hard_epochs": metrics.get("hard_epochs", 0),
-        "epochs": metrics.get("global_step", -1) + 1,
-        "checkpoint": metrics.get("checkpoint_path"),
-        "metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)},
-    }
-
-
 def close_orphaned_trials(results_dir: Path, name: str) -> None:
     """A driver killed between Optuna's ask and Tune's next experiment snapshot leaves a trial RUNNING in
     the journal that the restored Tune run never heard of (it asks a fresh one instead): mark it failed
@@ -371,10 +272,8 @@ def report_study(run: StudyRun, evaluate_on_test: bool = True) -> tuple[FrontRep
     baselines = static_baselines(run.experts_metrics, prepared)
     report = build_front(run.trials, list(run.objectives.metrics), list(run.objectives.modes), baselines)
     if evaluate_on_test:
-        for member in report.members:
-            recorded = {k: v for k, v in member["metrics"].items() if k.startswith("test_")}
-            member["test_metrics"] = recorded or evaluate_checkpoint(
-                prepared, member["params"], member["checkpoint"], "test")
+        report.members = [replace(member, test_metrics=member_test_metrics(prepared, member.trial))
+                          for member in report.members]
     paths = write_front(report, run.trials, run.results_dir)
     log_run_outputs(run.tracking_uri, run.parent_run_id, files=list(paths.values()), artifact_subdir="front",
                     table=(front_table(report), "pareto_front.json"))
@@ -388,63 +287,7 @@ def front_table(report: FrontReport) -> dict[str, list]:
     return {name: [row.get(name) for row in rows] for name in names}
 
 
-def register_study_front(run: StudyRun, report: FrontReport) -> dict[str, str]:
-    """Every front member becomes a version of ``<pipeline>-dynmm`` (a routed-inference pyfunc logged into
-    its trial run); aliases max-quality / min-compute / knee follow the current front."""
-    prepared = run.prepared
-    gflops_index = run.objectives.metrics.index(GFLOPS_METRIC)
-    static = prepared.costs.static_flops / 1e9
-    test_quality = f"test_{prepared.quality_metric}"
-    members = []
-    for member in report.members:
-        params = member["params"]
-        cost = member["values"][gflops_index]
-        gate = trained_gate(prepared.spec, params)
-        tags = {name: f"{value:.6g}" for name, value in {**params, **gate}.items()}
-        tags["tau"] = f"{gate['tau_start']:.3g}->{gate['tau_end']:.3g}"
-        if test_quality in member.get("test_metrics", {}):
-            tags[test_quality] = f"{member['test_metrics'][test_quality]:.6g}"
-        gain = report.gain_over_random(member)
-        if gain is not None:
-            tags["gain_over_random_routing"] = f"{gain:.6g}"
-        if report.hypervolume_beyond_random is not None:
-            tags["study_hypervolume_beyond_random"] = f"{report.hypervolume_beyond_random:.6g}"
-        members.append(FrontModel(
-            trial_id=member["trial_id"], run_id=trial_run_id(run, member["trial_id"]),
-            quality=member["values"][0], gflops=cost, reduction=1 - cost / static, tags=tags,
-        ))
-    by_trial = {member["trial_id"]: member for member in report.members}
-
-    def log_model(front_model: FrontModel) -> str:
-        member = by_trial[front_model.trial_id]
-        spec = trial_spec(prepared.spec, member["params"])
-        model = load_model_from_checkpoint(spec, ray.train.Checkpoint(member["checkpoint"]))
-        with tempfile.TemporaryDirectory() as workdir:
-            return log_pyfunc_model(
-                front_model.run_id, model, spec.model.name, spec.model.args, prepared.meta.task,
-                prepared.costs.path_gflops, Path(workdir), input_transforms=prepared.meta.input_transforms,
-            )
-
-    return register_front(
-        run.tracking_uri, registered_name(prepared.spec.name), run.name, prepared.quality_metric, members,
-        report.knee_trial_id, log_model,
-    )
-
-
-def trial_run_id(run: StudyRun, trial_id: str) -> str:
-    found = find_runs(run.tracking_uri, run.prepared.spec.tracking.experiment or run.prepared.spec.name,
-                      {"study": run.name, "trial_id": trial_id})
-    if not found:
-        raise UserError(f"MLflow: no run of trial {trial_id} in study {run.name} at "
-                        f"{redact_credentials(run.tracking_uri)}")
-    return found[0]
-
-
-def evaluate_checkpoint(prepared: PreparedPipeline, params: dict, checkpoint_path: str, split: str) -> dict:
-    spec = trial_spec(prepared.spec, params)
-    model = load_model_from_checkpoint(spec, ray.train.Checkpoint(checkpoint_path))
-    metrics = evaluate_split(
-        model, prepared.dataset_dir, split, prepared.meta.task, prepared.meta.num_classes or 0, prepared.costs,
-        batch_size=spec.data.eval_batch_size,
-    )
-    return {f"test_{k}": v for k, v in metrics.items()}
+def member_test_metrics(prepared: PreparedPipeline, trial: TrialRecord) -> dict[str, float]:
+    """A member's hard-gate test metrics: those its trial recorded when it finished, else evaluated now."""
+    recorded = {k: v for k, v in trial.metrics.items() if k.startswith("test_")}
+    return recorded or evaluate_checkpoint(prepared, trial.params, trial.checkpoint, "test")

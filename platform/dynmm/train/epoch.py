@@ -1,0 +1,143 @@
+"""One epoch of a stage: a training pass, a validation pass with hard gates and routed execution, and the
+epoch's metrics, summed over all ranks. Plain PyTorch (``torch.distributed`` for the sums)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from dynmm.models import FusionDynMM, compute_reduction, resource_aware_loss
+from dynmm.train.batches import batches
+from dynmm.train.expert_cache import split_cached_batch
+from dynmm.train.metrics import EpochSums, finalize, nonfinite_losses, task_loss
+from dynmm.train.stages import set_training_mode
+from dynmm.train.state import StageRun, WorkerState
+
+
+def run_epoch(state: WorkerState, run: StageRun, epoch: int) -> dict[str, float]:
+    """Train and validate one epoch, step the learning-rate schedule and return what the epoch reports.
+    A loss that is not finite marks the state diverged: the summed losses are the same on every rank, so every
+    rank takes the same decision (no rank is left waiting in a collective)."""
+    started = time.perf_counter()
+    lr = run.optimizer.param_groups[0]["lr"]
+    train_sums = train_epoch(state, run, epoch)
+    metrics = {f"train_{k}": v for k, v in finalize(all_reduce(train_sums, state.device),
+                                                     state.costs.static_gflops).items()}
+    metrics.update(validate(state, run))
+    metrics.update(loss_cost_reductions(metrics, state.job.loss_flops))
+    run.lr_scheduler.step()
+    state.global_step += 1
+    state.hard_epochs += gates_were_hard(run, epoch)
+    state.diverged = bool(nonfinite_losses(metrics))
+    last_epoch_of_job = epoch == run.config.epochs - 1 and run.index == len(state.job.stages) - 1
+    metrics.update(
+        stage_index=run.index, epoch=epoch, global_step=state.global_step, tau=run.temperature.tau(epoch), lr=lr,
+        epoch_seconds=time.perf_counter() - started, hard_epochs=state.hard_epochs,
+        finished=float(last_epoch_of_job and not state.diverged),
+    )
+    return metrics
+
+
+def train_epoch(state: WorkerState, run: StageRun, epoch: int) -> EpochSums:
+    job, model, stage = state.job, state.model, run.config
+    set_training_mode(run.trainable, model, stage)
+    sums = EpochSums.zeros(job.task, model.num_paths, job.num_classes)
+    split = "train_experts" if stage.name == "experts" else "train_gate"
+    seed = job.seed * 1000 + epoch
+    path_gflops = state.costs.path_gflops
+    # the static fusion net runs every sample on the full path: its cost is fixed, so no resource loss
+    static = isinstance(model, FusionDynMM) and model.static
+    for batch in batches(split, job.batch_size, state.device, seed=seed, cache=state.shards, equal_shares=True):
+        label = batch.pop("label")
+        run.optimizer.zero_grad(set_to_none=True)
+        if stage.name == "experts":
+            expert_outputs = run.trainable(batch)
+            loss = torch.stack([task_loss(job.task, output, label) for output in expert_outputs]).sum()
+            # the training metrics of this stage are those of the most expensive expert (static fusion)
+            fusion = state.costs.fusion_path
+            fusion_paths = torch.full((label.shape[0],), fusion, dtype=torch.long)
+            sums.add(expert_outputs[fusion].detach(), label, loss, fusion_paths, path_gflops)
+        else:
+            mode = run.temperature.mode(epoch) if stage.name == "gate" else "hard"
+            inputs, frozen = model_inputs(state, batch)
+            result = run.trainable(inputs, mode="soft" if mode == "random" else mode, tau=run.temperature.tau(epoch),
+                                   random_paths=mode == "random", gumbel=stage.gumbel, **frozen)
+            task = task_loss(job.task, result.output, label, job.class_weights, result.side_outputs)
+            loss = task if static else resource_aware_loss(
+                task, result.decisions, state.costs.normalised, stage.resource_lambda, stage.budget
+            )
+            sums.add(result.output, label, loss, result.paths, path_gflops)
+        if not loss.requires_grad:  # random-path warm-up over frozen experts: nothing this step can train
+            continue
+        loss.backward()
+        if stage.grad_clip:
+            torch.nn.utils.clip_grad_norm_(run.trainable.parameters(), stage.grad_clip)
+        run.optimizer.step()
+    return sums
+
+
+def model_inputs(state: WorkerState, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+    """A gate-stage batch as the model's arguments: the raw inputs, or, over the expert-output cache, the gate's
+    raw modalities and the experts' cached outputs (``frozen=``, passed through the DDP wrapper's forward)."""
+    if not state.job.frozen_outputs_cached:
+        return batch, {}
+    gate_inputs, frozen = split_cached_batch(batch)
+    return gate_inputs, {"frozen": frozen}
+
+
+@torch.no_grad()
+def validate(state: WorkerState, run: StageRun) -> dict[str, float]:
+    """One pass over the validation shard with hard gates and routed execution. The expert stage scores
+    each expert alone (``val_expert{i}_*``) and reports the most expensive one as ``val_*``."""
+    job, model, costs = state.job, state.model, state.costs
+    model.eval()
+    forced_paths = list(range(model.num_paths)) if run.name == "experts" else [None]
+    sums = {forced: EpochSums.zeros(job.task, model.num_paths, job.num_classes) for forced in forced_paths}
+    for batch in batches("valid", job.eval_batch_size, state.device, cache=state.shards):
+        label = batch.pop("label")
+        inputs, frozen = model_inputs(state, batch) if run.name != "experts" else (batch, {})
+        for forced in forced_paths:
+            result = model(inputs, mode="routed", force_path=forced, **frozen)
+            loss = task_loss(job.task, result.output, label, job.class_weights)
+            gflops = costs.path_gflops if forced is None else costs.forced_gflops
+            sums[forced].add(result.output, label, loss, result.paths, gflops)
+    metrics = {}
+    for forced, forced_sums in sums.items():
+        prefix = "val_" if forced is None else f"val_expert{forced}_"
+        reduced = finalize(all_reduce(forced_sums, state.device), costs.static_gflops)
+        metrics.update({prefix + k: v for k, v in reduced.items()})
+    if run.name == "experts":
+        fusion = f"val_expert{costs.fusion_path}_"
+        metrics.update({"val_" + k.removeprefix(fusion): v for k, v in metrics.items() if k.startswith(fusion)})
+    return metrics
+
+
+def loss_cost_reductions(metrics: dict[str, float], loss_flops: tuple[float, ...]) -> dict[str, float]:
+    """The saving in the resource loss's own costs, from each split's route fractions: for the fusion-level
+    net ``{train,val}_depth_encoder_reduction`` (DYNMM.md's figure) beside the whole-network ``compute_reduction``.
+    Empty where the loss weighs the path FLOPs themselves."""
+    if not loss_flops:
+        return {}
+    reductions = {}
+    for prefix in ("train_", "val_"):
+        fractions = [metrics[f"{prefix}path{path}_fraction"] for path in range(len(loss_flops))]
+        expected = sum(fraction * flops for fraction, flops in zip(fractions, loss_flops, strict=True))
+        reductions[f"{prefix}depth_encoder_reduction"] = compute_reduction(expected, max(loss_flops))
+    return reductions
+
+
+def gates_were_hard(run: StageRun, epoch: int) -> int:
+    """1 for an epoch trained with hard gates (what tuning rungs count), else 0."""
+    if run.name == "gate":
+        return int(run.temperature.is_hard(epoch))
+    return int(run.name == "finetune")
+
+
+def all_reduce(sums: EpochSums, device) -> EpochSums:
+    if not dist.is_available() or not dist.is_initialized():
+        return sums
+    reduced = sums.to(device)
+    dist.all_reduce(reduced.values, op=dist.ReduceOp.SUM)
+    return reduced.to("cpu")

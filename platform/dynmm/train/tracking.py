@@ -1,0 +1,58 @@
+"""The driver's MLflow log of a training run: one step per epoch, fed by what the workers report.
+
+Workers never talk to MLflow. ``EpochLogger`` queues each epoch and sends it from a thread, retrying while the
+server is away; the block waits for the queue to drain before the run is declared done. A resumed run logs
+its checkpointed epochs again first (skipped where MLflow has them already): an epoch reported and
+checkpointed just before a crash may never have reached MLflow, and the resumed run starts after it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import ray.train
+
+from dynmm.track.runs import EpochLogger
+from dynmm.train.checkpoints import read_epoch_history
+
+CLOSE_AFTER_ERROR_SECONDS = 10.0  # a stopped or failed run waits this long at most for unsent epochs
+
+
+@contextmanager
+def epoch_logging(
+    tracking_uri: str | None, run_id: str | None, run_path: str
+) -> Iterator[Callable[[dict], None] | None]:
+    """Yields the consumer of epoch records (``progress.EpochFeed``) that logs each to the MLflow run ``run_id``;
+    None without a tracking URI and a run. ``run_path``: the Ray Train run folder (storage path / run name)."""
+    if not (tracking_uri and run_id):
+        yield None
+        return
+    logger = EpochLogger(tracking_uri, run_id)
+    for metrics in checkpointed_epochs(run_path):
+        logger.ensure_logged(int(metrics["global_step"]), metrics)
+    completed = False
+    try:
+        yield lambda record: logger.log_epoch(int(record["metrics"]["global_step"]), record["metrics"])
+        completed = True
+    finally:
+        if completed:
+            logger.close()
+        else:
+            logger.close(timeout_seconds=CLOSE_AFTER_ERROR_SECONDS)
+
+
+def checkpointed_epochs(run_path: str) -> list[dict[str, float]]:
+    """The metrics of every epoch up to the latest checkpoint Ray Train keeps for ``run_path`` (none for a new
+    run): the checkpoint's epoch history, and the metrics of each checkpoint kept."""
+    try:
+        result = ray.train.Result.from_path(run_path)
+    except RuntimeError:  # no run there yet, or it never registered a checkpoint
+        return []
+    epochs = [{k: v for k, v in metrics.items() if isinstance(v, int | float)}
+              for _, metrics in result.best_checkpoints or []]
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as directory:
+            epochs += read_epoch_history(directory)
+    by_step = {int(metrics["global_step"]): metrics for metrics in epochs if "global_step" in metrics}
+    return [by_step[step] for step in sorted(by_step)]
