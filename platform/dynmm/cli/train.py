@@ -101,6 +101,7 @@ def _clock(seconds: float) -> str:
 
 
 def print_summary(result) -> None:
+    from dynmm.models import flops_to_gflops
     from dynmm.track.runs import redact_credentials
 
     metrics = result.final_metrics
@@ -109,7 +110,7 @@ def print_summary(result) -> None:
     rows = [
         ("validation " + quality, f"{metrics.get('val_' + quality, float('nan')):.4f}"),
         ("GFLOPs per sample (gate included)", f"{metrics.get('val_gflops_per_sample', float('nan')):.4g}"),
-        ("static full fusion GFLOPs", f"{result.costs.static_flops / 1e9:.4g}"),
+        ("static full fusion GFLOPs", f"{flops_to_gflops(result.costs.static_flops):.4g}"),
         ("compute reduction vs static", f"{metrics.get('val_compute_reduction', float('nan')):.1%}"),
         ("samples per path", " / ".join(f"{metrics[k]:.1%}" for k in paths)),
         ("Ray Train run", result.run_name),

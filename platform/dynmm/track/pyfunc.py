@@ -103,9 +103,10 @@ with warnings.catch_warnings(record=True):
             fallback = ~gate_ran & (paths >= 0)
             if fallback.any():
                 if self.expert_gflops is None:
-                    from dynmm.models import measure_path_costs
+                    from dynmm.models import flops_to_gflops, measure_path_costs
 
-                    self.expert_gflops = [flops / 1e9 for flops in measure_path_costs(self.model).expert_flops]
+                    costs = measure_path_costs(self.model)
+                    self.expert_gflops = [flops_to_gflops(flops) for flops in costs.expert_flops]
                 gflops[fallback] = np.asarray(self.expert_gflops)[paths[fallback]]
             return gflops
 

@@ -22,7 +22,7 @@ from dynmm.data.format import read_meta
 from dynmm.data.readers import iter_batches, resolve_dataset
 from dynmm.errors import UserError
 from dynmm.home import default_datasets_root
-from dynmm.models import FusionDynMM, PathCosts, build_model, measure_path_costs
+from dynmm.models import FusionDynMM, PathCosts, build_model, flops_to_gflops, measure_path_costs
 from dynmm.models.builders import FUSION_MODEL_NAMES
 from dynmm.models.degraded import allowed_paths, fallback_order, gate_modalities, path_modalities, route_with_missing
 from dynmm.spec import PipelineSpec
@@ -114,8 +114,8 @@ def evaluate_split(
     model.eval()
     sums = EpochSums.zeros(task, model.num_paths, num_classes)
     # a path the gate did not choose (forced, or a fallback) costs the expert alone, as a static model would
-    with_gate = torch.tensor([f / 1e9 for f in costs.path_flops], dtype=torch.float64)
-    alone = torch.tensor([f / 1e9 for f in costs.expert_flops], dtype=torch.float64)
+    with_gate = torch.tensor([flops_to_gflops(f) for f in costs.path_flops], dtype=torch.float64)
+    alone = torch.tensor([flops_to_gflops(f) for f in costs.expert_flops], dtype=torch.float64)
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     answered = total = 0
@@ -138,7 +138,7 @@ def evaluate_split(
                 output = routed.output[rows]
                 sums.add(output, label[rows], task_loss(task, output, label[rows]), routed.paths[rows], path_gflops)
         answered, total = answered + int(routed.answered.sum()), total + len(label)
-    metrics = finalize(sums, costs.static_flops / 1e9)
+    metrics = finalize(sums, flops_to_gflops(costs.static_flops))
     if drop is not None:
         metrics["coverage"] = answered / total if total else 0.0
     return metrics
@@ -244,7 +244,7 @@ def evaluate_checkpoints(
         evaluations.append(ModelEvaluation(
             name, tuple(_answered_quality(metrics, quality) for metrics in per_run), per_run[0],
             None if depth_flops is None else 1.0 - depth_flops / max(costs.loss_flops),
-            None if depth_flops is None else depth_flops / 1e9,
+            None if depth_flops is None else flops_to_gflops(depth_flops),
             per_run[0].get("coverage"),
         ))
     static_trained = static is not dynamic and isinstance(static, FusionDynMM) and static.static
