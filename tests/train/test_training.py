@@ -58,9 +58,9 @@ def test_worker_crash_is_recovered_from_the_last_checkpoint_without_gaps_in_mlfl
     assert epochs[:4] == [("experts", 0), ("experts", 1), ("experts", 2), ("gate", 0)]
     assert all(epochs.count(("experts", e)) == 1 for e in range(3)) and epochs[-1] == ("gate", 3)
     assert logged_steps(result.tracking_uri, result.mlflow_run_id) == list(range(7))
-    # what a resumed driver logs again first: the epochs of the checkpoints Ray Train keeps, the last one last
+    # what a resumed driver logs again first: every epoch up to the last checkpoint (its epoch history, in order)
     kept = checkpointed_epochs(f"{tmp_path / 'runs'}/{result.run_name}")
-    assert [int(epoch["global_step"]) for epoch in kept][-1] == 6 and len(kept) == spec.checkpoint.num_to_keep
+    assert [int(epoch["global_step"]) for epoch in kept] == list(range(7))
     # the gate's cosine learning rate: the resumed epochs carry on the same curve
     lr_history = MlflowClient(result.tracking_uri).get_metric_history(result.mlflow_run_id, "lr")
     gate_lrs = [entry.value for entry in sorted(lr_history, key=lambda entry: entry.step)][3:]
