@@ -5,7 +5,7 @@ import pytest
 import torch
 from sklearn.metrics import f1_score
 
-from dynmm.train.metrics import EpochSums, finalize
+from dynmm.train.metrics import EpochSums, expected_latency_ms, finalize, latency_metrics
 
 PATH_GFLOPS = torch.tensor([1.0, 10.0], dtype=torch.float64)
 
@@ -35,6 +35,22 @@ def test_cost_and_route_fractions_come_from_the_chosen_paths():
     assert metrics["path0_fraction"] == 0.75 and metrics["path1_fraction"] == 0.25
     assert metrics["gflops_per_sample"] == pytest.approx((3 * 1.0 + 10.0) / 4)
     assert metrics["compute_reduction"] == pytest.approx(1 - 3.25 / 10.0)
+
+
+def test_expected_latency_is_route_fraction_times_path_latency_summed_per_split():
+    paths = torch.tensor([0, 0, 0, 1])
+    split = finalize(sums_of("multiclass", torch.randn(4, 10), torch.zeros(4, dtype=torch.long), paths, 10), 10.0)
+    metrics = {f"{prefix}{name}": value for prefix in ("train_", "val_") for name, value in split.items()}
+    latencies = latency_metrics(metrics, (0.2, 3.0))
+    assert latencies == pytest.approx({"train_latency_ms_per_sample": 0.75 * 0.2 + 0.25 * 3.0,
+                                       "val_latency_ms_per_sample": 0.75 * 0.2 + 0.25 * 3.0})
+    assert latency_metrics(metrics, ()) == {}  # latencies not measured: no latency metric
+
+
+def test_expected_latency_needs_one_latency_per_path():
+    assert expected_latency_ms((0.5, 0.5), (1.0, 3.0)) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="2 route fractions but 3 path latencies"):
+        expected_latency_ms((0.5, 0.5), (1.0, 2.0, 3.0))
 
 
 def test_regression_metrics_match_their_definitions():

@@ -1,8 +1,9 @@
-"""``dynmm models list [NAME]`` and ``dynmm models pick NAME --max-gflops X | --min-quality Y``."""
+"""``dynmm models list [NAME]`` and ``dynmm models pick NAME --max-gflops X | --max-latency-ms Z | --min-quality Y``."""
 
 from __future__ import annotations
 
 import argparse
+import math
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -13,6 +14,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     chooser = commands.add_parser("pick", help="the best current Pareto version within a budget")
     chooser.add_argument("name", help="registered model, e.g. digits-dynmm")
     chooser.add_argument("--max-gflops", type=float, default=None, help="compute budget: GFLOPs per sample")
+    chooser.add_argument("--max-latency-ms", type=float, default=None,
+                         help="latency budget: expected ms per sample, as measured for the study (model.latency)")
     chooser.add_argument("--min-quality", type=float, default=None, help="quality floor (validation)")
     for command in (listing, chooser):
         command.add_argument("--tracking-uri", default=None,
@@ -59,9 +62,12 @@ def run_pick(args: argparse.Namespace) -> int:
     from dynmm.track import registry
 
     uri = reachable_tracking_uri(args.tracking_uri)
-    chosen = registry.pick(registry.list_versions(uri, args.name), args.max_gflops, args.min_quality)
+    chosen = registry.pick(registry.list_versions(uri, args.name), args.max_gflops, args.min_quality,
+                           args.max_latency_ms)
     aliases = f" ({', '.join(chosen.aliases)})" if chosen.aliases else ""
+    latency = "" if math.isnan(chosen.latency_ms) else (
+        f", {chosen.latency_ms:.4g} ms per sample ({chosen.latency_measured_at})")
     print(f"version {chosen.version}{aliases}: {chosen.quality_metric} {chosen.quality:.4f}, "
-          f"{chosen.gflops:.4g} GFLOPs per sample ({chosen.reduction:.1%} less than static fusion)")
+          f"{chosen.gflops:.4g} GFLOPs per sample ({chosen.reduction:.1%} less than static fusion){latency}")
     print(chosen.uri)
     return 0

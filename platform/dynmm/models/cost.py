@@ -73,6 +73,9 @@ class PathCosts:
     # the cost of each path the resource loss weighs, where it is not the path's FLOPs: for the fusion-level
     # net the depth-encoder FLOPs up to stage k (DYNMM.md); empty: ``path_flops``
     loss_flops: tuple[float, ...] = ()
+    # median wall-clock ms per sample of each path (``models/latency.py``), measured only when a pipeline asks
+    # for latency (``model.cost: latency`` or a ``latency`` objective); empty: not measured
+    path_latency_ms: tuple[float, ...] = ()
 
     @property
     def path_flops(self) -> tuple[float, ...]:
@@ -92,9 +95,29 @@ class PathCosts:
     def normalised(self) -> tuple[float, ...]:
         """The resource loss's costs (``loss_flops``, else the path FLOPs) divided by the most expensive
         path's, so that lambda is comparable across tasks: the full path costs 1."""
-        costs = self.loss_flops or self.path_flops
-        most_expensive = max(costs)
-        return tuple(flops / most_expensive for flops in costs)
+        return _normalised(self.loss_flops or self.path_flops)
+
+    @property
+    def normalised_latency(self) -> tuple[float, ...]:
+        """The path latencies divided by the slowest path's (``model.cost: latency``): the slowest path costs 1."""
+        if not self.path_latency_ms:
+            raise ValueError("no path latencies were measured (model.cost: latency measures them)")
+        return _normalised(self.path_latency_ms)
+
+    def loss_costs(self, cost: str = "flops") -> tuple[float, ...]:
+        """The resource loss's normalised costs for ``model.cost`` (flops or latency)."""
+        if cost == "latency":
+            return self.normalised_latency
+        if cost != "flops":
+            raise ValueError(f"unknown cost {cost!r}; expected flops or latency")
+        return self.normalised
+
+
+def _normalised(costs: tuple[float, ...]) -> tuple[float, ...]:
+    most_expensive = max(costs)
+    if most_expensive <= 0:
+        raise ValueError(f"the most expensive path must cost more than 0, got costs {list(costs)}")
+    return tuple(cost / most_expensive for cost in costs)
 
 
 def measure_path_costs(model: ModalityDynMM | FusionDynMM) -> PathCosts:

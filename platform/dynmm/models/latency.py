@@ -21,7 +21,7 @@ import statistics
 import time
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -199,3 +199,21 @@ def _row(path, name, flops, batch_size, seconds, device, threads, model) -> Path
         threads=threads,
         repeats=len(seconds),
     )
+
+
+def with_path_latency(
+    model: ModalityDynMM | FusionDynMM,
+    costs: PathCosts,
+    batch_size: int,
+    device: str | torch.device = "cpu",
+    threads: int | None = None,
+    repeats: int = DEFAULT_REPEATS,
+) -> PathCosts:
+    """``costs`` with each path's median ms per sample at ``batch_size`` on ``device`` (``path_latency_ms``): what
+    ``model.cost: latency`` normalises and the expected-latency metric weighs by route fractions."""
+    rows = measure_path_latency(model, (batch_size,), device=device, threads=threads, repeats=repeats)
+    return replace(costs, path_latency_ms=tuple(row.median_ms_per_sample for row in sorted(rows, key=_by_path)))
+
+
+def _by_path(row: PathLatency) -> int:
+    return row.path

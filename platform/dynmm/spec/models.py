@@ -41,9 +41,30 @@ class DataSpec(_Frozen):
     eval_batch_size: int = Field(256, gt=0, le=MAX_BATCH_SIZE)
 
 
+class LatencySpec(_Frozen):
+    """Where and how each path's time per sample is measured (``models/latency.py``), once, before training."""
+
+    device: str = Field(
+        "cpu", pattern=r"^(cpu|cuda|cuda:[0-9]+)$",
+        description="the device the latency is measured on (cpu, cuda or cuda:N): the one the model will serve on",
+    )
+    batch_size: int = Field(32, gt=0, le=4096, description="samples per timed call; latency is reported per sample")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads while timing; null: as they are")
+    repeats: int = Field(5, ge=1, le=1000, description="timed rounds per path; the median is kept")
+
+
 class ModelSpec(_Frozen):
     name: str = Field(description="builder name: digits, mosei, mmimdb, avmnist")
     args: dict[str, object] = Field(default_factory=dict, description="keyword arguments of the builder")
+    cost: Literal["flops", "latency"] = Field(
+        "flops",
+        description="what the resource loss weighs per path, normalised so the most expensive path costs 1: its "
+        "FLOPs (counted), or its latency (median ms per sample, measured once before training as model.latency says)",
+    )
+    latency: LatencySpec = Field(
+        default_factory=LatencySpec,
+        description="how path latencies are measured, when model.cost is latency or a search objective is latency",
+    )
 
     @field_validator("args")
     @classmethod
@@ -168,8 +189,9 @@ class ParameterSpec(_Frozen):
 
 
 class ObjectiveSpec(_Frozen):
-    """``quality`` is the task's quality metric, ``gflops`` the expected GFLOPs per sample (both on the
-    validation split, hard gates); any other reported validation metric may be named with its mode."""
+    """``quality`` is the task's quality metric, ``gflops`` the expected GFLOPs per sample, ``latency`` the
+    expected latency in ms per sample (measured as ``model.latency`` says) (all on the validation split, hard
+    gates); any other reported validation metric may be named with its mode."""
 
     metric: str
     mode: Literal["max", "min"]
@@ -238,3 +260,15 @@ class PipelineSpec(_Frozen):
     run: RunSpec = Field(default_factory=RunSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     search: SearchSpec | None = None
+
+    def identity(self, exclude: dict | set) -> dict:
+        """The spec as JSON for naming its runs and studies (same identity, same name: a re-run resumes).
+        ``model.cost`` and ``model.latency`` at their defaults are left out, so that the runs and studies named
+        before these settings existed keep their names."""
+        identity = self.model_dump(mode="json", by_alias=True, exclude=exclude)
+        model = identity.get("model", {})
+        if model.get("cost") == "flops":
+            model.pop("cost")
+        if model.get("latency") == LatencySpec().model_dump(mode="json", by_alias=True):
+            model.pop("latency")
+        return identity

@@ -3,7 +3,8 @@
 Versions carry their trade-off as tags (lambda, tau, quality, GFLOPs per sample, reduction, study,
 trial); ``pareto`` says whether the version is on the current front. Aliases ``max-quality``,
 ``min-compute`` and ``knee`` point at front members and move when a resumed or extended study changes
-the front. ``pick`` answers "the best model that fits this compute budget / quality floor".
+the front. ``pick`` answers "the best model that fits this compute / latency budget / quality floor"; versions of a
+study that measured latency also carry ``latency_ms_per_sample``, ``latency_device`` and ``latency_batch_size``.
 """
 
 from __future__ import annotations
@@ -78,6 +79,18 @@ class Version:
     @property
     def trial_id(self) -> str:
         return self.tags.get("trial_id", "-")
+
+    @property
+    def latency_ms(self) -> float:
+        """Expected ms per sample on validation (NaN where latency was not measured for the study)."""
+        return as_number(self.tags.get("latency_ms_per_sample"))
+
+    @property
+    def latency_measured_at(self) -> str:
+        """Where the latency was measured, e.g. "cpu, batch 32" ("-" where it was not)."""
+        if "latency_device" not in self.tags:
+            return "-"
+        return f"{self.tags['latency_device']}, batch {self.tags.get('latency_batch_size', '?')}"
 
 
 @dataclass(frozen=True)
@@ -186,33 +199,63 @@ def list_models(tracking_uri: str) -> list[RegisteredModel]:
     ]
 
 
-def pick(versions: Sequence[Version], max_gflops: float | None = None, min_quality: float | None = None) -> Version:
-    """The best current-front version within the limits: most quality under a compute budget, least
-    compute above a quality floor (both: most quality within both)."""
-    if max_gflops is None and min_quality is None:
-        raise UserError("pick: give --max-gflops X and/or --min-quality Y")
+def pick(
+    versions: Sequence[Version],
+    max_gflops: float | None = None,
+    min_quality: float | None = None,
+    max_latency_ms: float | None = None,
+) -> Version:
+    """The best current-front version within the limits: most quality under a compute or latency budget, least
+    compute above a quality floor alone."""
+    if max_gflops is None and min_quality is None and max_latency_ms is None:
+        raise UserError("pick: give --max-gflops X and/or --min-quality Y (or --max-latency-ms Z)")
     front = [v for v in versions if v.pareto and not math.isnan(v.quality) and not math.isnan(v.gflops)]
     if not front:
         raise UserError("pick: no version is on the current Pareto front (run dynmm tune first)")
+    if max_latency_ms is not None:
+        front = _with_latency(front)
     fits = [v for v in front if (max_gflops is None or v.gflops <= max_gflops)
+            and (max_latency_ms is None or v.latency_ms <= max_latency_ms)
             and (min_quality is None or v.quality >= min_quality)]
     if not fits:
-        cheapest = min(front, key=lambda v: v.gflops)
-        best = max(front, key=lambda v: v.quality)
-        raise UserError(
-            f"pick: no model fits{_limits(max_gflops, min_quality)}; the front spans {cheapest.gflops:.4g} GFLOPs "
-            f"(version {cheapest.version}, quality {cheapest.quality:.4f}) to quality {best.quality:.4f} "
-            f"(version {best.version}, {best.gflops:.4g} GFLOPs)"
-        )
+        raise UserError(_nothing_fits(front, max_gflops, min_quality, max_latency_ms))
+    if max_latency_ms is not None:
+        return max(fits, key=lambda v: (v.quality, -v.latency_ms, -v.gflops))
     if max_gflops is not None:
         return max(fits, key=lambda v: (v.quality, -v.gflops))
     return min(fits, key=lambda v: (v.gflops, -v.quality))
 
 
-def _limits(max_gflops: float | None, min_quality: float | None) -> str:
+def _with_latency(front: list[Version]) -> list[Version]:
+    measured = [v for v in front if not math.isnan(v.latency_ms)]
+    if not measured:
+        raise UserError(
+            "pick: no version on the current front has a latency_ms_per_sample tag (latency is measured when "
+            "model.cost is latency or a search objective is latency); pick by --max-gflops instead"
+        )
+    return measured
+
+
+def _nothing_fits(front: list[Version], max_gflops, min_quality, max_latency_ms) -> str:
+    limits = _limits(max_gflops, min_quality, max_latency_ms)
+    best = max(front, key=lambda v: v.quality)
+    if max_latency_ms is not None:
+        fastest = min(front, key=lambda v: v.latency_ms)
+        return (f"pick: no model fits{limits}; the front spans {fastest.latency_ms:.4g} ms per sample "
+                f"(version {fastest.version}, quality {fastest.quality:.4f}, {fastest.latency_measured_at}) to "
+                f"quality {best.quality:.4f} (version {best.version}, {best.latency_ms:.4g} ms per sample)")
+    cheapest = min(front, key=lambda v: v.gflops)
+    return (f"pick: no model fits{limits}; the front spans {cheapest.gflops:.4g} GFLOPs "
+            f"(version {cheapest.version}, quality {cheapest.quality:.4f}) to quality {best.quality:.4f} "
+            f"(version {best.version}, {best.gflops:.4g} GFLOPs)")
+
+
+def _limits(max_gflops: float | None, min_quality: float | None, max_latency_ms: float | None = None) -> str:
     parts = []
     if max_gflops is not None:
         parts.append(f" --max-gflops {max_gflops:g}")
+    if max_latency_ms is not None:
+        parts.append(f" --max-latency-ms {max_latency_ms:g}")
     if min_quality is not None:
         parts.append(f" --min-quality {min_quality:g}")
     return "".join(parts)

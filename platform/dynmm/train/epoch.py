@@ -11,7 +11,7 @@ import torch.distributed as dist
 from dynmm.models import FusionDynMM, compute_reduction, resource_aware_loss
 from dynmm.train.batches import batches
 from dynmm.train.expert_cache import split_cached_batch
-from dynmm.train.metrics import EpochSums, finalize, nonfinite_losses, task_loss
+from dynmm.train.metrics import EpochSums, finalize, latency_metrics, nonfinite_losses, task_loss
 from dynmm.train.stages import set_training_mode
 from dynmm.train.state import StageRun, WorkerState
 
@@ -27,6 +27,7 @@ def run_epoch(state: WorkerState, run: StageRun, epoch: int) -> dict[str, float]
                                                      state.costs.static_gflops).items()}
     metrics.update(validate(state, run))
     metrics.update(loss_cost_reductions(metrics, state.job.loss_flops))
+    metrics.update(latency_metrics(metrics, state.costs.path_latency_ms))
     run.lr_scheduler.step()
     state.global_step += 1
     state.hard_epochs += gates_were_hard(run, epoch)

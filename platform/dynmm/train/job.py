@@ -54,6 +54,8 @@ class WorkerJob:
     expert_flops: tuple[float, ...] = ()
     routed_path_flops: tuple[float, ...] = ()  # each path counted whole (``PathCosts.routed_path_flops``)
     loss_flops: tuple[float, ...] = ()  # the resource loss's costs (``PathCosts.loss_flops``)
+    path_latency_ms: tuple[float, ...] = ()  # median ms per sample of each path (``PathCosts.path_latency_ms``)
+    loss_cost: str = "flops"  # ``model.cost``: what the resource loss weighs, flops or latency
 
     def to_config(self) -> dict:
         return asdict(self)

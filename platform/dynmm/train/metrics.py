@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 TASKS = ("regression", "binary", "multiclass", "multilabel", "segmentation")
 GFLOPS_METRIC = "val_gflops_per_sample"  # expected validation GFLOPs per sample: the compute objective of a study
+# expected validation latency per sample (route fractions x measured path latencies), where latencies were measured
+LATENCY_METRIC = "val_latency_ms_per_sample"
 
 # The quality metric each task is selected and tuned on (higher is better for all of them).
 QUALITY_METRIC = {
@@ -133,6 +135,28 @@ def finalize(sums: EpochSums, static_gflops: float) -> dict[str, float]:
         metrics[f"path{path}_fraction"] = float(values[3 + path]) / count
     metrics.update(_task_metrics(sums.task, values[3 + sums.num_paths :], count, sums.num_classes))
     return metrics
+
+
+def expected_latency_ms(fractions: Sequence[float], path_latency_ms: Sequence[float]) -> float:
+    """Expected ms per sample of a routed model: sum over paths of the share of samples routed there times the
+    path's measured ms per sample (what a deployed model with these route fractions takes on that device)."""
+    if len(fractions) != len(path_latency_ms):
+        raise ValueError(f"{len(fractions)} route fractions but {len(path_latency_ms)} path latencies")
+    return float(sum(fraction * latency for fraction, latency in zip(fractions, path_latency_ms, strict=True)))
+
+
+def latency_metrics(metrics: Mapping[str, float], path_latency_ms: Sequence[float]) -> dict[str, float]:
+    """``{train,val}_latency_ms_per_sample`` from an epoch's ``{split}_path{i}_fraction`` metrics; empty where
+    path latencies were not measured or a split did not report its route fractions."""
+    if not path_latency_ms:
+        return {}
+    latencies = {}
+    for prefix in ("train_", "val_"):
+        names = [f"{prefix}path{path}_fraction" for path in range(len(path_latency_ms))]
+        if all(name in metrics for name in names):
+            fractions = [metrics[name] for name in names]
+            latencies[f"{prefix}latency_ms_per_sample"] = expected_latency_ms(fractions, path_latency_ms)
+    return latencies
 
 
 def nonfinite_losses(metrics: Mapping[str, float]) -> list[str]:

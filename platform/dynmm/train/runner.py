@@ -27,6 +27,7 @@ from dynmm.errors import DatasetError, SpecError, UserError
 from dynmm.home import default_datasets_root, default_storage_path
 from dynmm.models import FusionDynMM, PathCosts, build_model, measure_path_costs
 from dynmm.models.export import FlatInputDynMM
+from dynmm.models.latency import with_path_latency
 from dynmm.runtime import connect_ray, quiet_libraries
 from dynmm.spec import PipelineSpec
 from dynmm.track import resolve_tracking_uri, start_job_run
@@ -43,7 +44,7 @@ from dynmm.train.expert_cache import ExpertOutputCache
 from dynmm.train.faults import CRASH_AT_GATE_EPOCH_VARIABLE
 from dynmm.train.job import StageConfig, WorkerJob, stable_hash
 from dynmm.train.loop import train_loop_per_worker
-from dynmm.train.metrics import QUALITY_METRIC, median_frequency_weights, nonfinite_losses
+from dynmm.train.metrics import LATENCY_METRIC, QUALITY_METRIC, median_frequency_weights, nonfinite_losses
 from dynmm.train.progress import EpochFeed
 from dynmm.train.rendezvous import process_group_config
 from dynmm.train.tracking import epoch_logging
@@ -96,13 +97,38 @@ def prepare_pipeline(spec: PipelineSpec) -> PreparedPipeline:
     class_weights = segmentation_class_weights(dataset_dir, meta.num_classes) if fusion else ()
     storage_path = str(spec.run.storage_path or default_storage_path())
     experts_key = stable_hash(
-        str(dataset_dir.resolve()), meta.model_dump(mode="json"), spec.model.model_dump(mode="json"),
+        # what the resource loss weighs does not change the experts: their cache is shared across model.cost
+        str(dataset_dir.resolve()), meta.model_dump(mode="json"),
+        spec.model.model_dump(mode="json", exclude={"cost", "latency"}),
         spec.stages.experts.model_dump(mode="json"), holdout_fraction(spec), spec.seed,
     )
     experts_uri = f"{storage_path.rstrip('/')}/experts/{spec.name}-{experts_key}"
     return PreparedPipeline(
-        spec, dataset_dir, meta, measure_path_costs(model), storage_path, experts_uri, class_weights
+        spec, dataset_dir, meta, path_costs(spec, model), storage_path, experts_uri, class_weights
     )
+
+
+def wants_latency(spec: PipelineSpec) -> bool:
+    """Path latencies are measured (seconds of timing) only where something uses them: the resource loss
+    (``model.cost: latency``) or a ``latency`` search objective."""
+    objectives = [objective.metric for objective in spec.search.objectives] if spec.search else []
+    return spec.model.cost == "latency" or any(
+        metric in ("latency", LATENCY_METRIC, LATENCY_METRIC.removeprefix("val_")) for metric in objectives
+    )
+
+
+def path_costs(spec: PipelineSpec, model) -> PathCosts:
+    """The model's FLOPs per path, and, where the pipeline asks for latency, each path's median ms per sample
+    measured once here as ``model.latency`` says."""
+    costs = measure_path_costs(model)
+    if not wants_latency(spec):
+        return costs
+    settings = spec.model.latency
+    try:
+        return with_path_latency(model, costs, settings.batch_size, settings.device, settings.threads,
+                                 settings.repeats)
+    except ValueError as error:
+        raise SpecError(f"model.latency: {error}") from None
 
 
 def _check_fusion_pipeline(spec: PipelineSpec, model, meta: DatasetMeta, dataset_dir: Path) -> None:
@@ -219,12 +245,14 @@ def worker_job(
         expert_flops=prepared.costs.expert_flops,
         routed_path_flops=prepared.costs.routed_path_flops,
         loss_flops=prepared.costs.loss_flops,
+        path_latency_ms=prepared.costs.path_latency_ms,
+        loss_cost=spec.model.cost,
     )
 
 
 def job_run_name(spec: PipelineSpec, kind: str = "train") -> str:
     """Same spec, same name: re-running the same command resumes the same Ray Train run."""
-    identity = spec.model_dump(mode="json", by_alias=True, exclude={"tracking", "scaling"})
+    identity = spec.identity(exclude={"tracking", "scaling"})
     return f"{spec.name}-{kind}-{stable_hash(identity)}"
 
 

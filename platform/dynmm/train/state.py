@@ -24,17 +24,20 @@ class CostTensors:
     forced_gflops: torch.Tensor  # a forced path skips the gate: what the expert alone costs as a static model
     normalised: torch.Tensor  # the resource loss's costs, the most expensive path = 1
     static_gflops: float  # the static full-fusion model
+    path_latency_ms: tuple[float, ...] = ()  # measured ms per sample of each path; empty: not measured
 
     @classmethod
     def of(cls, job: WorkerJob, device) -> CostTensors:
         costs = PathCosts(
-            job.gate_flops, job.expert_flops, routed_path_flops=job.routed_path_flops, loss_flops=job.loss_flops
+            job.gate_flops, job.expert_flops, routed_path_flops=job.routed_path_flops, loss_flops=job.loss_flops,
+            path_latency_ms=job.path_latency_ms,
         )
         return cls(
             path_gflops=torch.tensor(costs.path_gflops, dtype=torch.float64),
             forced_gflops=torch.tensor([flops_to_gflops(flops) for flops in costs.expert_flops], dtype=torch.float64),
-            normalised=torch.tensor(costs.normalised, dtype=torch.float32, device=device),
+            normalised=torch.tensor(costs.loss_costs(job.loss_cost), dtype=torch.float32, device=device),
             static_gflops=flops_to_gflops(costs.static_flops),
+            path_latency_ms=tuple(costs.path_latency_ms),
         )
 
     @property

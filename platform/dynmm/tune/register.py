@@ -12,10 +12,12 @@ import ray.train
 
 from dynmm.errors import UserError
 from dynmm.models import flops_to_gflops
+from dynmm.spec.models import LatencySpec
 from dynmm.track.pyfunc import log_pyfunc_model
 from dynmm.track.registry import FrontModel, register_front, registered_name
 from dynmm.track.runs import find_runs, redact_credentials
 from dynmm.train import load_model_from_checkpoint
+from dynmm.train.metrics import LATENCY_METRIC
 from dynmm.tune.front import FrontReport
 from dynmm.tune.records import FrontMember
 from dynmm.tune.trials import trained_gate, trial_spec
@@ -67,10 +69,20 @@ def front_model(run: StudyRun, report: FrontReport, member: FrontMember) -> Fron
         tags["gain_over_random_routing"] = f"{gain:.6g}"
     if report.hypervolume_beyond_random is not None:
         tags["study_hypervolume_beyond_random"] = f"{report.hypervolume_beyond_random:.6g}"
+    tags.update(latency_tags(trial.metrics, prepared.spec.model.latency))
     return FrontModel(
         trial_id=trial.trial_id, run_id=trial_run_id(run, trial.trial_id), quality=trial.values[0], gflops=cost,
         reduction=1 - cost / flops_to_gflops(prepared.costs.static_flops), tags=tags,
     )
+
+
+def latency_tags(metrics: dict[str, float], latency: LatencySpec) -> dict[str, str]:
+    """``latency_ms_per_sample`` (expected on validation, hard gates) and the device and batch size the path
+    latencies were measured at, where the trial reported it (``dynmm models pick --max-latency-ms``)."""
+    if LATENCY_METRIC not in metrics:
+        return {}
+    return {"latency_ms_per_sample": f"{metrics[LATENCY_METRIC]:.6g}", "latency_device": latency.device,
+            "latency_batch_size": str(latency.batch_size)}
 
 
 def trial_run_id(run: StudyRun, trial_id: str) -> str:

@@ -36,7 +36,7 @@ from dynmm.track.runs import (
     stopped_status,
 )
 from dynmm.train import PreparedPipeline, build_datasets, prepare_pipeline, stable_hash, stage_configs
-from dynmm.train.metrics import GFLOPS_METRIC
+from dynmm.train.metrics import GFLOPS_METRIC, LATENCY_METRIC
 from dynmm.tune.front import FrontReport, build_front, front_row, reference_point, static_baselines, write_front
 from dynmm.tune.moasha import MoAshaScheduler
 from dynmm.tune.progress import StudyProgress
@@ -65,22 +65,24 @@ class Objectives:
 
 
 def resolve_objectives(spec: PipelineSpec, quality_metric: str) -> Objectives:
-    aliases = {"quality": f"val_{quality_metric}", "gflops": GFLOPS_METRIC}
+    """The objectives' metric names as trials report them. ``latency`` (expected ms per sample, measured as
+    ``model.latency`` says) may be an extra objective; gflops stays required, as the front, its hypervolume
+    and the scheduler's reference point are in GFLOPs."""
+    aliases = {"quality": f"val_{quality_metric}", "gflops": GFLOPS_METRIC, "latency": LATENCY_METRIC}
     metrics, modes = [], []
     for objective in spec.search.objectives:
         name = aliases.get(objective.metric, objective.metric)
         metrics.append(name if name.startswith("val_") else f"val_{name}")
         modes.append(objective.mode)
     if GFLOPS_METRIC not in metrics:
-        raise SpecError("search.objectives: one objective must be gflops (the compute side of the front)")
+        raise SpecError("search.objectives: one objective must be gflops (the compute side of the front; "
+                        "latency may be added beside it)")
     return Objectives(tuple(metrics), tuple(modes))
 
 
 def study_name(spec: PipelineSpec) -> str:
     # num_trials is left out: raising it and resuming extends the same study
-    identity = spec.model_dump(
-        mode="json", by_alias=True, exclude={"tracking": True, "scaling": True, "search": {"num_trials"}}
-    )
+    identity = spec.identity(exclude={"tracking": True, "scaling": True, "search": {"num_trials"}})
     return f"{spec.name}-study-{stable_hash(identity)}"
 
 
