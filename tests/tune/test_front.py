@@ -65,3 +65,11 @@ def test_front_files_list_each_member_as_its_trial_fields_then_its_test_metrics(
     assert header == ["trial_id", "knee", "param_lambda", "val_accuracy", "val_gflops_per_sample",
                       "gain_over_random_routing", "test_accuracy", "checkpoint"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["front.csv", "front.json", "front.png"]
+
+
+def test_a_front_member_with_a_measured_latency_lists_it_in_the_csv(tmp_path):
+    measured = TrialRecord("a", {}, (0.9, 1e-5), "complete", metrics={"val_latency_ms_per_sample": 0.02})
+    report = build_front([measured], ["val_accuracy", "val_gflops_per_sample"], ["max", "min"], BASELINES)
+    header, row = write_front(report, [measured], tmp_path)["csv"].read_text().splitlines()[:2]
+    columns = dict(zip(header.split(","), row.split(","), strict=True))
+    assert float(columns["val_latency_ms_per_sample"]) == 0.02

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from dynmm.files import atomic_path, write_text_atomically
 from dynmm.models import flops_to_gflops
-from dynmm.train.metrics import FRACTION_METRICS, GFLOPS_METRIC
+from dynmm.train.metrics import FRACTION_METRICS, GFLOPS_METRIC, LATENCY_METRIC
 from dynmm.tune.pareto import hypervolume, knee_point, pareto_front
 from dynmm.tune.random_routing import curve_quality, random_routing_curve, share_beyond_random
 from dynmm.tune.records import FrontMember, StaticBaseline, TrialRecord
@@ -228,6 +228,8 @@ def front_row(report: FrontReport, member: FrontMember) -> dict:
     row = {"trial_id": trial.trial_id, "knee": trial.trial_id == report.knee_trial_id}
     row.update({f"param_{k}": v for k, v in trial.params.items()})
     row.update(dict(zip(report.metrics, trial.values, strict=True)))
+    if LATENCY_METRIC in trial.metrics and LATENCY_METRIC not in report.metrics:  # measured (model.latency)
+        row[LATENCY_METRIC] = trial.metrics[LATENCY_METRIC]
     gain = report.gain_over_random(member)
     if gain is not None:
         row["gain_over_random_routing"] = gain
