@@ -64,7 +64,7 @@ def gate_epoch(model, inputs: dict, labels: torch.Tensor, cache: FrozenOutputs |
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 
