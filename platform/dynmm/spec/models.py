@@ -236,6 +236,15 @@ class SearchSpec(_Frozen):
     max_concurrent_trials: int | None = Field(None, ge=1, description="default: what the cluster can hold")
     trial_driver_cpus: float = Field(0.01, gt=0, description="CPUs of the Tune function that drives a trial")
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    cohort_size: int | None = Field(
+        None, ge=1, le=64,
+        description="gate configurations trained together in one Ray Train run, each its own Optuna trial; "
+        "default: chosen from the study size and the cluster; 1: one configuration per run",
+    )
+    expert_cache: bool = Field(
+        True, description="gate trials over frozen experts read the experts' outputs computed once (false: the "
+        "experts run on every sample of every gate epoch, as before the cache existed)",
+    )
 
     @model_validator(mode="after")
     def _known_parameters(self) -> SearchSpec:
@@ -271,4 +280,8 @@ class PipelineSpec(_Frozen):
             model.pop("cost")
         if model.get("latency") == LatencySpec().model_dump(mode="json", by_alias=True):
             model.pop("latency")
+        search = identity.get("search") or {}
+        for name, default in (("cohort_size", None), ("expert_cache", True)):
+            if name in search and search[name] == default:
+                search.pop(name)
         return identity

@@ -16,12 +16,14 @@ import os
 import pickle
 import uuid
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import pyarrow.fs
 import torch
 
 from dynmm.errors import UserError
+from dynmm.train.state import Position, StageRun, WorkerState
 
 STATE_FILE = "state.pt"
 EPOCHS_FILE = "epochs.json"  # every epoch's metrics up to the checkpoint's (plain JSON, read by the driver)
@@ -123,3 +125,15 @@ def _as_uri(location: str) -> str:
     if "://" in location:
         return location
     return Path(os.path.abspath(location)).as_uri()
+
+
+def checkpoint_state(state: WorkerState, run: StageRun, epoch: int, metrics: dict[str, float]) -> dict:
+    """Tensors and plain containers only (read back with ``weights_only=True``)."""
+    return {
+        "model": state.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "lr_scheduler": run.lr_scheduler.state_dict(),
+        "position": asdict(Position(run.index, epoch, state.global_step)),
+        "rng": torch.get_rng_state(),
+        "metrics": {k: float(v) for k, v in metrics.items()},
+    }

@@ -17,15 +17,23 @@ from dynmm.train.state import StageRun, WorkerState
 
 
 def run_epoch(state: WorkerState, run: StageRun, epoch: int) -> dict[str, float]:
-    """Train and validate one epoch, step the learning-rate schedule and return what the epoch reports.
-    A loss that is not finite marks the state diverged: the summed losses are the same on every rank, so every
-    rank takes the same decision (no rank is left waiting in a collective)."""
+    """Train and validate one epoch, step the learning-rate schedule and return what the epoch reports."""
     started = time.perf_counter()
     lr = run.optimizer.param_groups[0]["lr"]
     train_sums = train_epoch(state, run, epoch)
+    val_sums = validate(state, run)
+    return close_epoch(state, run, epoch, train_sums, val_sums, lr, time.perf_counter() - started)
+
+
+def close_epoch(
+    state: WorkerState, run: StageRun, epoch: int, train_sums: EpochSums, val_sums: dict, lr: float, seconds: float
+) -> dict[str, float]:
+    """The epoch's metrics from its sums (summed over all ranks), the learning-rate schedule stepped and where
+    training stands advanced. A loss that is not finite marks the state diverged: the summed losses are the
+    same on every rank, so every rank takes the same decision (no rank is left waiting in a collective)."""
     metrics = {f"train_{k}": v for k, v in finalize(all_reduce(train_sums, state.device),
                                                      state.costs.static_gflops).items()}
-    metrics.update(validate(state, run))
+    metrics.update(validation_metrics(state, run, val_sums))
     metrics.update(loss_cost_reductions(metrics, state.job.loss_flops))
     metrics.update(latency_metrics(metrics, state.costs.path_latency_ms))
     run.lr_scheduler.step()
@@ -35,48 +43,65 @@ def run_epoch(state: WorkerState, run: StageRun, epoch: int) -> dict[str, float]
     last_epoch_of_job = epoch == run.config.epochs - 1 and run.index == len(state.job.stages) - 1
     metrics.update(
         stage_index=run.index, epoch=epoch, global_step=state.global_step, tau=run.temperature.tau(epoch), lr=lr,
-        epoch_seconds=time.perf_counter() - started, hard_epochs=state.hard_epochs,
+        epoch_seconds=seconds, hard_epochs=state.hard_epochs,
         finished=float(last_epoch_of_job and not state.diverged),
     )
     return metrics
 
 
+def new_sums(state: WorkerState) -> EpochSums:
+    return EpochSums.zeros(state.job.task, state.model.num_paths, state.job.num_classes)
+
+
 def train_epoch(state: WorkerState, run: StageRun, epoch: int) -> EpochSums:
-    job, model, stage = state.job, state.model, run.config
-    set_training_mode(run.trainable, model, stage)
-    sums = EpochSums.zeros(job.task, model.num_paths, job.num_classes)
-    split = "train_experts" if stage.name == "experts" else "train_gate"
-    seed = job.seed * 1000 + epoch
-    path_gflops = state.costs.path_gflops
-    # the static fusion net runs every sample on the full path: its cost is fixed, so no resource loss
-    static = isinstance(model, FusionDynMM) and model.static
-    for batch in batches(split, job.batch_size, state.device, seed=seed, cache=state.shards, equal_shares=True):
-        label = batch.pop("label")
-        run.optimizer.zero_grad(set_to_none=True)
-        if stage.name == "experts":
-            expert_outputs = run.trainable(batch)
-            loss = torch.stack([task_loss(job.task, output, label) for output in expert_outputs]).sum()
-            # the training metrics of this stage are those of the most expensive expert (static fusion)
-            fusion = state.costs.fusion_path
-            fusion_paths = torch.full((label.shape[0],), fusion, dtype=torch.long)
-            sums.add(expert_outputs[fusion].detach(), label, loss, fusion_paths, path_gflops)
-        else:
-            mode = run.temperature.mode(epoch) if stage.name == "gate" else "hard"
-            inputs, frozen = model_inputs(state, batch)
-            result = run.trainable(inputs, mode="soft" if mode == "random" else mode, tau=run.temperature.tau(epoch),
-                                   random_paths=mode == "random", gumbel=stage.gumbel, **frozen)
-            task = task_loss(job.task, result.output, label, job.class_weights, result.side_outputs)
-            loss = task if static else resource_aware_loss(
-                task, result.decisions, state.costs.normalised, stage.resource_lambda, stage.budget
-            )
-            sums.add(result.output, label, loss, result.paths, path_gflops)
-        if not loss.requires_grad:  # random-path warm-up over frozen experts: nothing this step can train
-            continue
-        loss.backward()
-        if stage.grad_clip:
-            torch.nn.utils.clip_grad_norm_(run.trainable.parameters(), stage.grad_clip)
-        run.optimizer.step()
+    set_training_mode(run.trainable, state.model, run.config)
+    sums = new_sums(state)
+    for batch in training_batches(state, run, epoch):
+        train_step(state, run, epoch, batch, sums)
     return sums
+
+
+def training_batches(state: WorkerState, run: StageRun, epoch: int):
+    """This rank's shuffled training batches of the stage's split (the same order for every gate configuration
+    of a cohort: the seed depends on the epoch only)."""
+    split = "train_experts" if run.name == "experts" else "train_gate"
+    job = state.job
+    return batches(split, job.batch_size, state.device, seed=job.seed * 1000 + epoch, cache=state.shards,
+                   equal_shares=True)
+
+
+def train_step(state: WorkerState, run: StageRun, epoch: int, batch: dict[str, torch.Tensor], sums: EpochSums) -> None:
+    """One optimiser step on ``batch`` (left unchanged, so that several models can train on it), added to ``sums``."""
+    job, model, stage = state.job, state.model, run.config
+    label = batch["label"]
+    batch = {name: values for name, values in batch.items() if name != "label"}
+    path_gflops = state.costs.path_gflops
+    run.optimizer.zero_grad(set_to_none=True)
+    if stage.name == "experts":
+        expert_outputs = run.trainable(batch)
+        loss = torch.stack([task_loss(job.task, output, label) for output in expert_outputs]).sum()
+        # the training metrics of this stage are those of the most expensive expert (static fusion)
+        fusion = state.costs.fusion_path
+        fusion_paths = torch.full((label.shape[0],), fusion, dtype=torch.long)
+        sums.add(expert_outputs[fusion].detach(), label, loss, fusion_paths, path_gflops)
+    else:
+        # the static fusion net runs every sample on the full path: its cost is fixed, so no resource loss
+        static = isinstance(model, FusionDynMM) and model.static
+        mode = run.temperature.mode(epoch) if stage.name == "gate" else "hard"
+        inputs, frozen = model_inputs(state, batch)
+        result = run.trainable(inputs, mode="soft" if mode == "random" else mode, tau=run.temperature.tau(epoch),
+                               random_paths=mode == "random", gumbel=stage.gumbel, **frozen)
+        task = task_loss(job.task, result.output, label, job.class_weights, result.side_outputs)
+        loss = task if static else resource_aware_loss(
+            task, result.decisions, state.costs.normalised, stage.resource_lambda, stage.budget
+        )
+        sums.add(result.output, label, loss, result.paths, path_gflops)
+    if not loss.requires_grad:  # random-path warm-up over frozen experts: nothing this step can train
+        return
+    loss.backward()
+    if stage.grad_clip:
+        torch.nn.utils.clip_grad_norm_(run.trainable.parameters(), stage.grad_clip)
+    run.optimizer.step()
 
 
 def model_inputs(state: WorkerState, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
@@ -88,22 +113,39 @@ def model_inputs(state: WorkerState, batch: dict[str, torch.Tensor]) -> tuple[di
     return gate_inputs, {"frozen": frozen}
 
 
+def validate(state: WorkerState, run: StageRun) -> dict:
+    """One pass over the validation shard with hard gates and routed execution: its sums (``validation_metrics``
+    turns them into metrics)."""
+    sums = new_validation_sums(state, run)
+    for batch in batches("valid", state.job.eval_batch_size, state.device, cache=state.shards):
+        validate_batch(state, run, batch, sums)
+    return sums
+
+
+def new_validation_sums(state: WorkerState, run: StageRun) -> dict:
+    """The expert stage scores each expert alone (forced path), later stages the routed model (None)."""
+    forced_paths = list(range(state.model.num_paths)) if run.name == "experts" else [None]
+    return {forced: new_sums(state) for forced in forced_paths}
+
+
 @torch.no_grad()
-def validate(state: WorkerState, run: StageRun) -> dict[str, float]:
-    """One pass over the validation shard with hard gates and routed execution. The expert stage scores
-    each expert alone (``val_expert{i}_*``) and reports the most expensive one as ``val_*``."""
+def validate_batch(state: WorkerState, run: StageRun, batch: dict[str, torch.Tensor], sums: dict) -> None:
     job, model, costs = state.job, state.model, state.costs
     model.eval()
-    forced_paths = list(range(model.num_paths)) if run.name == "experts" else [None]
-    sums = {forced: EpochSums.zeros(job.task, model.num_paths, job.num_classes) for forced in forced_paths}
-    for batch in batches("valid", job.eval_batch_size, state.device, cache=state.shards):
-        label = batch.pop("label")
-        inputs, frozen = model_inputs(state, batch) if run.name != "experts" else (batch, {})
-        for forced in forced_paths:
-            result = model(inputs, mode="routed", force_path=forced, **frozen)
-            loss = task_loss(job.task, result.output, label, job.class_weights)
-            gflops = costs.path_gflops if forced is None else costs.forced_gflops
-            sums[forced].add(result.output, label, loss, result.paths, gflops)
+    label = batch["label"]
+    batch = {name: values for name, values in batch.items() if name != "label"}
+    inputs, frozen = model_inputs(state, batch) if run.name != "experts" else (batch, {})
+    for forced, forced_sums in sums.items():
+        result = model(inputs, mode="routed", force_path=forced, **frozen)
+        loss = task_loss(job.task, result.output, label, job.class_weights)
+        gflops = costs.path_gflops if forced is None else costs.forced_gflops
+        forced_sums.add(result.output, label, loss, result.paths, gflops)
+
+
+def validation_metrics(state: WorkerState, run: StageRun, sums: dict) -> dict[str, float]:
+    """``val_*`` of the routed model; the expert stage reports each expert (``val_expert{i}_*``) and the most
+    expensive one as ``val_*``."""
+    costs = state.costs
     metrics = {}
     for forced, forced_sums in sums.items():
         prefix = "val_" if forced is None else f"val_expert{forced}_"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 STAGE_NAMES = ("experts", "gate", "finetune")
 
@@ -27,6 +27,18 @@ class StageConfig:
     epoch_ini: int = 0
     gumbel: bool = False
     freeze_experts: bool = True
+
+
+@dataclass(frozen=True)
+class CohortMember:
+    """One gate configuration of a cohort: ``key`` names it (its trial id); ``overrides`` are the gate-stage
+    fields it sets (``StageConfig`` names: resource_lambda, tau_start, tau_end, epoch_hard, lr, budget)."""
+
+    key: str
+    overrides: dict
+
+    def stage(self, base: StageConfig) -> StageConfig:
+        return replace(base, **self.overrides)
 
 
 @dataclass(frozen=True)
@@ -56,6 +68,8 @@ class WorkerJob:
     loss_flops: tuple[float, ...] = ()  # the resource loss's costs (``PathCosts.loss_flops``)
     path_latency_ms: tuple[float, ...] = ()  # median ms per sample of each path (``PathCosts.path_latency_ms``)
     loss_cost: str = "flops"  # ``model.cost``: what the resource loss weighs, flops or latency
+    # gate configurations trained together over one pass of the data (``dynmm.train.cohort``); empty: one model
+    cohort: tuple[CohortMember, ...] = ()
 
     def to_config(self) -> dict:
         return asdict(self)
@@ -63,7 +77,9 @@ class WorkerJob:
     @classmethod
     def from_config(cls, config: dict) -> WorkerJob:
         stages = tuple(StageConfig(**stage) for stage in config["stages"])
-        return cls(**{**config, "stages": stages})
+        cohort = tuple(CohortMember(**member) for member in config.get("cohort", ()))
+        fields = {name: value for name, value in config.items() if name in cls.__dataclass_fields__}
+        return cls(**{**fields, "stages": stages, "cohort": cohort})
 
 
 def stable_hash(*parts: object) -> str:

@@ -15,7 +15,6 @@ report, and the same command run again reports the divergence instead of repeati
 from __future__ import annotations
 
 import tempfile
-from dataclasses import asdict
 
 import ray.train
 import ray.train.torch
@@ -23,12 +22,14 @@ import torch
 
 from dynmm.models import build_model
 from dynmm.train.checkpoints import (
+    checkpoint_state,
     load_state,
     read_epoch_history,
     save_epoch_history,
     save_state,
     write_experts,
 )
+from dynmm.train.cohort import train_cohort
 from dynmm.train.epoch import run_epoch
 from dynmm.train.faults import crash_if_injected
 from dynmm.train.job import WorkerJob
@@ -39,6 +40,10 @@ from dynmm.train.state import Position, Resumed, StageRun, WorkerState
 def train_loop_per_worker(config: dict) -> None:
     job = WorkerJob.from_config(config)
     context = ray.train.get_context()
+    if job.cohort:  # several gate configurations over one pass of the data (``cohort``)
+        train_cohort(job, config.get("rungs"), ray.train.torch.get_device(), context.get_world_rank(),
+                     context.get_world_size(), ray.train.get_checkpoint())
+        return
     torch.manual_seed(job.seed + context.get_world_rank())
     model = build_model(job.model_name, **job.model_args)
     state = WorkerState.create(
@@ -85,15 +90,3 @@ def report_epoch(state: WorkerState, run: StageRun, epoch: int, metrics: dict[st
             save_epoch_history(directory, state.history)
             checkpoint = ray.train.Checkpoint.from_directory(directory)
         ray.train.report(metrics, checkpoint=checkpoint)
-
-
-def checkpoint_state(state: WorkerState, run: StageRun, epoch: int, metrics: dict[str, float]) -> dict:
-    """Tensors and plain containers only (read back with ``weights_only=True``)."""
-    return {
-        "model": state.model.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "lr_scheduler": run.lr_scheduler.state_dict(),
-        "position": asdict(Position(run.index, epoch, state.global_step)),
-        "rng": torch.get_rng_state(),
-        "metrics": {k: float(v) for k, v in metrics.items()},
-    }

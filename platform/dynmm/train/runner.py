@@ -9,11 +9,9 @@ to MLflow and shows it (``progress``, ``tracking``: the driver's side), and logs
 from __future__ import annotations
 
 import os
-import signal
-import threading
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import ray
@@ -40,14 +38,15 @@ from dynmm.train.datasets import (
     holdout_fraction,
     keeps_data_in_memory,
 )
+from dynmm.train.endings import ctrl_c_as_keyboard_interrupt, raise_if_loss_diverged, user_errors_of_workers
 from dynmm.train.expert_cache import ExpertOutputCache
 from dynmm.train.faults import CRASH_AT_GATE_EPOCH_VARIABLE
-from dynmm.train.job import StageConfig, WorkerJob, stable_hash
+from dynmm.train.job import CohortMember, StageConfig, WorkerJob, stable_hash
 from dynmm.train.loop import train_loop_per_worker
-from dynmm.train.metrics import LATENCY_METRIC, QUALITY_METRIC, median_frequency_weights, nonfinite_losses
+from dynmm.train.metrics import LATENCY_METRIC, QUALITY_METRIC, median_frequency_weights
 from dynmm.train.progress import EpochFeed
 from dynmm.train.rendezvous import process_group_config
-from dynmm.train.tracking import epoch_logging
+from dynmm.train.tracking import epoch_logging, member_epoch_logging
 
 TASK_OF_DATASET = {"regression": "regression", "binary": "binary", "multiclass": "multiclass",
                    "multilabel": "multilabel", "segmentation": "segmentation"}
@@ -191,15 +190,17 @@ def build_trainer(
     run_name: str,
     callbacks: Sequence[object] = (),
     datasets: dict[str, ray.data.Dataset] | None = None,
+    rungs=None,
 ) -> TorchTrainer:
-    """``datasets``: built once by a caller that fits many trainers (a study); else built here."""
+    """``datasets``: built once by a caller that fits many trainers (a study); else built here. ``rungs``: the actor
+    that stops a cohort's members early (``dynmm.train.cohort``)."""
     spec = prepared.spec
     resources = {"CPU": spec.scaling.cpus_per_worker, **spec.scaling.resources_per_worker}
     if spec.scaling.use_gpu:
         resources["GPU"] = spec.scaling.gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=job.to_config(),
+        train_loop_config=job.to_config() | ({"rungs": rungs} if rungs is not None else {}),
         torch_config=process_group_config(),
         scaling_config=ray.train.ScalingConfig(
             num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu, resources_per_worker=resources
@@ -312,73 +313,35 @@ def fit_stages(
     callbacks: Sequence[object] = (),
     datasets: dict[str, ray.data.Dataset] | None = None,
     expert_cache: ExpertOutputCache | None = None,
+    cohort: Sequence[CohortMember] = (),
+    member_run_ids: Sequence[str] = (),
+    rungs=None,
 ) -> ray.train.Result:
     """Train ``stages`` of a prepared pipeline in one Ray Train run named ``run_name`` (the same name resumes
     it) and return its result. Each epoch the workers report is logged to the MLflow run ``mlflow_run_id`` and
     handed to ``show`` as it finishes (``callbacks`` see the reports too, in Ray Train's controller); the
     run's epochs are all in MLflow when this returns. With an ``expert_cache`` (a gate stage over frozen
     experts) the gate trains over the experts' cached outputs (``datasets``, when given, are built from it).
+    With a ``cohort`` the gate stage trains every member in this one run (``dynmm.train.cohort``), each member's
+    epochs logged to its own MLflow run ``member_run_ids[i]``; ``rungs`` may stop members early.
     Ctrl-C is a ``KeyboardInterrupt``, a worker's ``UserError`` is raised as itself and a loss that turned
-    non-finite is one ``UserError`` naming stage and epoch."""
+    non-finite is one ``UserError`` naming stage and epoch (a cohort's diverged member stops alone)."""
     run_path = f"{prepared.storage_path.rstrip('/')}/{run_name}"
-    with epoch_logging(tracking_uri, mlflow_run_id, run_path) as log_epoch:
+    logging = (member_epoch_logging(tracking_uri, member_run_ids, run_path) if cohort
+               else epoch_logging(tracking_uri, mlflow_run_id, run_path))
+    with logging as log_epoch:
         consumers = [consume for consume in (log_epoch, show) if consume is not None]
         with EpochFeed(consumers) if consumers else nullcontext() as feed:
             forward = [feed.callback(stages)] if feed is not None else []
-            job = worker_job(prepared, stages, run_name, expert_cache)
+            job = replace(worker_job(prepared, stages, run_name, expert_cache), cohort=tuple(cohort))
             if datasets is None:
                 datasets = build_datasets(prepared, [stage.name for stage in stages], expert_cache)
-            trainer = build_trainer(prepared, job, run_name, callbacks=[*forward, *callbacks], datasets=datasets)
+            trainer = build_trainer(prepared, job, run_name, callbacks=[*forward, *callbacks], datasets=datasets,
+                                    rungs=rungs)
             with ctrl_c_as_keyboard_interrupt(), user_errors_of_workers():
                 result = trainer.fit()
     raise_if_loss_diverged(result.metrics, stages)
     return result
-
-
-@contextmanager
-def ctrl_c_as_keyboard_interrupt():
-    """Ray Train's fit installs a Ctrl-C handler that aborts the run and then calls ``sys.exit(0)`` (the process
-    exited 1, silently); here that ends as a ``KeyboardInterrupt``, and Ctrl-C works as before after the fit."""
-    handler = signal.getsignal(signal.SIGINT)
-    try:
-        yield
-    except SystemExit:  # nothing else in fit exits; Ray Train's SIGINT handler does
-        raise KeyboardInterrupt from None
-    finally:
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, handler)
-
-
-def raise_if_loss_diverged(metrics: dict | None, stages: Sequence[StageConfig]) -> None:
-    """The workers end a run whose loss turned non-finite with that epoch's report (not with an exception,
-    which Ray Train would retry as a crash); that report becomes one ``UserError`` naming stage and epoch."""
-    metrics = metrics or {}
-    diverged = nonfinite_losses({name: value for name, value in metrics.items() if isinstance(value, int | float)})
-    if not diverged:
-        return
-    stage = stages[int(metrics["stage_index"])]
-    losses = ", ".join(f"{name}={metrics[name]}" for name in diverged)
-    raise UserError(
-        f"stages.{stage.name}: the loss turned non-finite in epoch {int(metrics['epoch']) + 1}/{stage.epochs} of "
-        f"the {stage.name} stage ({losses}); training stopped. Lower stages.{stage.name}.lr or check the data"
-    )
-
-
-@contextmanager
-def user_errors_of_workers():
-    """A ``UserError`` a worker raised (e.g. a damaged checkpoint to resume from) is raised here as itself: one
-    line for the user, not Ray's wrapped traceback."""
-    try:
-        yield
-    except ray.train.TrainingFailedError as error:
-        failures = getattr(error, "worker_failures", {}) or {}
-        for failure in failures.values():
-            cause = failure
-            while cause is not None and not isinstance(cause, UserError):
-                cause = cause.__cause__ or getattr(cause, "cause", None)
-            if isinstance(cause, UserError):  # its message alone: Ray's wrappers print the worker traceback
-                raise UserError(str(cause.args[0]) if cause.args else str(cause)) from None
-        raise
 
 
 def load_model_from_checkpoint(spec: PipelineSpec, checkpoint: ray.train.Checkpoint):

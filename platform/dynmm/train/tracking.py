@@ -8,13 +8,15 @@ checkpointed just before a crash may never have reached MLflow, and the resumed 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import ray.train
 
 from dynmm.track.runs import EpochLogger
 from dynmm.train.checkpoints import read_epoch_history
+from dynmm.train.cohort import member_folder, member_prefix
 
 CLOSE_AFTER_ERROR_SECONDS = 10.0  # a stopped or failed run waits this long at most for unsent epochs
 
@@ -42,7 +44,42 @@ def epoch_logging(
             logger.close(timeout_seconds=CLOSE_AFTER_ERROR_SECONDS)
 
 
-def checkpointed_epochs(run_path: str) -> list[dict[str, float]]:
+@contextmanager
+def member_epoch_logging(
+    tracking_uri: str | None, run_ids: Sequence[str], run_path: str
+) -> Iterator[Callable[[dict], None] | None]:
+    """``epoch_logging`` for a cohort: each member's metrics (``member{i}/<name>`` in a cohort's report) logged to
+    its own run ``run_ids[i]``, in the epochs it trained (a member that stopped repeats its last metrics)."""
+    if not (tracking_uri and run_ids):
+        yield None
+        return
+    loggers = [EpochLogger(tracking_uri, run_id) for run_id in run_ids]
+    for index, logger in enumerate(loggers):
+        for metrics in checkpointed_epochs(run_path, member_folder(index)):
+            logger.ensure_logged(int(metrics["global_step"]), metrics)
+
+    def log(record: dict) -> None:
+        for index, logger in enumerate(loggers):
+            metrics = member_metrics(record["metrics"], index)
+            if metrics.get("epoch") == record["epoch"] and "global_step" in metrics:
+                logger.log_epoch(int(metrics["global_step"]), metrics)
+
+    completed = False
+    try:
+        yield log
+        completed = True
+    finally:
+        for logger in loggers:
+            logger.close(**({} if completed else {"timeout_seconds": CLOSE_AFTER_ERROR_SECONDS}))
+
+
+def member_metrics(report: dict, index: int) -> dict[str, float]:
+    """Member ``index``'s metrics in a cohort's report, under their own names."""
+    prefix = member_prefix(index)
+    return {name.removeprefix(prefix): value for name, value in report.items() if name.startswith(prefix)}
+
+
+def checkpointed_epochs(run_path: str, folder: str = "") -> list[dict[str, float]]:
     """The metrics of every epoch up to the latest checkpoint Ray Train keeps for ``run_path`` (none for a new
     run): the checkpoint's epoch history, and the metrics of each checkpoint kept."""
     try:
@@ -51,8 +88,10 @@ def checkpointed_epochs(run_path: str) -> list[dict[str, float]]:
         return []
     epochs = [{k: v for k, v in metrics.items() if isinstance(v, int | float)}
               for _, metrics in result.best_checkpoints or []]
+    if folder:  # a cohort member: the metrics kept with the run's checkpoints are the cohort's
+        epochs = []
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as directory:
-            epochs += read_epoch_history(directory)
+            epochs += read_epoch_history(Path(directory) / folder)
     by_step = {int(metrics["global_step"]): metrics for metrics in epochs if "global_step" in metrics}
     return [by_step[step] for step in sorted(by_step)]

@@ -1,0 +1,270 @@
+"""Cohort training: several gate configurations, each its own trial, trained together in one Ray Train run over
+one pass of the data per epoch.
+
+Every batch of the gate stage serves every member still training. A member has its own model, optimiser,
+learning-rate and temperature schedules, random-number stream, metrics and checkpoint folder
+(``member-{i}/``, an ordinary single-model checkpoint), so a member trained in a cohort computes what it would
+compute alone with the same seed and batches. Per-member early stopping comes from the driver's rungs (an actor
+with ``decide(key, metrics)`` and ``complete(key, metrics)``) that rank 0 asks after each epoch; the decision is
+broadcast to every rank. A member whose loss turns non-finite stops alone; the others go on.
+
+Each epoch is one report: ``stage_index``, ``epoch``, ``global_step``, ``epoch_seconds`` and ``finished`` for the
+cohort, and every member's metrics as ``member{i}/<name>``; a member no longer training repeats its last
+metrics with ``member{i}/stopped`` (or ``member{i}/diverged``) set to 1, so the last report holds every member's
+end. The members' steps are a loop over small gate modules, not one vectorised module (``torch.func``): over
+the expert-output cache the gate's work per batch is tiny next to a run's fixed costs.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+
+from dynmm.models import build_model
+from dynmm.train.batches import batches
+from dynmm.train.checkpoints import (
+    checkpoint_state,
+    load_state,
+    read_epoch_history,
+    save_epoch_history,
+    save_state,
+)
+from dynmm.train.epoch import (
+    close_epoch,
+    new_sums,
+    new_validation_sums,
+    train_step,
+    training_batches,
+    validate_batch,
+)
+from dynmm.train.faults import crash_if_injected
+from dynmm.train.job import WorkerJob
+from dynmm.train.stages import set_training_mode, stages_to_run
+from dynmm.train.state import Position, Resumed, StageRun, WorkerState
+
+COHORT_FILE = "cohort.json"
+CONTINUE, STOP = "continue", "stop"
+
+
+def member_folder(index: int) -> str:
+    return f"member-{index}"
+
+
+def member_prefix(index: int) -> str:
+    return f"member{index}/"
+
+
+@dataclass
+class Member:
+    index: int
+    key: str
+    state: WorkerState
+    rng: dict[str, torch.Tensor]
+    run: StageRun | None = None
+    stopped: bool = False
+    last_metrics: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0  # time in this member's own steps this epoch
+    lr: float = 0.0  # the learning rate this epoch trains with
+
+    @property
+    def training(self) -> bool:
+        return self.run is not None and not self.stopped and not self.state.diverged
+
+
+def train_cohort(job: WorkerJob, rungs, device, rank: int, world_size: int, checkpoint) -> None:
+    """The gate stage of every member of ``job.cohort``, epoch by epoch, one report per epoch."""
+    members = [_build_member(job, index, device, rank, world_size) for index in range(len(job.cohort))]
+    for member in members[1:]:
+        member.state.shards = members[0].state.shards  # one in-memory copy of this rank's rows for all
+    _restore(members, checkpoint)
+    for member in members:
+        if not member.stopped and not member.state.diverged:
+            with member_rng(member):
+                member.run = next(iter(stages_to_run(member.state)), None)
+    running = [member for member in members if member.training]
+    if not running:
+        return
+    lead = running[0]
+    for epoch in lead.run.epochs:
+        crash_if_injected(lead.state, lead.run, epoch)
+        active = [member for member in members if member.training]
+        started = time.perf_counter()
+        epoch_metrics = _run_cohort_epoch(active, epoch)
+        _decide(active, epoch_metrics, rungs, rank)
+        _report(members, active, epoch_metrics, epoch, time.perf_counter() - started)
+        if not any(member.training for member in members):
+            return
+
+
+def _build_member(job: WorkerJob, index: int, device, rank: int, world_size: int) -> Member:
+    """The member's own job (one gate stage with its overrides) and model, initialised as it would be alone."""
+    member = job.cohort[index]
+    stages = tuple(member.stage(stage) if stage.name == "gate" else stage for stage in job.stages)
+    member_job = replace(job, stages=stages, cohort=())
+    torch.manual_seed(job.seed + rank)
+    model = build_model(job.model_name, **job.model_args)
+    state = WorkerState.create(member_job, model, device, rank, world_size)
+    return Member(index, member.key, state, rng=rng_state(device))
+
+
+def _run_cohort_epoch(active: list[Member], epoch: int) -> dict[int, dict[str, float]]:
+    """One training pass and one validation pass over this rank's batches, each batch serving every member."""
+    for member in active:
+        member.seconds = 0.0
+        member.lr = member.run.optimizer.param_groups[0]["lr"]
+        set_training_mode(member.run.trainable, member.state.model, member.run.config)
+    train_sums = {member.index: new_sums(member.state) for member in active}
+    lead = active[0]
+    for batch in training_batches(lead.state, lead.run, epoch):
+        for member in active:
+            with timed(member), member_rng(member):
+                train_step(member.state, member.run, epoch, batch, train_sums[member.index])
+    val_sums = {member.index: new_validation_sums(member.state, member.run) for member in active}
+    job = lead.state.job
+    for batch in batches("valid", job.eval_batch_size, lead.state.device, cache=lead.state.shards):
+        for member in active:
+            with timed(member):
+                validate_batch(member.state, member.run, batch, val_sums[member.index])
+    metrics = {}
+    for member in active:
+        with timed(member):
+            metrics[member.index] = close_epoch(member.state, member.run, epoch, train_sums[member.index],
+                                                val_sums[member.index], member.lr, 0.0)
+        metrics[member.index]["epoch_seconds"] = member.seconds
+        member.last_metrics = metrics[member.index]
+        member.state.history.append({k: float(v) for k, v in metrics[member.index].items()})
+    return metrics
+
+
+def _decide(active: list[Member], metrics: dict[int, dict[str, float]], rungs, rank: int) -> None:
+    """Rank 0 asks the rungs about every member still training and tells them about every member that
+    finished; every rank stops the same members."""
+    stopped: list[int] = []
+    if rungs is not None and rank == 0:
+        for member in active:
+            member_metrics = metrics[member.index]
+            if member.state.diverged:
+                continue
+            if member_metrics.get("finished"):
+                ray.get(rungs.complete.remote(member.key, member_metrics))
+            elif ray.get(rungs.decide.remote(member.key, member_metrics)) == STOP:
+                stopped.append(member.index)
+    if dist.is_available() and dist.is_initialized():
+        shared = [stopped]
+        dist.broadcast_object_list(shared, src=0)
+        stopped = shared[0]
+    for member in active:
+        member.stopped = member.stopped or member.index in stopped
+
+
+def _report(members: list[Member], active: list[Member], metrics: dict, epoch: int, seconds: float) -> None:
+    """Every rank reports; rank 0 attaches the checkpoint (every ``checkpoint_every`` epochs, at the end, and
+    when a member stopped or diverged)."""
+    lead = active[0]
+    job = lead.state.job
+    last_epoch = epoch == lead.run.config.epochs - 1
+    report = {
+        "stage_index": lead.run.index, "epoch": epoch, "global_step": lead.state.global_step,
+        "epoch_seconds": seconds, "hard_epochs": max(m.state.hard_epochs for m in active),
+        "finished": float(last_epoch), "cohort_size": len(members),
+    }
+    for member in members:
+        prefix = member_prefix(member.index)
+        report.update({prefix + name: value for name, value in member.last_metrics.items()})
+        if member.stopped:
+            report[prefix + "stopped"] = 1.0
+        if member.state.diverged:
+            report[prefix + "diverged"] = 1.0
+    changed = any(member.stopped or member.state.diverged for member in active)
+    save = last_epoch or changed or (epoch + 1) % job.checkpoint_every == 0
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint = None
+        if save and lead.state.rank == 0:
+            _save(directory, members, active, epoch)
+            checkpoint = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report(report, checkpoint=checkpoint)
+
+
+def _save(directory: str, members: list[Member], active: list[Member], epoch: int) -> None:
+    """Each member still training (or ending now) in its own single-model checkpoint folder; the members that
+    ended before, with their last metrics, in ``cohort.json``."""
+    for member in members:
+        if not member.training:
+            continue
+        folder = Path(directory) / member_folder(member.index)
+        folder.mkdir()
+        with member_rng(member):
+            save_state(folder, checkpoint_state(member.state, member.run, epoch, member.last_metrics))
+        save_epoch_history(folder, member.state.history)
+    ended = {str(m.index): {"stopped": m.stopped, "diverged": m.state.diverged, "metrics": m.last_metrics}
+             for m in members if m.stopped or m.state.diverged}
+    (Path(directory) / COHORT_FILE).write_text(json.dumps({"epoch": epoch, "ended": ended}))
+
+
+def _restore(members: list[Member], checkpoint) -> None:
+    """Resume every member from its folder of the cohort's checkpoint; members that had ended stay ended."""
+    if checkpoint is None:
+        return
+    with checkpoint.as_directory() as directory:
+        cohort = json.loads((Path(directory) / COHORT_FILE).read_text())
+        for member in members:
+            ended = cohort["ended"].get(str(member.index))
+            if ended is not None:
+                member.stopped = bool(ended["stopped"])
+                member.state.diverged = bool(ended["diverged"])
+                member.last_metrics = ended["metrics"]
+                continue
+            folder = Path(directory) / member_folder(member.index)
+            saved = load_state(folder)
+            state = member.state
+            state.history = read_epoch_history(folder)
+            state.model.load_state_dict(saved["model"])
+            member.rng = {**member.rng, "cpu": saved["rng"]}
+            position = Position(**saved["position"])
+            state.global_step = position.global_step
+            state.hard_epochs = int(saved["metrics"].get("hard_epochs", 0))
+            state.resumed = Resumed(position, saved["optimizer"], saved.get("lr_scheduler"))
+            member.last_metrics = saved["metrics"]
+
+
+@contextmanager
+def member_rng(member: Member):
+    """The member's own random-number stream: what it draws (dropout, random paths) does not depend on the
+    other members."""
+    set_rng_state(member.rng, member.state.device)
+    try:
+        yield
+    finally:
+        member.rng = rng_state(member.state.device)
+
+
+@contextmanager
+def timed(member: Member):
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        member.seconds += time.perf_counter() - started
+
+
+def rng_state(device) -> dict[str, torch.Tensor]:
+    """The CPU generator's state, and the GPU's where the member runs on one."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.device(device).type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
