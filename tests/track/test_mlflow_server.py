@@ -3,7 +3,9 @@ that loses no epoch (a tiny study against a real server is read back in tests/tu
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -38,12 +40,16 @@ def test_unreachable_server_fails_fast_naming_the_uri_before_any_training(tmp_pa
     assert not (tmp_path / "runs").exists(), "nothing may be written before the check"
 
 
-def test_server_outage_mid_run_loses_no_epoch(ray_session, tmp_path):
+def test_server_outage_mid_run_loses_no_epoch(ray_session, tmp_path, empty_mlflow_db):
     server = MlflowServer(tmp_path)
+    shutil.copyfile(empty_mlflow_db, tmp_path / "server.db")  # the server's store, its tables already created
     server.start()
     epochs = {"stages.experts.epochs": 2, "stages.gate.epochs": 4, "stages.gate.epoch_hard": 2}
     command = dynmm_command("train", tmp_path, server.url, ray_session.get_runtime_context().gcs_address, **epochs)
-    training = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # MLflow's own HTTP retries back off for minutes (2 s, 4 s, 8 s, ...) and would hide the outage from the
+    # platform: without them the driver's epoch logger rides it out by itself, and resumes within seconds
+    environment = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    training = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment)
     printed, stopped_at = [], None
     try:
         for line in training.stdout:

@@ -39,8 +39,8 @@ def test_a_call_that_keeps_failing_gives_up_with_one_masked_warning(caplog):
     assert "alice:pw" not in warning.getMessage()
 
 
-def test_an_epoch_logged_again_after_a_resume_keeps_its_first_values(tmp_path):
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_an_epoch_logged_again_after_a_resume_keeps_its_first_values(mlflow_db):
+    tracking_uri = mlflow_db
     run_id = start_job_run(tracking_uri, "digits", "job-1", params={})
     first = EpochLogger(tracking_uri, run_id)
     for step in range(3):

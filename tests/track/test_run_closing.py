@@ -12,8 +12,8 @@ from dynmm.track.runs import closing_run, start_job_run
 
 
 @pytest.fixture
-def tracking_uri(tmp_path):
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+def tracking_uri(mlflow_db):
+    return mlflow_db
 
 
 def status(tracking_uri: str, run_id: str) -> str:

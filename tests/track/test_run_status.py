@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,10 +26,11 @@ def train_run(tracking_uri: str):
 
 
 @pytest.fixture(scope="module")
-def interrupted(ray_session, tmp_path_factory):
+def interrupted(ray_session, tmp_path_factory, empty_mlflow_db):
     """A real ``dynmm train`` that gets Ctrl-C (SIGINT to its whole process group, as a terminal sends it) in
     the middle of the experts stage."""
     root = tmp_path_factory.mktemp("interrupted")
+    shutil.copyfile(empty_mlflow_db, root / "mlflow.db")
     settings = {"data.root": root / "datasets", "run.storage_path": root / "runs",
                 "tracking.uri": f"sqlite:///{root / 'mlflow.db'}", "stages.experts.epochs": 12,
                 "stages.gate.epochs": 2, "stages.gate.epoch_hard": 1}

@@ -47,7 +47,8 @@ def settings(tmp_path: Path, **extra) -> list[str]:
 
 
 @pytest.mark.parametrize("streamed", [False, True], ids=["in-memory", "streamed"])
-def test_uneven_shares_train_in_step_and_validation_counts_every_row(ray_session, tmp_path, monkeypatch, streamed):
+def test_uneven_shares_train_in_step_and_validation_counts_every_row(ray_session, tmp_path, mlflow_db, monkeypatch,
+                                                                     streamed):
     # 65 train rows, batches of 32, 2 workers: shares of 32 and 33 rows would take 1 and 2 DDP steps
     dataset = write_small_digits(tmp_path / "small-digits", {"train": 65, "valid": 33, "test": 33})
     if streamed:
@@ -63,7 +64,7 @@ def test_uneven_shares_train_in_step_and_validation_counts_every_row(ray_session
 
 
 def test_a_run_whose_loss_turns_non_finite_stops_once_with_one_line_and_a_failed_run(
-    ray_session, tmp_path, capsys, monkeypatch
+    ray_session, tmp_path, mlflow_db, capsys, monkeypatch
 ):
     monkeypatch.setenv("DYNMM_HOME", str(tmp_path / "home"))
     overrides = settings(tmp_path, **{"stages.experts.epochs": 3, "stages.experts.lr": 1e37,

@@ -36,8 +36,12 @@ def _listening_hosts(port: int) -> list[str]:
 
 @pytest.fixture
 def clean_backend_state(monkeypatch):
+    # setenv first so that monkeypatch records the variable and removes what the backend sets: a MASTER_PORT or
+    # TORCHELASTIC_USE_AGENT_STORE left in this process reaches every Ray started from it later (the two-node
+    # test cluster's workers then wait on each other's stores until the process group times out)
     for name in ENVIRONMENT_SET_BY_THE_BACKEND:
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     monkeypatch.setattr(rendezvous, "_hosted_store", None)
 
 

@@ -290,7 +290,7 @@ def test_a_fusion_pipeline_set_up_the_modality_level_way_exits_2_naming_the_fiel
 
 
 @pytest.mark.integration
-def test_tiny_fusion_model_trains_on_two_ray_workers_and_logs_miou_and_cost(ray_session, tmp_path):
+def test_tiny_fusion_model_trains_on_two_ray_workers_and_logs_miou_and_cost(ray_session, tmp_path, mlflow_db):
     from dynmm.train.runner import run_training
 
     result = run_training(load_pipeline(PIPELINE, tiny_nyuv2_overrides(tmp_path)))
@@ -308,7 +308,7 @@ def test_tiny_fusion_model_trains_on_two_ray_workers_and_logs_miou_and_cost(ray_
 
 @pytest.mark.integration
 def test_the_static_net_trains_as_its_own_model_and_feeds_evaluate_as_the_static_baseline(ray_session, tmp_path,
-                                                                                         capsys):
+                                                                                         mlflow_db, capsys):
     from dynmm.train.runner import run_training
 
     overrides = [*tiny_nyuv2_overrides(tmp_path), "model.args.static=true", "stages.gate.epochs=1"]

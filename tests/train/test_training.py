@@ -44,7 +44,8 @@ def logged_steps(tracking_uri: str, run_id: str, key: str = "val_loss") -> list[
     return [entry.step for entry in MlflowClient(tracking_uri).get_metric_history(run_id, key)]
 
 
-def test_worker_crash_is_recovered_from_the_last_checkpoint_without_gaps_in_mlflow(ray_session, tmp_path, monkeypatch):
+def test_worker_crash_is_recovered_from_the_last_checkpoint_without_gaps_in_mlflow(ray_session, tmp_path, monkeypatch,
+                                                                                   mlflow_db):
     monkeypatch.setenv(CRASH_AT_GATE_EPOCH_VARIABLE, "2")  # the last rank dies once, hard, at gate epoch 2
     overrides = small_digits_overrides(tmp_path, **{"stages.gate.lambda": 0.3, "stages.gate.lr_schedule": "cosine"})
     spec = load_pipeline(PIPELINE, overrides)
@@ -100,7 +101,7 @@ def test_worker_crash_is_recovered_from_the_last_checkpoint_without_gaps_in_mlfl
     assert (predictions == test["label"]).float().mean() > 0.5
 
 
-def test_killed_driver_resumes_from_the_last_checkpoint(ray_session, tmp_path):
+def test_killed_driver_resumes_from_the_last_checkpoint(ray_session, tmp_path, mlflow_db):
     overrides = small_digits_overrides(tmp_path, **{"stages.experts.epochs": 6, "stages.gate.epochs": 2})
     command = [str(Path(sys.executable).parent / "dynmm"), "train", str(PIPELINE), "--address",
                ray_session.get_runtime_context().gcs_address]
