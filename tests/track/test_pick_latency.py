@@ -1,7 +1,9 @@
-"""``dynmm models pick --max-latency-ms``: versions tagged with their measured latency, on a real MLflow SQLite
-store (versions created directly with their tags: no model is logged, no Ray)."""
+"""``dynmm models pick --max-latency-ms`` and ``dynmm models list``: versions tagged with their measured latency, on
+a real MLflow SQLite store (versions created directly with their tags: no model is logged, no Ray)."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 from track_store import sqlite_store
@@ -12,6 +14,7 @@ from dynmm.track.registry import Version, list_versions, pick
 
 TIMED = "timed-dynmm"
 UNTIMED = "untimed-dynmm"
+MIXED = "mixed-dynmm"
 
 
 def register(store, name: str, versions: list[dict[str, str]]) -> None:
@@ -34,7 +37,27 @@ def uri(tmp_path_factory):
     # version 2 is cheaper in FLOPs but slower on the clock than version 3
     register(store, TIMED, [front("0.90", "1.0", "0.2"), front("0.95", "2.0", "0.9"), front("0.97", "3.0", "0.6")])
     register(store, UNTIMED, [front("0.90", "1.0"), front("0.95", "2.0")])
+    register(store, MIXED, [front("0.90", "1.0"), front("0.95", "2.0", "0.4")])  # a study before latency, one after
     return store.uri
+
+
+def listed(uri: str, name: str, capsys) -> list[str]:
+    assert main(["models", "list", name, "--tracking-uri", uri]) == 0
+    return capsys.readouterr().out.splitlines()
+
+
+def test_models_list_shows_the_measured_latency_and_where_beside_the_gflops(uri, capsys):
+    header, *rows = listed(uri, TIMED, capsys)
+    assert re.search(r" GFLOPs +ms/sample +measured on +saved ", header)
+    for row, (gflops, latency_ms) in zip(rows, [("1", "0.2"), ("2", "0.9"), ("3", "0.6")], strict=True):
+        assert re.search(rf" {gflops} +{latency_ms} +cpu, batch 32 +10\.0% ", row), row
+
+
+def test_models_list_marks_versions_without_a_measured_latency(uri, capsys):
+    _, untimed, timed = listed(uri, MIXED, capsys)
+    assert re.search(r" 1 +- +- +10\.0% ", untimed) and re.search(r" 2 +0\.4 +cpu, batch 32 +10\.0% ", timed)
+    header, *_ = listed(uri, UNTIMED, capsys)
+    assert "ms/sample" not in header and re.search(r" GFLOPs +saved ", header), "no study timed it: GFLOPs only"
 
 
 def test_pick_by_latency_takes_the_best_quality_within_the_measured_latency(uri, capsys):

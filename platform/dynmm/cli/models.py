@@ -1,9 +1,16 @@
-"""``dynmm models list [NAME]`` and ``dynmm models pick NAME --max-gflops X | --max-latency-ms Z | --min-quality Y``."""
+"""``dynmm models list [NAME]`` and ``dynmm models pick NAME --max-gflops X | --max-latency-ms Z | --min-quality Y``.
+
+A version whose study measured latency lists its expected ms per sample, with the device and batch size, beside
+its GFLOPs."""
 
 from __future__ import annotations
 
 import argparse
 import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dynmm.track.registry import Version
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -49,13 +56,23 @@ def run_list(args: argparse.Namespace) -> int:
         return 0
     versions = registry.list_versions(uri, args.name)
     quality = versions[0].quality_metric if versions else "quality"
-    print(f"{'version':>7}  {'aliases':<26} {'front':<5} {quality:>10} {'test_' + quality:>14} {'GFLOPs':>10} "
-          f"{'saved':>7} {'lambda':>8} {'tau':>13}  trial")
+    timed = any(not math.isnan(v.latency_ms) for v in versions)
+    latency_header = f" {'ms/sample':>10} {'measured on':<16}" if timed else ""
+    print(f"{'version':>7}  {'aliases':<26} {'front':<5} {quality:>10} {'test_' + quality:>14} {'GFLOPs':>10}"
+          f"{latency_header} {'saved':>7} {'lambda':>8} {'tau':>13}  trial")
     for v in versions:
         print(f"{v.version:>7}  {','.join(v.aliases) or '-':<26} {'yes' if v.pareto else 'no':<5} "
-              f"{v.quality:>10.4f} {v.test_quality:>14.4f} {v.gflops:>10.4g} {v.reduction:>7.1%} "
-              f"{v.resource_lambda:>8.3g} {v.tau:>13}  {v.trial_id}")
+              f"{v.quality:>10.4f} {v.test_quality:>14.4f} {v.gflops:>10.4g}{latency_columns(v) if timed else ''} "
+              f"{v.reduction:>7.1%} {v.resource_lambda:>8.3g} {v.tau:>13}  {v.trial_id}")
     return 0
+
+
+def latency_columns(version: Version) -> str:
+    """A version's expected ms per sample and where it was measured ("cpu, batch 32"); dashes where the study that
+    registered it measured no latency."""
+    if math.isnan(version.latency_ms):
+        return f" {'-':>10} {'-':<16}"
+    return f" {version.latency_ms:>10.4g} {version.latency_measured_at:<16}"
 
 
 def run_pick(args: argparse.Namespace) -> int:

@@ -7,6 +7,9 @@ times GFLOPs (1e-6 for digits); when every objective's best value is known (a qu
 [0, 1], GFLOPs down to 0) it is also given as the fraction of the box between the reference point and that
 ideal point, which reads the same across tasks and studies.
 
+Where the study measured path latencies (``model.latency``), each member's expected ms per sample is listed
+beside its GFLOPs, and the files say the device and batch size those milliseconds were measured at.
+
 The figure users judge a study by is the hypervolume *beyond random routing*: the experts mixed at random
 (every share, no gate) already cover part of that box, so 0 means no better than random routing and 1 the
 ideal. The front is judged with the static experts in it: a gated model that an expert alone matches or beats
@@ -29,6 +32,15 @@ from dynmm.tune.random_routing import curve_quality, random_routing_curve, share
 from dynmm.tune.records import FrontMember, StaticBaseline, TrialRecord
 
 
+@dataclass(frozen=True)
+class LatencySetting:
+    """Where the paths' latencies behind a front's ms per sample were measured (``model.latency``): a figure
+    means nothing without its device and batch size."""
+
+    device: str  # cpu, cuda or cuda:N
+    batch_size: int  # samples per timed call; the ms are per sample
+
+
 @dataclass
 class FrontReport:
     metrics: list[str]
@@ -42,6 +54,7 @@ class FrontReport:
     # (gflops, quality) vertices of the best random mixture of the experts; empty when not two objectives
     random_routing: list[list[float]] = field(default_factory=list)
     hypervolume_beyond_random: float | None = None  # 0: no better than random routing, 1: the ideal
+    latency_measured_at: LatencySetting | None = None  # None: the study measured no latency
 
     @property
     def hypervolume_fraction(self) -> float | None:
@@ -83,6 +96,13 @@ class FrontReport:
         """The member's expected GFLOPs per sample (validation, hard gates)."""
         return member.trial.values[self.gflops_index]
 
+    def latency_ms_of(self, member: FrontMember) -> float | None:
+        """The member's expected ms per sample (validation, hard gates; measured at ``latency_measured_at``), an
+        objective or not; None where its trial reported none."""
+        if LATENCY_METRIC in self.metrics:
+            return member.trial.values[self.metrics.index(LATENCY_METRIC)]
+        return member.trial.metrics.get(LATENCY_METRIC)
+
     def to_json(self) -> dict:
         return {**asdict(self), "members": [member.to_json() for member in self.members],
                 "hypervolume_fraction": self.hypervolume_fraction}
@@ -96,6 +116,14 @@ def static_baselines(experts_metrics: dict, prepared) -> list[StaticBaseline]:
                        flops_to_gflops(flops))
         for i, flops in enumerate(prepared.costs.expert_flops)
     ]
+
+
+def measured_latency(prepared) -> LatencySetting | None:
+    """The device and batch size a prepared pipeline's path latencies were measured at; None where they were not
+    (they are timed only when ``model.cost`` is latency or an objective is)."""
+    if not prepared.costs.path_latency_ms:
+        return None
+    return LatencySetting(prepared.spec.model.latency.device, prepared.spec.model.latency.batch_size)
 
 
 def reference_point(metrics, modes, completed_values, baselines) -> list[float] | None:
@@ -132,10 +160,11 @@ def ideal_point(metrics, modes) -> list[float] | None:
 
 
 def build_front(
-    trials: list[TrialRecord], metrics: list[str], modes: list[str], baselines: list[StaticBaseline]
+    trials: list[TrialRecord], metrics: list[str], modes: list[str], baselines: list[StaticBaseline],
+    latency: LatencySetting | None = None,
 ) -> FrontReport:
     """The front of the completed ``trials``, less members an expert alone matches; members not yet evaluated
-    on the test split."""
+    on the test split. ``latency``: where the trials' latencies were measured (``measured_latency``)."""
     completed = [trial for trial in trials if trial.completed]
     values = [list(trial.values) for trial in completed]
     reference = reference_point(metrics, modes, values, baselines)
@@ -157,6 +186,7 @@ def build_front(
         ideal=ideal,
         random_routing=curve,
         hypervolume_beyond_random=beyond,
+        latency_measured_at=latency,
     )
 
 
@@ -228,8 +258,12 @@ def front_row(report: FrontReport, member: FrontMember) -> dict:
     row = {"trial_id": trial.trial_id, "knee": trial.trial_id == report.knee_trial_id}
     row.update({f"param_{k}": v for k, v in trial.params.items()})
     row.update(dict(zip(report.metrics, trial.values, strict=True)))
-    if LATENCY_METRIC in trial.metrics and LATENCY_METRIC not in report.metrics:  # measured (model.latency)
-        row[LATENCY_METRIC] = trial.metrics[LATENCY_METRIC]
+    latency_ms = report.latency_ms_of(member)
+    if latency_ms is not None and LATENCY_METRIC not in report.metrics:  # measured (model.latency), not an objective
+        row[LATENCY_METRIC] = latency_ms
+    if latency_ms is not None and report.latency_measured_at is not None:
+        row["latency_device"] = report.latency_measured_at.device
+        row["latency_batch_size"] = report.latency_measured_at.batch_size
     gain = report.gain_over_random(member)
     if gain is not None:
         row["gain_over_random_routing"] = gain
