@@ -1,13 +1,17 @@
-"""dynmm tune on a real local Ray, tracked to a real ``mlflow server``: a tiny study whose driver is killed and
-resumed; its front files, its runs, its registered models read back from the server, and REST serving."""
+"""dynmm tune on a real local Ray, tracked to a real ``mlflow server``: a tiny study of two cohort trials (two
+gates trained together per Ray Train run, MO-ASHA deciding per member) whose driver is killed while the second
+cohort trains and is resumed; its members as Optuna trials, runs and front rows, its front files, its registered
+models read back from the server, ``dynmm models pick``, and REST serving."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -19,12 +23,14 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
+from dynmm.cli import main
 from dynmm.spec import load_pipeline
 from dynmm.tune.study import open_study_storage, study_name
 from server_process import BIN, free_port, wait_for_http
 
 PIPELINE = Path(__file__).parents[2] / "pipelines" / "digits.yaml"
-TRIALS = 3
+TRIALS = 4
+COHORT = 2
 pytestmark = pytest.mark.integration
 
 
@@ -36,11 +42,16 @@ def tiny_study_overrides(tmp_path: Path, tracking_uri: str) -> list[str]:
         # experts good enough, and lambdas strong enough, that a gate mixes them: a trial that sends every
         # sample one way is matched by that expert alone (no gate to pay) and is not on the front
         "stages.experts.epochs": 10,
-        "stages.gate.epochs": 2,
-        "stages.gate.epoch_hard": 1,
+        "stages.gate.epochs": 3,
+        "stages.gate.epoch_hard": 1,  # one rung, after the first hard epoch
         "search.parameters.lambda.low": 0.4,
         "search.num_trials": TRIALS,
-        "search.scheduler.kind": "fifo",
+        "search.cohort_size": COHORT,
+        "search.max_concurrent_trials": 1,  # one cohort after the other
+        # at the rung a member goes on only while heading for a fifth of the front's hypervolume: of the
+        # second cohort's (the ladder's two cheaper gates) the one between the others (~9%) is stopped
+        "search.scheduler.kind": "moasha",
+        "search.scheduler.min_contribution": 0.2,
     }
     return [f"{key}={value}" for key, value in settings.items()]
 
@@ -62,36 +73,51 @@ def resumed_study(mlflow_server, ray_session, tmp_path_factory) -> ResumedStudy:
                ray_session.get_runtime_context().gcs_address]
     for override in overrides:
         command += ["--set", override]
+    name = study_name(load_pipeline(PIPELINE, overrides))
+    results_dir = tmp_path / "runs" / name
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = []
     for line in first.stdout:
         seen.append(line)
-        if "trials: 2 done" in line:
+        if first_cohort_ended(line):
             break
+    # killed while the second cohort trains: once its Ray Train run has checkpointed an epoch
+    wait_until(lambda: len({path.parents[1] for path in (tmp_path / "runs").glob(f"{name}-*/checkpoint_*/member-0")})
+               == 2, first)
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
-    assert any("trials: 2 done" in line for line in seen), "".join(seen)
+    assert any(first_cohort_ended(line) for line in seen), "".join(seen)
 
-    name = study_name(load_pipeline(PIPELINE, overrides))
-    results_dir = tmp_path / "runs" / name
     before = optuna.load_study(study_name=name, storage=open_study_storage(results_dir)).get_trials()
     second = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     return ResumedStudy(mlflow_server, name, results_dir, before, second.stdout)
 
 
+def first_cohort_ended(line: str) -> bool:
+    """The live view's line once the first cohort's members have all ended (done or pruned)."""
+    counts = re.search(r"trials: (\d+) done, \d+ running, (\d+) pruned", line)
+    return counts is not None and int(counts[1]) + int(counts[2]) >= COHORT
+
+
+def wait_until(condition, process: subprocess.Popen, timeout_seconds: float = 300) -> None:
+    deadline = time.monotonic() + timeout_seconds
+    while not condition():
+        assert process.poll() is None and time.monotonic() < deadline, "the study ended before the second cohort"
+        time.sleep(0.05)
+
+
 def test_killed_study_resumes_without_rerunning_finished_trials_and_writes_its_front(resumed_study):
     states = optuna.trial.TrialState
-    finished_before = {t.number for t in resumed_study.before if t.state == states.COMPLETE}
-    assert len(finished_before) == 2
+    ended_before = {t.number: t for t in resumed_study.before if t.state in (states.COMPLETE, states.PRUNED)}
+    assert len(ended_before) == COHORT, "the first cohort's members ended before the kill"
+    assert sum(t.state == states.RUNNING for t in resumed_study.before) == COHORT, "the second cohort was training"
     after = optuna.load_study(study_name=resumed_study.name,
                               storage=open_study_storage(resumed_study.results_dir)).get_trials()
-    assert sum(t.state in (states.COMPLETE, states.PRUNED) for t in after) == TRIALS, "the budget is 3 trials"
+    assert sum(t.state in (states.COMPLETE, states.PRUNED) for t in after) == TRIALS, "the budget is 4 trials"
     assert not [t for t in after if t.state == states.RUNNING], "no trial may be left running in the study"
-    assert {t.number for t in after if t.state == states.COMPLETE} >= finished_before
-    for trial in resumed_study.before:
-        if trial.number in finished_before:
-            assert after[trial.number].values == trial.values, "a finished trial was run again"
+    for number, trial in ended_before.items():
+        assert (after[number].state, after[number].values) == (trial.state, trial.values), "a member ran again"
 
     results_dir = resumed_study.results_dir
     front = json.loads((results_dir / "front.json").read_text())
@@ -111,6 +137,78 @@ def test_killed_study_resumes_without_rerunning_finished_trials_and_writes_its_f
     assert "trials: " in resumed_study.stdout
     assert not any(tune_line in resumed_study.stdout
                    for tune_line in ("Configuration for experiment", "View detailed results", "Trial status"))
+    # cohorts said so; the live view counts members per minute; the summary says where the time went
+    assert "cohort trials: 2 gate configurations trained together per Ray Train run" in resumed_study.stdout
+    assert re.search(r"trials: \d done, 0 running, \d pruned", resumed_study.stdout)
+    assert " trials/min " in resumed_study.stdout
+    assert re.search(r"time spent on +experts \d+ s .*training \d+ s .*evaluation \d+ s", resumed_study.stdout)
+
+
+def member_runs(resumed_study) -> list:
+    client = MlflowClient(resumed_study.server.url)
+    runs = client.search_runs([client.get_experiment_by_name("digits").experiment_id],
+                              filter_string="tags.`dynmm.kind` = 'trial'")
+    return runs
+
+
+def test_each_member_of_a_cohort_is_its_own_optuna_trial_mlflow_run_and_front_row(resumed_study):
+    runs = member_runs(resumed_study)
+    cohorts: dict[str, list] = {}
+    for run in runs:
+        cohorts.setdefault(run.data.tags["cohort"], []).append(run)
+    assert len(cohorts) == TRIALS // COHORT
+    for cohort, members in cohorts.items():
+        assert sorted(run.data.tags["trial_id"] for run in members) == [f"{cohort}-{i}" for i in range(COHORT)]
+    optuna_trials = optuna.load_study(study_name=resumed_study.name,
+                                      storage=open_study_storage(resumed_study.results_dir)).get_trials()
+    numbers = [int(run.data.tags["optuna_trial_number"]) for run in runs]
+    assert sorted(numbers) == [trial.number for trial in optuna_trials], "one Optuna trial per member"
+    front = json.loads((resumed_study.results_dir / "front.json").read_text())
+    on_front = {member["trial_id"]: member for member in front["members"]}
+    assert on_front
+    for run, number in zip(runs, numbers, strict=True):
+        trial = optuna_trials[number]
+        assert float(run.data.params["trial.lambda"]) == pytest.approx(trial.params["lambda"])
+        member = on_front.get(run.data.tags["trial_id"])
+        if member is not None:
+            assert trial.state == optuna.trial.TrialState.COMPLETE
+            assert member["values"] == pytest.approx(trial.values)
+            assert member["params"] == pytest.approx(trial.params)
+            assert member["checkpoint"].endswith(f"member-{run.data.tags['cohort_member']}")
+
+
+def test_members_the_rungs_stopped_are_pruned_and_never_reach_the_front(resumed_study):
+    stopped = json.loads((resumed_study.results_dir / "moasha-rungs.state").read_text())["stopped"]
+    assert stopped, "a member heading for little of the front's hypervolume is stopped at the rung"
+    assert len(stopped) < TRIALS
+    optuna_trials = optuna.load_study(study_name=resumed_study.name,
+                                      storage=open_study_storage(resumed_study.results_dir)).get_trials()
+    client = MlflowClient(resumed_study.server.url)
+    front = json.loads((resumed_study.results_dir / "front.json").read_text())
+    for run in member_runs(resumed_study):
+        number = int(run.data.tags["optuna_trial_number"])
+        was_stopped = run.data.tags["trial_id"] in stopped
+        assert optuna_trials[number].state == (
+            optuna.trial.TrialState.PRUNED if was_stopped else optuna.trial.TrialState.COMPLETE)
+        assert run.info.status == ("KILLED" if was_stopped else "FINISHED")
+        if was_stopped:  # stopped at the rung after the first hard epoch: its third epoch never ran
+            assert [m.step for m in client.get_metric_history(run.info.run_id, "global_step")] == [0, 1]
+    assert not set(stopped) & {member["trial_id"] for member in front["members"]}
+
+
+def test_models_pick_chooses_a_model_that_came_from_a_cohort_and_its_pyfunc_scores_as_recorded(resumed_study,
+                                                                                                 capsys):
+    front = json.loads((resumed_study.results_dir / "front.json").read_text())
+    budget = max(member["values"][1] for member in front["members"])
+    capsys.readouterr()
+    assert main(["models", "pick", "digits-dynmm", "--max-gflops", repr(budget * 1.0001),
+                 "--tracking-uri", resumed_study.server.url]) == 0
+    uri = capsys.readouterr().out.strip().splitlines()[-1]
+    client = MlflowClient(resumed_study.server.url)
+    version = client.get_model_version("digits-dynmm", uri.rsplit("/", 1)[-1])
+    cohorts = {run.data.tags["cohort"] for run in member_runs(resumed_study)}
+    assert version.tags["trial_id"].rsplit("-", 1)[0] in cohorts
+    assert raw_test_accuracy(resumed_study, uri) == pytest.approx(float(version.tags["test_accuracy"]), abs=0.01)
 
 
 def test_runs_front_and_registry_read_back_from_the_server(resumed_study, tmp_path):
@@ -122,8 +220,10 @@ def test_runs_front_and_registry_read_back_from_the_server(resumed_study, tmp_pa
     assert len(kinds["experts"]) == 1 and len(kinds["study"]) == 1, "experts and study: one run each, even resumed"
     study = kinds["study"][0]
     assert study.info.status == "FINISHED"
-    for metric in ("hypervolume", "hypervolume_fraction", "hypervolume_beyond_random"):
-        assert [m.step for m in client.get_metric_history(study.info.run_id, metric)] == [1, 2, 3]
+    completed = [run for run in kinds["trial"] if run.info.status == "FINISHED"]
+    for metric in ("hypervolume", "hypervolume_fraction", "hypervolume_beyond_random"):  # a step per member
+        assert [m.step for m in client.get_metric_history(study.info.run_id, metric)] == list(
+            range(1, len(completed) + 1))
     assert {"pareto_front.json", "front"} <= {a.path for a in client.list_artifacts(study.info.run_id)}
     assert {a.path for a in client.list_artifacts(study.info.run_id, "front")} == {
         "front/front.json", "front/front.csv", "front/front.png"}
@@ -132,17 +232,17 @@ def test_runs_front_and_registry_read_back_from_the_server(resumed_study, tmp_pa
     assert "trial_id" in table["columns"] and "val_accuracy" in table["columns"]
 
     trial_ids = [run.data.tags["trial_id"] for run in kinds["trial"]]
-    assert len(trial_ids) == len(set(trial_ids)), "exactly one MLflow run per trial"
-    finished = [run for run in kinds["trial"] if run.info.status == "FINISHED"]
-    assert len(finished) == TRIALS
-    for trial in finished:
+    assert len(trial_ids) == TRIALS and len(set(trial_ids)) == TRIALS, "exactly one MLflow run per member"
+    for trial in completed:
         tags = trial.data.tags
         assert tags["study"] == resumed_study.name and tags["mlflow.parentRunId"] == study.info.run_id
-        assert [m.step for m in client.get_metric_history(trial.info.run_id, "global_step")] == [0, 1]
+        # the second cohort's epochs before the kill are logged once, the resumed ones after them
+        assert [m.step for m in client.get_metric_history(trial.info.run_id, "global_step")] == [0, 1, 2]
         assert 0 <= trial.data.metrics["test_accuracy"] <= 1 and "val_accuracy" in trial.data.metrics
         assert any(a.path == "checkpoint" for a in client.list_artifacts(trial.info.run_id))
 
     front = json.loads((resumed_study.results_dir / "front.json").read_text())
+    assert {m["trial_id"] for m in front["members"]} <= {t.data.tags["trial_id"] for t in completed}
     versions = client.search_model_versions("name = 'digits-dynmm'")
     assert sorted(v.tags["trial_id"] for v in versions) == sorted(m["trial_id"] for m in front["members"])
     assert {"max-quality", "min-compute", "knee"} <= set(client.get_registered_model("digits-dynmm").aliases)
@@ -163,6 +263,17 @@ def test_runs_front_and_registry_read_back_from_the_server(resumed_study, tmp_pa
 def test_registered_models_score_the_raw_source_as_their_recorded_test_accuracy(resumed_study):
     """No train/serve skew: a registry model takes scikit-learn's digits as they come (pixels 0..16, not the
     stored pixel / 16) and scores the test split's rows as its ``test_accuracy`` tag says."""
+    client = MlflowClient(resumed_study.server.url)
+    aliases = client.get_registered_model("digits-dynmm").aliases
+    assert aliases, "the study registered its front"
+    for alias in aliases:
+        recorded = float(client.get_model_version_by_alias("digits-dynmm", alias).tags["test_accuracy"])
+        assert raw_test_accuracy(resumed_study, f"models:/digits-dynmm@{alias}") == pytest.approx(recorded,
+                                                                                                  abs=0.01), alias
+
+
+def raw_test_accuracy(resumed_study, model_uri: str) -> float:
+    """The registered model's accuracy on the test split's rows as scikit-learn ships them (pixels 0..16)."""
     from sklearn.datasets import load_digits
 
     from dynmm.data.digits import split_indices
@@ -173,15 +284,10 @@ def test_registered_models_score_the_raw_source_as_their_recorded_test_accuracy(
     test_rows = split_indices(digits.target, seed)["test"]
     pixels = digits.images[test_rows].astype(np.float32)
     assert pixels.max() == 16
-    client = MlflowClient(resumed_study.server.url)
     mlflow.set_tracking_uri(resumed_study.server.url)
-    aliases = client.get_registered_model("digits-dynmm").aliases
-    assert aliases, "the study registered its front"
-    for alias in aliases:
-        recorded = float(client.get_model_version_by_alias("digits-dynmm", alias).tags["test_accuracy"])
-        served = mlflow.pyfunc.load_model(f"models:/digits-dynmm@{alias}")
-        predicted = served.predict({"top": pixels[:, :4], "bottom": pixels[:, 4:]})["prediction"].to_numpy()
-        assert (predicted == digits.target[test_rows]).mean() == pytest.approx(recorded, abs=0.01), alias
+    served = mlflow.pyfunc.load_model(model_uri)
+    predicted = served.predict({"top": pixels[:, :4], "bottom": pixels[:, 4:]})["prediction"].to_numpy()
+    return float((predicted == digits.target[test_rows]).mean())
 
 
 def test_registered_model_answers_rest_requests(resumed_study, tmp_path):
@@ -223,3 +329,30 @@ def _post(port: int, payload: dict) -> dict:
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=60) as response:
         return json.loads(response.read())
+
+
+def test_a_study_with_cohort_size_one_trains_one_gate_per_run_as_before(resumed_study, ray_session):
+    """The per-trial path, on the experts the cohort study trained (same storage): one Optuna trial, one MLflow
+    run and one record per Tune trial."""
+    from dynmm.tune.study import run_study
+
+    tmp_path = resumed_study.results_dir.parents[1]
+    overrides = [*tiny_study_overrides(tmp_path, resumed_study.server.url), "search.cohort_size=1",
+                 "search.num_trials=2", "search.scheduler.kind=fifo", "tracking.experiment=digits-per-trial"]
+    lines: list[str] = []
+    run = run_study(load_pipeline(PIPELINE, overrides), address=ray_session.get_runtime_context().gcs_address,
+                    show_line=lines.append)
+    assert not any(line.startswith("cohort trials") for line in lines), lines
+    assert [record.state for record in run.trials] == ["complete", "complete"]
+    for record in run.trials:
+        assert "-" not in record.trial_id and Path(record.checkpoint).name.startswith("checkpoint_")
+        assert record.epochs == 3 and "test_accuracy" in record.metrics
+    client = MlflowClient(resumed_study.server.url)
+    runs = client.search_runs([client.get_experiment_by_name("digits-per-trial").experiment_id],
+                              filter_string="tags.`dynmm.kind` = 'trial'")
+    assert sorted(run.data.tags["trial_id"] for run in runs) == sorted(r.trial_id for r in run.trials)
+    assert all("cohort" not in run.data.tags and run.info.status == "FINISHED" for run in runs)
+    optuna_trials = optuna.load_study(study_name=run.name, storage=open_study_storage(run.results_dir)).get_trials()
+    assert [trial.state for trial in optuna_trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert set(run.time_split) == {"experts", "cache build", "training", "evaluation", "start-up and other"}
+    assert run.time_split["training"] > 0

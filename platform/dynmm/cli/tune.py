@@ -58,7 +58,12 @@ def tune_and_report(spec, *, address=None, verbose=False, resume=False) -> None:
     print(f"  MLflow           {redact_credentials(run.tracking_uri)}  (study run {run.parent_run_id})")
     if run.tracking_uri.startswith("sqlite:///"):
         print(f"  browse           .venv/bin/mlflow ui --backend-store-uri {run.tracking_uri}")
-    print(f"  elapsed          {run.elapsed_seconds / 60:.1f} min")
+    print(f"  elapsed          {run.elapsed_seconds / 60:.1f} min, {len(run.trials)} trials "
+          f"({len(run.trials) / max(run.elapsed_seconds / 60, 1e-9):.1f} per minute)")
+    if run.time_split:
+        share = {part: seconds / max(run.elapsed_seconds, 1e-9) for part, seconds in run.time_split.items()}
+        print("  time spent on    " + ", ".join(f"{part} {seconds:.0f} s ({share[part]:.0%})"
+                                             for part, seconds in run.time_split.items()))
     print_registry(run, report, aliases)
 
 

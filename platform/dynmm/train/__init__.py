@@ -11,6 +11,7 @@ _EXPORTS = {
     "evaluate_split": "dynmm.train.evaluate",
     "ExpertOutputCache": "dynmm.train.expert_cache",
     "ensure_expert_cache": "dynmm.train.expert_cache",
+    "CohortMember": "dynmm.train.job",
     "StageConfig": "dynmm.train.job",
     "stable_hash": "dynmm.train.job",
     "PreparedPipeline": "dynmm.train.runner",

@@ -340,7 +340,8 @@ def fit_stages(
                                     rungs=rungs)
             with ctrl_c_as_keyboard_interrupt(), user_errors_of_workers():
                 result = trainer.fit()
-    raise_if_loss_diverged(result.metrics, stages)
+    if not cohort:  # a cohort's diverged member stops alone; the Tune side reports it as that trial's error
+        raise_if_loss_diverged(result.metrics, stages)
     return result
 
 

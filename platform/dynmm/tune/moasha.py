@@ -29,6 +29,8 @@ remembers which trials it stopped (they are pruned in the study and never reach 
 a searcher's state but never a scheduler's, and ``Tuner.restore`` brings back the scheduler as it was
 pickled when the study started (empty), so with a ``state_path`` the scheduler writes its state after
 every change and an empty one reads it back: a resumed study goes on with the rungs it had.
+``MemberRungs`` is the same for the members of cohort trials (several gates trained in one Ray Train run): a
+Ray actor that the cohort's workers ask after each member's epoch, with the same state file.
 """
 
 from __future__ import annotations
@@ -151,6 +153,32 @@ class MoAshaRungs:
         return index in selection_order(points, self.directions, self.reference)[:keep]
 
 
+class RungsFile:
+    """The rungs' state (JSON) at ``path``, written after every change that altered it; None: kept nowhere."""
+
+    def __init__(self, path: str | Path | None) -> None:
+        self.path = Path(path) if path is not None else None
+        self.written = ""  # the file's text: a result that changed nothing rewrites nothing
+
+    def read(self, rungs: MoAshaRungs) -> set[str]:
+        """Load what a run of this study wrote into ``rungs``; returns the trials it stopped."""
+        if self.path is None or not self.path.exists():
+            return set()
+        self.written = self.path.read_text()
+        state = json.loads(self.written)
+        rungs.load_state(state)
+        return set(state["stopped"])
+
+    def write(self, rungs: MoAshaRungs, stopped: set[str]) -> None:
+        if self.path is None:
+            return
+        text = json.dumps({**rungs.state(), "stopped": sorted(stopped)})
+        if text == self.written:
+            return
+        write_text_atomically(self.path, text)
+        self.written = text
+
+
 class MoAshaScheduler(FIFOScheduler):
     """Ray Tune scheduler around ``MoAshaRungs``; ``time_attr`` counts hard-gate epochs."""
 
@@ -174,9 +202,8 @@ class MoAshaScheduler(FIFOScheduler):
             list(modes), max_t, grace_period, reduction_factor, keep_front, reference, min_contribution
         )
         self.stopped_trials: set[str] = set()
-        self.state_path = Path(state_path) if state_path is not None else None
+        self.state_file = RungsFile(state_path)
         self._state_read = False
-        self._state_written = ""  # the file's text: a result that changed nothing rewrites nothing
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         if any(name not in result for name in [self.time_attr, *self.metrics]):
@@ -186,7 +213,7 @@ class MoAshaScheduler(FIFOScheduler):
         decision = self.rungs.on_result(trial.trial_id, int(result[self.time_attr]), objectives)
         if decision == STOP:
             self.stopped_trials.add(trial.trial_id)
-        self._write_state()
+        self.state_file.write(self.rungs, self.stopped_trials)
         return TrialScheduler.STOP if decision == STOP else TrialScheduler.CONTINUE
 
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
@@ -197,7 +224,7 @@ class MoAshaScheduler(FIFOScheduler):
             self.rungs.on_complete(trial.trial_id, [result[name] for name in self.metrics])
         else:
             self.rungs.on_remove(trial.trial_id)
-        self._write_state()
+        self.state_file.write(self.rungs, self.stopped_trials)
 
     def on_trial_error(self, tune_controller, trial) -> None:
         self.on_trial_remove(tune_controller, trial)
@@ -205,29 +232,60 @@ class MoAshaScheduler(FIFOScheduler):
     def on_trial_remove(self, tune_controller, trial) -> None:
         self._read_state()
         self.rungs.on_remove(trial.trial_id)
-        self._write_state()
+        self.state_file.write(self.rungs, self.stopped_trials)
 
     def _read_state(self) -> None:
         """Once, before the first decision: take over the state a run of this study wrote before a restore."""
-        if self._state_read:
-            return
-        self._state_read = True
-        if self.state_path is None or not self.state_path.exists():
-            return
-        self._state_written = self.state_path.read_text()
-        state = json.loads(self._state_written)
-        self.rungs.load_state(state)
-        self.stopped_trials = set(state["stopped"])
-
-    def _write_state(self) -> None:
-        if self.state_path is None:
-            return
-        text = json.dumps({**self.rungs.state(), "stopped": sorted(self.stopped_trials)})
-        if text == self._state_written:
-            return
-        write_text_atomically(self.state_path, text)
-        self._state_written = text
+        if not self._state_read:
+            self._state_read = True
+            self.stopped_trials |= self.state_file.read(self.rungs)
 
     def debug_string(self) -> str:
         sizes = ", ".join(f"{m}: {len(r)}" for m, r in self.rungs.recorded.items())
         return f"MO-ASHA rungs (hard epochs: trials) {sizes}; stopped {len(self.stopped_trials)}"
+
+
+class MemberRungs:
+    """MO-ASHA per member of cohort trials: run as a Ray actor (``ray.remote(num_cpus=0)(MemberRungs)``) that a
+    cohort's rank 0 asks after each epoch of each member still training (``decide``) and tells when one ran
+    every epoch (``complete``). Keys are member trial ids; the state file is read once, here, so the actor a
+    resumed study starts goes on with the rungs the killed one had, and a member it had stopped stays stopped."""
+
+    def __init__(self, metrics: Sequence[str], rungs: MoAshaRungs, state_path: str | Path | None = None,
+                 time_attr: str = "hard_epochs") -> None:
+        self.metrics = list(metrics)
+        self.rungs = rungs
+        self.time_attr = time_attr
+        self.state_file = RungsFile(state_path)
+        self.stopped = self.state_file.read(rungs)
+
+    def decide(self, key: str, metrics: dict) -> str:
+        """``continue`` or ``stop`` for a member after an epoch (its own, unprefixed metrics)."""
+        if key in self.stopped:
+            return STOP
+        if any(name not in metrics for name in [self.time_attr, *self.metrics]):
+            return CONTINUE
+        decision = self.rungs.on_result(key, int(metrics[self.time_attr]), [metrics[m] for m in self.metrics])
+        if decision == STOP:
+            self.stopped.add(key)
+        self.state_file.write(self.rungs, self.stopped)
+        return decision
+
+    def complete(self, key: str, metrics: dict) -> None:
+        """A member that ran every epoch: its final point joins the comparison set."""
+        if key in self.stopped:
+            return
+        if all(name in metrics for name in self.metrics):
+            self.rungs.on_complete(key, [metrics[m] for m in self.metrics])
+        else:
+            self.rungs.on_remove(key)
+        self.state_file.write(self.rungs, self.stopped)
+
+    def forget(self, keys: Sequence[str]) -> None:
+        """Members whose cohort ended without finishing them (an error): no longer compared."""
+        for key in keys:
+            self.rungs.on_remove(key)
+        self.state_file.write(self.rungs, self.stopped)
+
+    def stopped_members(self) -> list[str]:
+        return sorted(self.stopped)

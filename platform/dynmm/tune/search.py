@@ -3,11 +3,16 @@
 A trial's objective values are its last validation metrics (hard gates). A trial that did not finish
 its epochs (stopped by MO-ASHA) is told to Optuna as PRUNED, never COMPLETE, so it cannot reach the
 front; a compute budget becomes an Optuna constraint (GFLOPs - budget <= 0 is feasible).
+``StudySearch`` gives a Tune trial one Optuna trial; ``CohortSearch`` gives it a cohort of them, trained together.
 """
 
 from __future__ import annotations
 
+import json
+import math
+
 import optuna
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from dynmm.spec.models import GateStageSpec, ParameterSpec, SearchSpec
@@ -140,3 +145,92 @@ class StudySearch(OptunaSearch):
         study_id = self.storage.get_study_id_from_name(self.study_name)
         running = self.storage.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
         return {trial.number for trial in running}
+
+
+class CohortSearch(Searcher):
+    """Asks Optuna for a cohort of up to ``cohort_size`` trials at once, one Tune trial training them together,
+    and tells each member to its own Optuna trial.
+
+    ``suggest`` returns ``{"members": [{"number": n, "params": {...}}, ...]}``; the cohorts together hold
+    ``num_trials`` members (the last one smaller). The start-up ladder is queued in the study when it is created,
+    and ``ask`` hands out queued points first; trials asked and not yet told are RUNNING, which Optuna's samplers
+    take into account (TPE's constant liar, GP, NSGA-II's generations). A cohort's final result lists its
+    members (``members``: ``number``, objective values, ``finished``): a finished member is COMPLETE with its
+    values (and its compute-budget constraint, as ``StudySearch`` records it), a member MO-ASHA stopped or that
+    did not finish is PRUNED, one that diverged or whose cohort raised is FAIL. The Optuna journal is the study;
+    what ``save`` keeps is which Optuna trials each Tune trial holds and how many were asked for.
+    """
+
+    def __init__(
+        self, space: dict[str, optuna.distributions.BaseDistribution], *, metric: list[str], mode: list[str],
+        sampler: optuna.samplers.BaseSampler, study_name: str, storage: optuna.storages.BaseStorage,
+        num_trials: int, cohort_size: int, gflops_metric: str, max_gflops: float | None,
+        points_to_evaluate: list[dict] | None = None,
+    ) -> None:
+        # no metric for Tune: it would require it in every result, and a cohort's results carry it per member
+        super().__init__()
+        self.objective_metrics = list(metric)
+        self.space = space
+        self.study_name = study_name
+        self.storage = storage
+        self.study = optuna.create_study(
+            storage=storage, sampler=sampler, study_name=study_name, load_if_exists=True,
+            directions=["minimize" if m == "min" else "maximize" for m in mode],
+        )
+        for point in points_to_evaluate or []:
+            self.study.enqueue_trial(point)
+        self.num_trials = num_trials
+        self.cohort_size = cohort_size
+        self.gflops_metric = gflops_metric
+        self.max_gflops = max_gflops
+        self.members_asked = 0
+        self.cohorts: dict[str, dict] = {}  # Tune trial id -> its config, until told
+
+    @property
+    def num_cohorts(self) -> int:
+        return math.ceil(self.num_trials / self.cohort_size)
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        if trial_id in self.cohorts:  # Tune asks again for a trial it already has
+            return self.cohorts[trial_id]
+        size = min(self.cohort_size, self.num_trials - self.members_asked)
+        if size <= 0:
+            return Searcher.FINISHED
+        asked = [self.study.ask(fixed_distributions=self.space) for _ in range(size)]
+        self.members_asked += size
+        config = {"members": [{"number": trial.number, "params": dict(trial.params)} for trial in asked]}
+        self.cohorts[trial_id] = config
+        return config
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        config = self.cohorts.pop(trial_id, None)
+        if config is None:
+            return
+        reported = {member["number"]: member for member in (result or {}).get("members") or []}
+        for member in config["members"]:
+            self._tell(member["number"], reported.get(member["number"]), error)
+
+    def _tell(self, number: int, member: dict | None, error: bool) -> None:
+        values = [member.get(name) for name in self.objective_metrics] if member else []
+        finite = bool(values) and all(isinstance(v, int | float) and math.isfinite(v) for v in values)
+        if member and member.get("finished") and finite:
+            if self.max_gflops is not None:
+                study_id = self.storage.get_study_id_from_name(self.study_name)
+                optuna_trial_id = self.storage.get_trial_id_from_study_id_trial_number(study_id, number)
+                excess = float(member[self.gflops_metric]) - self.max_gflops
+                self.storage.set_trial_user_attr(optuna_trial_id, CONSTRAINT_ATTR, [excess])
+            self.study.tell(number, values, skip_if_finished=True)
+        elif error or (member and (member.get("diverged") or member.get("finished"))):
+            self.study.tell(number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+        else:
+            self.study.tell(number, state=optuna.trial.TrialState.PRUNED, skip_if_finished=True)
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "w") as file:
+            json.dump({"members_asked": self.members_asked, "cohorts": self.cohorts}, file)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path) as file:
+            state = json.load(file)
+        self.members_asked = state["members_asked"]
+        self.cohorts = state["cohorts"]

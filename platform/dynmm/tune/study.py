@@ -1,10 +1,11 @@
 """``dynmm tune``: experts trained once, then a Ray Tune study of the gate stage driven by Optuna.
 
 Each trial (``dynmm.tune.trials``) is a function that builds and fits a ``TorchTrainer`` (multi-worker,
-possibly multi-GPU) and forwards its per-epoch results to Tune. The Optuna study lives in a JournalStorage file
-next to the results, so it survives restarts and opens in optuna-dashboard. Here: the study's objectives,
-searcher and scheduler, running it, and its front report; ``dynmm.tune.register`` puts the front in the
-registry.
+possibly multi-GPU) and forwards its per-epoch results to Tune; where the gate trains over the expert-output
+cache, a trial trains a cohort of sampled gates at once (``dynmm.tune.cohorts``), each member its own Optuna
+trial, MLflow run and record. The Optuna study lives in a JournalStorage file next to the results, so it
+survives restarts and opens in optuna-dashboard. Here: the study's objectives, searcher and scheduler, running
+it, and its front report; ``dynmm.tune.register`` puts the front in the registry.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import optuna
@@ -37,19 +38,21 @@ from dynmm.track.runs import (
 )
 from dynmm.train import PreparedPipeline, build_datasets, prepare_pipeline, stable_hash, stage_configs
 from dynmm.train.metrics import GFLOPS_METRIC, LATENCY_METRIC
-from dynmm.tune.front import FrontReport, build_front, front_row, reference_point, static_baselines, write_front
-from dynmm.tune.moasha import MoAshaScheduler
+from dynmm.tune.cohorts import cohort_size, study_trial, trial_records
+from dynmm.tune.front import (
+    FrontReport,
+    build_front,
+    front_row,
+    measured_latency,
+    reference_point,
+    static_baselines,
+    write_front,
+)
+from dynmm.tune.moasha import MemberRungs, MoAshaRungs, MoAshaScheduler
 from dynmm.tune.progress import StudyProgress
 from dynmm.tune.records import StaticBaseline, TrialRecord
-from dynmm.tune.search import StudySearch, build_sampler, optuna_space, startup_ladder
-from dynmm.tune.trials import (
-    TRIAL_STAGES,
-    ensure_experts,
-    evaluate_checkpoint,
-    expert_cache_for,
-    run_trial,
-    trial_record,
-)
+from dynmm.tune.search import CohortSearch, StudySearch, build_sampler, optuna_space, startup_ladder
+from dynmm.tune.trials import TRIAL_STAGES, ensure_experts, evaluate_checkpoint, expert_cache_for
 from dynmm.tune.trials import trained_gate as trained_gate  # re-exported: tests/tune/test_search.py reads it here
 
 # MO-ASHA's rungs (JSON), beside the study: Ray Tune saves no scheduler state. Not named *.json or *.pkl: on
@@ -117,6 +120,7 @@ class StudyRun:
     experts_metrics: dict[str, float]
     trials: list[TrialRecord]
     elapsed_seconds: float
+    time_split: dict[str, float] = field(default_factory=dict)  # where the study's seconds went, by part
 
 
 def run_study(
@@ -146,17 +150,28 @@ def run_study(
     # quietly and go on to report a partial front. --resume continues from Tune's last snapshot either way.
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     connect_ray(address, verbose)
+    experts_started = time.monotonic()
     experts_metrics = ensure_experts(prepared, tracking_uri, show_epoch)
+    experts_seconds = time.monotonic() - experts_started
     parent_run_id = start_job_run(
         tracking_uri, spec.tracking.experiment or spec.name, name,
         params=spec.model_dump(mode="json", by_alias=True), tags={"dynmm.pipeline": spec.name, "dynmm.kind": "study",
                                                                   "study": name},
     )
+    cache_started = time.monotonic()
     expert_cache = expert_cache_for(prepared, show_line)
+    cache_seconds = time.monotonic() - cache_started
     datasets = build_datasets(prepared, [stage.name for stage in stage_configs(spec, TRIAL_STAGES)], expert_cache)
+    concurrent_trials = max_concurrent_trials(spec)
+    members_per_trial = study_cohort_size(spec, concurrent_trials, show_line)
+    baselines = static_baselines(experts_metrics, prepared)
+    rungs = None
+    if members_per_trial > 1 and spec.search.scheduler.kind == "moasha":
+        rungs = ray.remote(num_cpus=0)(MemberRungs).remote(
+            objectives.metrics, moasha_rungs(spec, objectives, baselines), results_dir / MOASHA_STATE)
     trainable = ray.tune.with_parameters(
-        run_trial, prepared=prepared, datasets=datasets, tracking_uri=tracking_uri, parent_run_id=parent_run_id,
-        study=name, expert_cache=expert_cache,
+        study_trial, prepared=prepared, datasets=datasets, tracking_uri=tracking_uri, parent_run_id=parent_run_id,
+        study=name, expert_cache=expert_cache, rungs=rungs,
     )
     trainable = ray.tune.with_resources(trainable, {"cpu": spec.search.trial_driver_cpus})
     progress = StudyProgress(objectives, experts_metrics, prepared, tracking_uri, parent_run_id, show_line, started)
@@ -170,24 +185,41 @@ def run_study(
         tuner = ray.tune.Tuner(
             trainable,
             tune_config=ray.tune.TuneConfig(
-                search_alg=build_searcher(spec, objectives, name, results_dir),
-                scheduler=build_scheduler(spec, objectives, static_baselines(experts_metrics, prepared),
-                                          state_path=results_dir / MOASHA_STATE),
-                num_samples=spec.search.num_trials,
-                max_concurrent_trials=max_concurrent_trials(spec),
+                search_alg=build_searcher(spec, objectives, name, results_dir, members_per_trial),
+                # cohorts: MO-ASHA decides per member, inside the cohort's run (the rungs actor); Tune runs each
+                # cohort to its end
+                scheduler=(build_scheduler(spec, objectives, baselines, state_path=results_dir / MOASHA_STATE)
+                           if members_per_trial == 1 else ray.tune.schedulers.FIFOScheduler()),
+                num_samples=math.ceil(spec.search.num_trials / members_per_trial),
+                max_concurrent_trials=concurrent_trials,
                 # a finished trial's driver process (torch, Ray Train imported) serves the next trial; not with
                 # early stopping: a trial stopped inside trainer.fit() cannot be reset, and Tune would fail the
                 # trial that was to reuse its process
-                reuse_actors=spec.search.scheduler.kind == "fifo",
+                reuse_actors=spec.search.scheduler.kind == "fifo" or members_per_trial > 1,
             ),
             run_config=run_config,
         )
     with closing_study_runs(tracking_uri, spec.tracking.experiment or spec.name, name, parent_run_id):
         grid = tuner.fit()
         close_orphaned_trials(results_dir, name)
-    trials = [trial_record(result, objectives.metrics) for result in grid]
+    trials = [record for result in grid for record in trial_records(result, objectives.metrics)]
+    elapsed = time.monotonic() - started
+    split = {"experts": experts_seconds, "cache build": cache_seconds, "training": progress.training_seconds,
+             "evaluation": progress.evaluation_seconds}
+    split["start-up and other"] = max(elapsed - sum(split.values()), 0.0)
     return StudyRun(name, results_dir, tracking_uri, parent_run_id, objectives, prepared, experts_metrics, trials,
-                    time.monotonic() - started)
+                    elapsed, split)
+
+
+def study_cohort_size(spec: PipelineSpec, concurrent_trials: int, show_line: Callable[[str], None]) -> int:
+    """Gates per Tune trial (``cohort_size``), with one line saying what the study does."""
+    size, why_not = cohort_size(spec, concurrent_trials)
+    if why_not is not None:
+        show_line(f"cohort trials: off: {why_not} (one gate configuration per Ray Train run)")
+    elif size > 1:
+        show_line(f"cohort trials: {size} gate configurations trained together per Ray Train run "
+                  f"({math.ceil(spec.search.num_trials / size)} runs for {spec.search.num_trials} trials)")
+    return size
 
 
 @contextmanager
@@ -203,17 +235,28 @@ def closing_study_runs(tracking_uri: str, experiment: str, study: str, parent_ru
             raise
 
 
-def build_searcher(spec: PipelineSpec, objectives: Objectives, name: str, results_dir: Path) -> StudySearch:
+def build_searcher(
+    spec: PipelineSpec, objectives: Objectives, name: str, results_dir: Path, members_per_trial: int = 1
+) -> StudySearch | CohortSearch:
+    """One Optuna trial per Tune trial, or with ``members_per_trial`` > 1 a cohort of them."""
     search = spec.search
     storage = open_study_storage(results_dir)
     # the start-up ladder is queued once, when the study is created: a study found in the journal has it
     fresh = all(study.study_name != name for study in storage.get_all_studies())
+    ladder = startup_ladder(search, spec.stages.gate) if fresh else None
+    if members_per_trial > 1:
+        return CohortSearch(
+            optuna_space(search), metric=list(objectives.metrics), mode=list(objectives.modes),
+            sampler=build_sampler(search, len(objectives.metrics)), study_name=name, storage=storage,
+            num_trials=search.num_trials, cohort_size=members_per_trial, gflops_metric=GFLOPS_METRIC,
+            max_gflops=search.max_gflops, points_to_evaluate=ladder,
+        )
     return StudySearch(
         optuna_space(search),
         metric=list(objectives.metrics),
         mode=list(objectives.modes),
         sampler=build_sampler(search, len(objectives.metrics)),
-        points_to_evaluate=startup_ladder(search, spec.stages.gate) if fresh else None,
+        points_to_evaluate=ladder,
         study_name=name,
         storage=storage,
         gflops_metric=GFLOPS_METRIC,
@@ -247,15 +290,25 @@ def build_scheduler(
     scheduler = spec.search.scheduler
     if scheduler.kind == "fifo":
         return ray.tune.schedulers.FIFOScheduler()
+    rungs = moasha_rungs(spec, objectives, baselines)
+    return MoAshaScheduler(
+        objectives.metrics, objectives.modes, max_t=rungs.max_t, grace_period=rungs.grace_period,
+        reduction_factor=rungs.reduction_factor, keep_front=rungs.keep_front, reference=rungs.reference,
+        min_contribution=rungs.min_contribution, state_path=state_path,
+    )
+
+
+def moasha_rungs(spec: PipelineSpec, objectives: Objectives, baselines: list[StaticBaseline] | None) -> MoAshaRungs:
+    """The pipeline's MO-ASHA rungs over hard-gate epochs (``search.scheduler``)."""
+    scheduler = spec.search.scheduler
     gate = spec.stages.gate
     hard_epochs = gate.epochs - min(gate.epoch_hard, gate.epochs) + (spec.stages.finetune.epochs
                                                                        if spec.stages.finetune.enabled else 0)
-    return MoAshaScheduler(
-        objectives.metrics, objectives.modes, max_t=max(hard_epochs, 1),
-        grace_period=scheduler.grace_period, reduction_factor=scheduler.reduction_factor,
-        keep_front=scheduler.keep_front,
-        reference=reference_point(objectives.metrics, objectives.modes, None, baselines) if baselines else None,
-        min_contribution=scheduler.min_contribution, state_path=state_path,
+    return MoAshaRungs(
+        list(objectives.modes), max(hard_epochs, 1), scheduler.grace_period, scheduler.reduction_factor,
+        scheduler.keep_front,
+        reference_point(objectives.metrics, objectives.modes, None, baselines) if baselines else None,
+        scheduler.min_contribution,
     )
 
 
@@ -272,7 +325,8 @@ def report_study(run: StudyRun, evaluate_on_test: bool = True) -> tuple[FrontRep
     """Front of the completed trials; members re-evaluated on the test split; JSON, CSV and PNG written."""
     prepared = run.prepared
     baselines = static_baselines(run.experts_metrics, prepared)
-    report = build_front(run.trials, list(run.objectives.metrics), list(run.objectives.modes), baselines)
+    report = build_front(run.trials, list(run.objectives.metrics), list(run.objectives.modes), baselines,
+                         latency=measured_latency(prepared))
     if evaluate_on_test:
         report.members = [replace(member, test_metrics=member_test_metrics(prepared, member.trial))
                           for member in report.members]

@@ -79,6 +79,8 @@ def why_no_expert_cache(spec: PipelineSpec) -> str | None:
         return "stages.gate.freeze_experts is false (the experts train with the gate)"
     if spec.stages.finetune.enabled:
         return "stages.finetune is enabled (it trains the experts on the raw inputs)"
+    if spec.search is not None and not spec.search.expert_cache:
+        return "search.expert_cache is false"
     return None
 
 
