@@ -31,9 +31,9 @@ def stored_trials(tmp_path: Path) -> list[optuna.trial.FrozenTrial]:
 
 
 def test_the_auto_cohort_gives_each_concurrent_trial_about_three_cohorts_up_to_sixteen_members():
-    assert cohort_size(digits("search.num_trials=12"), 1) == (4, None)
-    assert cohort_size(digits("search.num_trials=12"), 2) == (2, None)
-    assert cohort_size(digits("search.num_trials=3"), 1) == (1, None)
+    assert cohort_size(digits("search.num_trials=12"), 1) == (6, None)
+    assert cohort_size(digits("search.num_trials=12"), 2) == (3, None)
+    assert cohort_size(digits("search.num_trials=2"), 1) == (1, None)
     assert cohort_size(digits("search.num_trials=480"), 1) == (16, None)
     assert cohort_size(digits("search.num_trials=12", "search.cohort_size=5"), 1) == (5, None)
 

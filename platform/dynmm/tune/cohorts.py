@@ -43,8 +43,9 @@ def cohort_size(spec: PipelineSpec, concurrent_trials: int) -> tuple[int, str | 
     """Members per cohort trial, and why cohorts are off when the size is 1 for a reason the user should read.
 
     ``search.cohort_size``, else enough that each of the ``concurrent_trials`` Tune trials the cluster runs at
-    once trains about three cohorts (a study starts and ends with a full cluster), at most 16. Cohorts train
-    over the expert-output cache only: without it the size is 1 whatever was asked.
+    once trains about two cohorts (a cohort's run costs seconds of start-up whatever its size; two rounds let
+    the sampler learn from the first), at most 16. Cohorts train over the expert-output cache only: without it
+    the size is 1 whatever was asked.
     """
     reason = why_no_expert_cache(spec)
     if reason is not None:
@@ -52,7 +53,7 @@ def cohort_size(spec: PipelineSpec, concurrent_trials: int) -> tuple[int, str | 
     search = spec.search
     if search.cohort_size is not None:
         return search.cohort_size, None
-    size = math.ceil(search.num_trials / (3 * max(concurrent_trials, 1)))
+    size = math.ceil(search.num_trials / (2 * max(concurrent_trials, 1)))
     return min(max(size, 1), MAX_AUTO_COHORT_SIZE), None
 
 

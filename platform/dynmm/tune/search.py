@@ -84,12 +84,16 @@ def budget_constraint(trial: optuna.trial.FrozenTrial) -> list[float]:
     return trial.user_attrs.get(CONSTRAINT_ATTR, [0.0])
 
 
-def build_sampler(search: SearchSpec, num_objectives: int) -> optuna.samplers.BaseSampler:
+def build_sampler(search: SearchSpec, num_objectives: int, batched: bool = False) -> optuna.samplers.BaseSampler:
+    """``batched``: trials are asked several at a time (cohorts); TPE then treats the trials asked and not yet
+    told as if they had come out at the worst values seen (``constant_liar``), so that one batch spreads out
+    instead of asking the same promising region K times."""
     constraints = budget_constraint if search.max_gflops is not None else None
     seed = search.seed
     if search.sampler == "tpe":
         return optuna.samplers.TPESampler(
-            seed=seed, multivariate=True, constraints_func=constraints, n_startup_trials=search.startup_trials
+            seed=seed, multivariate=True, constraints_func=constraints, n_startup_trials=search.startup_trials,
+            constant_liar=batched,
         )
     if search.sampler == "nsga2":
         population = max(2, min(search.num_trials // 2, 20))

@@ -247,7 +247,7 @@ def build_searcher(
     if members_per_trial > 1:
         return CohortSearch(
             optuna_space(search), metric=list(objectives.metrics), mode=list(objectives.modes),
-            sampler=build_sampler(search, len(objectives.metrics)), study_name=name, storage=storage,
+            sampler=build_sampler(search, len(objectives.metrics), batched=True), study_name=name, storage=storage,
             num_trials=search.num_trials, cohort_size=members_per_trial, gflops_metric=GFLOPS_METRIC,
             max_gflops=search.max_gflops, points_to_evaluate=ladder,
         )
