@@ -89,10 +89,10 @@ class StudyProgress(ray.tune.Callback):
         """Each of the trial's records takes its end state; every one that completed grows the front (one
         hypervolume step each)."""
         members = (trial.config or {}).get("members")
+        self.evaluation_seconds += float(result.get("evaluation_seconds", 0.0))
         if members is None:
             ends = {trial.trial_id: result}
         else:
-            self.evaluation_seconds += float(result.get("evaluation_seconds", 0.0))
             reported = {end["number"]: end for end in result.get("members") or []}
             ends = {member_key(trial.trial_id, index): reported.get(member["number"]) or member_metrics(result, index)
                     for index, member in enumerate(members)}

@@ -4,6 +4,7 @@ record of how each trial ended."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -135,7 +136,9 @@ def run_trial(
         if result.checkpoint is not None:
             final["checkpoint_path"] = result.checkpoint.path
             if final.get("finished"):
+                evaluation_started = time.monotonic()
                 final.update(record_finished_trial(prepared, config, result.checkpoint, tracking_uri, run_id))
+                final["evaluation_seconds"] = time.monotonic() - evaluation_started
         ray.tune.report(final)
 
 
