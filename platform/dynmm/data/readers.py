@@ -126,6 +126,7 @@ def ray_dataset(
     *,
     columns: Sequence[str] | None = None,
     preserve_order: bool = True,
+    task_cpus: float | None = None,
 ) -> ray.data.Dataset:
     """The split as a Ray Data dataset (``ray.data.read_parquet`` over the split's files in order).
 
@@ -134,7 +135,7 @@ def ray_dataset(
     string ``sample_id`` column, pass ``columns=[..., "sample_id"]`` and use ``iter_batches`` to get it.
     ``preserve_order`` keeps the file order (so the rows match the plain reader); it applies to this
     dataset only, and Ray Train replaces it with its ``DataConfig`` execution options for the datasets
-    given to a trainer.
+    given to a trainer. ``task_cpus``: the CPUs each read task asks for (Ray's default: 1).
     """
     meta = read_meta(directory)
     selected = _columns_to_read(meta, columns, meta.tensor_columns)
@@ -143,12 +144,14 @@ def ray_dataset(
     # Left alone, Ray cuts a split into ~200 blocks (tens of rows each for MOSEI-sized samples) and then
     # re-assembles them into batches; blocks of ~32 MiB ingest about twice as fast.
     num_blocks = max(len(files), math.ceil(split_bytes / RAY_BLOCK_BYTES))
-    dataset = read_parquet_files(files, selected, num_blocks)
+    dataset = read_parquet_files(files, selected, num_blocks, task_cpus)
     dataset.context.execution_options.preserve_order = preserve_order
     return dataset
 
 
-def read_parquet_files(files: list[str], columns: list[str], num_blocks: int) -> ray.data.Dataset:
+def read_parquet_files(
+    files: list[str], columns: list[str], num_blocks: int, task_cpus: float | None = None
+) -> ray.data.Dataset:
     """``ray.data.read_parquet`` through Ray's V1 Parquet reader.
 
     Ray 2.60's default reader (DataSourceV2) starts a pool of 32 footer-reading actors each time a dataset
@@ -162,7 +165,8 @@ def read_parquet_files(files: list[str], columns: list[str], num_blocks: int) ->
     default_reader = context.use_datasource_v2
     context.use_datasource_v2 = False
     try:
-        return ray.data.read_parquet(files, columns=columns, override_num_blocks=num_blocks)
+        remote_args = {"ray_remote_args": {"num_cpus": task_cpus}} if task_cpus is not None else {}
+        return ray.data.read_parquet(files, columns=columns, override_num_blocks=num_blocks, **remote_args)
     finally:
         context.use_datasource_v2 = default_reader
 

@@ -54,6 +54,7 @@ GATE_FEATURES = "gate_features"
 CACHE_FORMAT_VERSION = 1
 SPLIT = "split"  # the column that carries each row's split through the build, written as the folder name
 GATE_STAGE_SPLITS = ("train", "valid")  # what gate training and validation read; test runs the real model
+CACHE_TASK_CPUS = 0.1  # CPUs each read, tag and write task of the build asks for (see _write_frozen_outputs)
 
 
 class CacheManifest(BaseModel):
@@ -236,8 +237,11 @@ def _write_frozen_outputs(folder: Path, dataset_dir: str | Path, meta: DatasetMe
     from dynmm.data.readers import ray_dataset
 
     columns = [*meta.modalities, LABEL, SAMPLE_ID]
-    tagged = [ray_dataset(dataset_dir, split, columns=columns).map_batches(
-        _tag_split, fn_kwargs={"split": split}, batch_format="pyarrow") for split in splits]
+    # Reading, tagging and writing ask for a small share of a CPU, not Ray's default whole one: on a cluster whose
+    # CPUs are partly held by fractional Ray Train workers (or by a placement group a killed driver left behind)
+    # the experts' actor gets its share and then tasks that each want a whole CPU would wait for ever.
+    tagged = [ray_dataset(dataset_dir, split, columns=columns, task_cpus=CACHE_TASK_CPUS).map_batches(
+        _tag_split, fn_kwargs={"split": split}, batch_format="pyarrow", num_cpus=CACHE_TASK_CPUS) for split in splits]
     rows = tagged[0].union(*tagged[1:]) if len(tagged) > 1 else tagged[0]
     rows.context.execution_options.preserve_order = True
     model_name, model_args, experts_uri = model
@@ -252,7 +256,7 @@ def _write_frozen_outputs(folder: Path, dataset_dir: str | Path, meta: DatasetMe
         num_cpus=options.cpus_per_actor,
     )
     outputs.write_parquet(str(folder), partition_cols=[SPLIT], filename_provider=_TaskOrderNames(),
-                          compression="lz4")
+                          compression="lz4", ray_remote_args={"num_cpus": CACHE_TASK_CPUS})
 
 
 def _tag_split(table: pa.Table, split: str) -> pa.Table:
