@@ -52,7 +52,7 @@ from dynmm.train.stages import set_training_mode, stages_to_run
 from dynmm.train.state import Position, Resumed, StageRun, WorkerState
 
 COHORT_FILE = "cohort.json"
-CONTINUE, STOP = "continue", "stop"
+STOP = "stop"  # what the rungs answer for a member to stop (else "continue")
 
 
 def member_folder(index: int) -> str:

@@ -24,6 +24,7 @@ from dynmm.spec import PipelineSpec
 from dynmm.track import start_job_run
 from dynmm.track.runs import finish_run, finish_runs_now, log_run_outputs, stopped_status
 from dynmm.train import CohortMember, ExpertOutputCache, PreparedPipeline, fit_stages, stage_configs
+from dynmm.train.cohort import member_folder
 from dynmm.train.tracking import member_metrics
 from dynmm.tune.records import TrialRecord
 from dynmm.tune.trials import (
@@ -137,7 +138,7 @@ def member_end(prepared: PreparedPipeline, result: ray.train.Result, last: dict,
     end = {**metrics, "index": index, "number": member["number"], "finished": float(finished),
            "stopped": float(bool(metrics.get("stopped"))), "checkpoint_path": None}
     if finished and result.checkpoint is not None:
-        folder = ray.train.Checkpoint(f"{result.checkpoint.path.rstrip('/')}/member-{index}",
+        folder = ray.train.Checkpoint(f"{result.checkpoint.path.rstrip('/')}/{member_folder(index)}",
                                       filesystem=result.checkpoint.filesystem)
         end["checkpoint_path"] = folder.path
         test_metrics = evaluate_checkpoint(prepared, member["params"], folder.path, "test")
