@@ -17,12 +17,12 @@ import torch
 
 from dynmm.models import build_model
 from dynmm.spec import load_pipeline
-from dynmm.train.checkpoints import write_experts
+from dynmm.train.checkpoints import STATE_FILE, write_experts
 from dynmm.train.cohort import COHORT_FILE, member_folder
 from dynmm.train.faults import CRASH_AT_GATE_EPOCH_VARIABLE
 from dynmm.train.job import CohortMember
 from dynmm.train.runner import fit_stages, load_model_from_checkpoint, prepare_pipeline, stage_configs
-from dynmm.train.tracking import member_metrics
+from dynmm.train.tracking import checkpointed_epochs, member_metrics
 from dynmm.tune.trials import expert_cache_for
 
 pytestmark = pytest.mark.integration
@@ -156,10 +156,22 @@ def test_each_member_has_its_own_checkpoint_folder_that_loads_as_a_model(runs):
     checkpoint = runs.cohort_result.checkpoint
     with checkpoint.as_directory() as directory:
         folders = sorted(path.name for path in Path(directory).iterdir() if path.is_dir())
-        assert folders == [member_folder(0), member_folder(1)]
+        assert folders == [member_folder(i) for i in range(len(MEMBERS))]
         assert (Path(directory) / COHORT_FILE).exists()
+        # the stopped member keeps its epoch history, not a model: it is not a candidate
+        assert not (Path(directory) / member_folder(STOPPED) / STATE_FILE).exists()
     spec = runs.prepared.spec
     models = [load_model_from_checkpoint(spec, ray.train.Checkpoint(f"{checkpoint.path}/{member_folder(i)}"))
               for i in (0, 1)]
     gates = [dict(model.gate.named_parameters()) for model in models]
     assert any(not torch.equal(gates[0][name], gates[1][name]) for name in gates[0])
+
+
+def test_the_epochs_a_stopped_member_trained_survive_a_crash_and_resume_for_mlflow_to_catch_up_on(runs):
+    """A driver killed after the report that stopped a member, before its last epoch reached MLflow, logs it
+    on ``--resume`` from the checkpoint's epoch history: the member's, its stop epoch included, kept through
+    the crash and resume that came after."""
+    epochs = checkpointed_epochs(f"{runs.prepared.storage_path}/cohort", member_folder(STOPPED))
+    assert [int(metrics["epoch"]) for metrics in epochs] == [0, 1]
+    assert [int(metrics["global_step"]) for metrics in epochs] == [
+        int(member_metrics(report, STOPPED)["global_step"]) for report in runs.cohort[:2]]

@@ -189,21 +189,22 @@ def _report(members: list[Member], active: list[Member], metrics: dict, epoch: i
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
         if save and lead.state.rank == 0:
-            _save(directory, members, active, epoch)
+            _save(directory, members, epoch)
             checkpoint = ray.train.Checkpoint.from_directory(directory)
         ray.train.report(report, checkpoint=checkpoint)
 
 
-def _save(directory: str, members: list[Member], active: list[Member], epoch: int) -> None:
-    """Each member still training (or ending now) in its own single-model checkpoint folder; the members that
-    ended before, with their last metrics, in ``cohort.json``."""
+def _save(directory: str, members: list[Member], epoch: int) -> None:
+    """Each member still training in its own single-model checkpoint folder; every member's epoch history in
+    its folder (a resumed run logs from it the epochs MLflow may not have had before a crash, a member's last
+    one included when it ended in this report); the members that ended, with their last metrics, in
+    ``cohort.json``."""
     for member in members:
-        if not member.training:
-            continue
         folder = Path(directory) / member_folder(member.index)
         folder.mkdir()
-        with member_rng(member):
-            save_state(folder, checkpoint_state(member.state, member.run, epoch, member.last_metrics))
+        if member.training:
+            with member_rng(member):
+                save_state(folder, checkpoint_state(member.state, member.run, epoch, member.last_metrics))
         save_epoch_history(folder, member.state.history)
     ended = {str(m.index): {"stopped": m.stopped, "diverged": m.state.diverged, "metrics": m.last_metrics}
              for m in members if m.stopped or m.state.diverged}
@@ -218,15 +219,15 @@ def _restore(members: list[Member], checkpoint) -> None:
         cohort = json.loads((Path(directory) / COHORT_FILE).read_text())
         for member in members:
             ended = cohort["ended"].get(str(member.index))
+            folder = Path(directory) / member_folder(member.index)
+            member.state.history = read_epoch_history(folder)
             if ended is not None:
                 member.stopped = bool(ended["stopped"])
                 member.state.diverged = bool(ended["diverged"])
                 member.last_metrics = ended["metrics"]
                 continue
-            folder = Path(directory) / member_folder(member.index)
             saved = load_state(folder)
             state = member.state
-            state.history = read_epoch_history(folder)
             state.model.load_state_dict(saved["model"])
             member.rng = {**member.rng, "cpu": saved["rng"]}
             position = Position(**saved["position"])
