@@ -101,6 +101,15 @@ def format_table(rows) -> str:
     return "\n".join(lines)
 
 
+def measured_table(rows) -> str:
+    """The path latencies a train or tune run measured before training (``model.latency``), as those commands
+    print them once: where and how they were timed, then ``format_table``."""
+    first = rows[0]
+    return (f"Path latency (model.latency): on {first.device} with {first.threads} thread(s), batch size "
+            f"{first.batch_size}, {first.repeats} timed rounds; recorded as latency.json in the MLflow run\n"
+            + format_table(rows))
+
+
 def _flops_text(flops: float) -> str:
     for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
         if flops >= scale:

@@ -101,6 +101,7 @@ def _clock(seconds: float) -> str:
 
 
 def print_summary(result) -> None:
+    from dynmm.cli.profile import measured_table
     from dynmm.models import flops_to_gflops
     from dynmm.track.runs import redact_credentials
 
@@ -112,6 +113,7 @@ def print_summary(result) -> None:
         ("GFLOPs per sample (gate included)", f"{metrics.get('val_gflops_per_sample', float('nan')):.4g}"),
         ("static full fusion GFLOPs", f"{flops_to_gflops(result.costs.static_flops):.4g}"),
         ("compute reduction vs static", f"{metrics.get('val_compute_reduction', float('nan')):.1%}"),
+        *_expected_latency_line(result),
         ("samples per path", " / ".join(f"{metrics[k]:.1%}" for k in paths)),
         ("Ray Train run", result.run_name),
         ("checkpoint", str(result.checkpoint_path)),
@@ -119,5 +121,17 @@ def print_summary(result) -> None:
     ]
     width = max(len(name) for name, _ in rows)
     print()
+    if result.costs.latency_rows:
+        print(measured_table(result.costs.latency_rows))
+        print()
     for name, value in rows:
         print(f"  {name:<{width}}  {value}")
+
+
+def _expected_latency_line(result) -> list[tuple[str, str]]:
+    """The run's expected ms per sample, where it measured its paths' latency (``model.latency``)."""
+    latency_ms = result.final_metrics.get("val_latency_ms_per_sample")
+    if latency_ms is None or not result.costs.latency_rows:
+        return []
+    timed = result.costs.latency_rows[0]
+    return [(f"ms per sample ({timed.device}, batch {timed.batch_size})", f"{latency_ms:.4g}")]

@@ -42,6 +42,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def tune_and_report(spec, *, address=None, verbose=False, resume=False) -> None:
+    from dynmm.cli.profile import measured_table
     from dynmm.track.runs import redact_credentials
     from dynmm.tune.register import register_study_front
     from dynmm.tune.study import report_study, run_study
@@ -49,6 +50,9 @@ def tune_and_report(spec, *, address=None, verbose=False, resume=False) -> None:
     printer = EpochPrinter()
     run = run_study(spec, address=address, verbose=verbose, resume=resume, show_epoch=printer, show_line=print)
     report, paths = report_study(run)
+    if run.prepared.costs.latency_rows:
+        print()
+        print(measured_table(run.prepared.costs.latency_rows))
     print_front(report, run.prepared.spec)
     aliases = register_study_front(run, report)
     print()
@@ -79,6 +83,10 @@ def print_registry(run: StudyRun, report: FrontReport, aliases: dict[str, str]) 
     budget = costs[len(costs) // 2] if costs else 0.0
     env = f"MLFLOW_TRACKING_URI={redact_credentials(run.tracking_uri)} "
     print(f"  pick by budget   {env}.venv/bin/dynmm models pick {name} --max-gflops {budget:.3g}")
+    latencies = sorted(ms for ms in map(report.latency_ms_of, report.members) if ms is not None)
+    if latencies:
+        print(f"  pick by latency  {env}.venv/bin/dynmm models pick {name} "
+              f"--max-latency-ms {latencies[len(latencies) // 2]:.3g}")
     print(f"  load in Python   mlflow.pyfunc.load_model('models:/{name}@knee')")
 
 
@@ -96,7 +104,8 @@ def print_front(report: FrontReport, spec: PipelineSpec) -> None:
         volume = (f"{report.hypervolume_beyond_random:.4f} beyond random routing (0: no better than sending "
                   f"samples to the experts at random, 1: the ideal); {volume}")
     print(f"Pareto front: {len(report.members)} models, hypervolume {volume}")
-    header = (f"  {'trial':<14} {'lambda':>8} {'tau':>13} {quality:>14} {'GFLOPs':>10} {'saved':>7} "
+    latency_header = f" {'ms/sample':>10}" if report.latency_measured_at is not None else ""
+    header = (f"  {'trial':<14} {'lambda':>8} {'tau':>13} {quality:>14} {'GFLOPs':>10}{latency_header} {'saved':>7} "
               f"{test_quality:>14} {'vs random':>10}")
     print(header)
     static = max(baseline.gflops for baseline in report.baselines)
@@ -105,6 +114,9 @@ def print_front(report: FrontReport, spec: PipelineSpec) -> None:
     for baseline in report.baselines:
         print(f"  {baseline.name:<14} {'':>8} {'':>13} {baseline.quality or float('nan'):>14.4f} "
               f"{baseline.gflops:>10.3g}")
+    if report.latency_measured_at is not None:
+        print(f"  ms/sample: expected on validation with hard gates, each path timed on "
+              f"{report.latency_measured_at.device} at batch size {report.latency_measured_at.batch_size}")
 
 
 def print_member(
@@ -118,8 +130,11 @@ def print_member(
     tau = f"{gate['tau_start']:.2g}->{gate['tau_end']:.2g}"
     knee = "  <- knee" if trial.trial_id == report.knee_trial_id else ""
     cost = report.gflops_of(member)
+    latency_ms = report.latency_ms_of(member)
+    latency = "" if report.latency_measured_at is None else (
+        f" {'-' if latency_ms is None else f'{latency_ms:.3g}':>10}")
     print(f"  {trial.trial_id:<14} {gate['lambda']:>8.3g} {tau:>13} "
-          f"{trial.values[0]:>14.4f} {cost:>10.3g} {1 - cost / static_gflops:>7.1%} "
+          f"{trial.values[0]:>14.4f} {cost:>10.3g}{latency} {1 - cost / static_gflops:>7.1%} "
           f"{(member.test_metrics or {}).get(test_quality, float('nan')):>14.4f} "
           f"{_gain_text(report, member):>10}{knee}")
 

@@ -11,7 +11,7 @@ the full depth encoder, as the paper defines the cost. Imports torch only.
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -19,6 +19,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dynmm.models.dynmm import ModalityDynMM
 from dynmm.models.fusion import FusionDynMM
+
+if TYPE_CHECKING:
+    from dynmm.models.latency import PathLatency
 
 
 def _attention_flops(query_shape, key_shape, value_shape, *args: Any, out_shape=None, **kwargs: Any) -> int:
@@ -76,6 +79,9 @@ class PathCosts:
     # median wall-clock ms per sample of each path (``models/latency.py``), measured only when a pipeline asks
     # for latency (``model.cost: latency`` or a ``latency`` objective); empty: not measured
     path_latency_ms: tuple[float, ...] = ()
+    # the measurement behind ``path_latency_ms``, one row per path (median and p90, device, batch size, threads):
+    # the table train and tune record in MLflow; empty: not measured
+    latency_rows: tuple["PathLatency", ...] = ()
 
     @property
     def path_flops(self) -> tuple[float, ...]:

@@ -210,9 +210,11 @@ def with_path_latency(
     repeats: int = DEFAULT_REPEATS,
 ) -> PathCosts:
     """``costs`` with each path's median ms per sample at ``batch_size`` on ``device`` (``path_latency_ms``): what
-    ``model.cost: latency`` normalises and the expected-latency metric weighs by route fractions."""
-    rows = measure_path_latency(model, (batch_size,), device=device, threads=threads, repeats=repeats)
-    return replace(costs, path_latency_ms=tuple(row.median_ms_per_sample for row in sorted(rows, key=_by_path)))
+    ``model.cost: latency`` normalises and the expected-latency metric weighs by route fractions; and the whole
+    measurement behind those medians (``latency_rows``: p90, device, threads), which train and tune record."""
+    rows = sorted(measure_path_latency(model, (batch_size,), device=device, threads=threads, repeats=repeats),
+                  key=_by_path)
+    return replace(costs, path_latency_ms=tuple(row.median_ms_per_sample for row in rows), latency_rows=tuple(rows))
 
 
 def _by_path(row: PathLatency) -> int:

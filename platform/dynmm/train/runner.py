@@ -29,6 +29,7 @@ from dynmm.models.latency import with_path_latency
 from dynmm.runtime import connect_ray, quiet_libraries
 from dynmm.spec import PipelineSpec
 from dynmm.track import resolve_tracking_uri, start_job_run
+from dynmm.track.latency import log_latency_table
 from dynmm.track.runs import check_tracking_reachable, closing_run, log_final_model
 from dynmm.train.checkpoints import STATE_FILE, load_state
 from dynmm.train.datasets import (
@@ -288,6 +289,7 @@ def run_training(
         tracking_uri, spec.tracking.experiment or spec.name, run_name,
         params=spec.model_dump(mode="json", by_alias=True), tags={"dynmm.pipeline": spec.name, "dynmm.kind": "train"},
     )
+    log_latency_table(tracking_uri, run_id, prepared.costs)  # latency.json where model.latency was measured
     with closing_run(tracking_uri, run_id):  # FINISHED, or FAILED / KILLED however the block is left
         result = fit_stages(prepared, stage_configs(spec), run_name, tracking_uri=tracking_uri, mlflow_run_id=run_id,
                             show=show)

@@ -28,6 +28,7 @@ from dynmm.errors import SpecError, UserError
 from dynmm.runtime import connect_ray, quiet_libraries
 from dynmm.spec import PipelineSpec
 from dynmm.track import resolve_tracking_uri, start_job_run
+from dynmm.track.latency import log_latency_table
 from dynmm.track.runs import (
     check_tracking_reachable,
     closing_run,
@@ -158,6 +159,7 @@ def run_study(
         params=spec.model_dump(mode="json", by_alias=True), tags={"dynmm.pipeline": spec.name, "dynmm.kind": "study",
                                                                   "study": name},
     )
+    log_latency_table(tracking_uri, parent_run_id, prepared.costs)  # latency.json where model.latency was measured
     cache_started = time.monotonic()
     expert_cache = expert_cache_for(prepared, show_line)
     cache_seconds = time.monotonic() - cache_started

@@ -17,6 +17,7 @@ from dynmm.errors import UserError
 from dynmm.models import FUSION_MODEL_NAMES
 from dynmm.spec import PipelineSpec
 from dynmm.track import start_job_run
+from dynmm.track.latency import trial_run_params
 from dynmm.track.runs import closing_run, log_run_outputs
 from dynmm.train import (
     ExpertOutputCache,
@@ -120,8 +121,8 @@ def run_trial(
     trial_prepared = replace(prepared, spec=spec)
     run_name = f"{study}-{trial_id}"
     run_id = start_job_run(
-        tracking_uri, spec.tracking.experiment or spec.name, run_name, params={"trial": config, **spec.model_dump(
-            mode="json", by_alias=True, include={"stages"})},
+        tracking_uri, spec.tracking.experiment or spec.name, run_name,
+        params=trial_run_params(spec, config, prepared.costs),
         tags={"dynmm.pipeline": spec.name, "dynmm.kind": "trial", "study": study, "trial_id": trial_id,
               "mlflow.parentRunId": parent_run_id},
     )
