@@ -165,8 +165,7 @@ def read_parquet_files(
     default_reader = context.use_datasource_v2
     context.use_datasource_v2 = False
     try:
-        remote_args = {"ray_remote_args": {"num_cpus": task_cpus}} if task_cpus is not None else {}
-        return ray.data.read_parquet(files, columns=columns, override_num_blocks=num_blocks, **remote_args)
+        return ray.data.read_parquet(files, columns=columns, override_num_blocks=num_blocks, num_cpus=task_cpus)
     finally:
         context.use_datasource_v2 = default_reader
 
