@@ -156,6 +156,10 @@ def test_member_rungs_stop_per_member_and_a_restarted_actor_goes_on_with_the_run
 
     restarted = member_rungs()  # a resumed study's new actor reads the file
     assert restarted.decide("a-1", metrics(2, 0.99, 0.1)) == STOP, "a stopped member stays stopped"
+    # its cohort resumed from a checkpoint before the stop (the killed driver never registered a later one): it
+    # trains up to the rung that stopped it, and stops there again
+    assert restarted.decide("a-1", metrics(0, 0.5, 9.0)) == CONTINUE
+    assert restarted.decide("a-1", metrics(1, 0.80, 2.0)) == STOP
     assert restarted.rungs.finals == {"a-0": (0.92, 1.1)}
     assert restarted.decide("b-0", metrics(1, 0.85, 3.0)) == STOP
     restarted.forget(["b-1"])

@@ -159,6 +159,7 @@ class RungsFile:
     def __init__(self, path: str | Path | None) -> None:
         self.path = Path(path) if path is not None else None
         self.written = ""  # the file's text: a result that changed nothing rewrites nothing
+        self.stopped_at: dict[str, int] = {}  # read: the time each stopped trial was stopped at, where recorded
 
     def read(self, rungs: MoAshaRungs) -> set[str]:
         """Load what a run of this study wrote into ``rungs``; returns the trials it stopped."""
@@ -167,12 +168,13 @@ class RungsFile:
         self.written = self.path.read_text()
         state = json.loads(self.written)
         rungs.load_state(state)
+        self.stopped_at = {key: int(time) for key, time in state.get("stopped_at", {}).items()}
         return set(state["stopped"])
 
-    def write(self, rungs: MoAshaRungs, stopped: set[str]) -> None:
+    def write(self, rungs: MoAshaRungs, stopped: set[str], stopped_at: dict[str, int] | None = None) -> None:
         if self.path is None:
             return
-        text = json.dumps({**rungs.state(), "stopped": sorted(stopped)})
+        text = json.dumps({**rungs.state(), "stopped": sorted(stopped), "stopped_at": stopped_at or {}})
         if text == self.written:
             return
         write_text_atomically(self.path, text)
@@ -258,17 +260,24 @@ class MemberRungs:
         self.time_attr = time_attr
         self.state_file = RungsFile(state_path)
         self.stopped = self.state_file.read(rungs)
+        self.stopped_at = self.state_file.stopped_at  # member -> the time it was stopped at
 
     def decide(self, key: str, metrics: dict) -> str:
-        """``continue`` or ``stop`` for a member after an epoch (its own, unprefixed metrics)."""
+        """``continue`` or ``stop`` for a member after an epoch (its own, unprefixed metrics). A member stopped
+        before stays stopped, from the time it was stopped at: a cohort resumed from a checkpoint older than the
+        stop (one its killed driver never registered) trains it up to that rung again, so that it ends as it did."""
         if key in self.stopped:
-            return STOP
+            reached = metrics.get(self.time_attr)
+            stopped_at = self.stopped_at.get(key)
+            return CONTINUE if reached is not None and stopped_at is not None and reached < stopped_at else STOP
         if any(name not in metrics for name in [self.time_attr, *self.metrics]):
             return CONTINUE
-        decision = self.rungs.on_result(key, int(metrics[self.time_attr]), [metrics[m] for m in self.metrics])
+        time = int(metrics[self.time_attr])
+        decision = self.rungs.on_result(key, time, [metrics[m] for m in self.metrics])
         if decision == STOP:
             self.stopped.add(key)
-        self.state_file.write(self.rungs, self.stopped)
+            self.stopped_at[key] = time
+        self.state_file.write(self.rungs, self.stopped, self.stopped_at)
         return decision
 
     def complete(self, key: str, metrics: dict) -> None:
@@ -279,13 +288,13 @@ class MemberRungs:
             self.rungs.on_complete(key, [metrics[m] for m in self.metrics])
         else:
             self.rungs.on_remove(key)
-        self.state_file.write(self.rungs, self.stopped)
+        self.state_file.write(self.rungs, self.stopped, self.stopped_at)
 
     def forget(self, keys: Sequence[str]) -> None:
         """Members whose cohort ended without finishing them (an error): no longer compared."""
         for key in keys:
             self.rungs.on_remove(key)
-        self.state_file.write(self.rungs, self.stopped)
+        self.state_file.write(self.rungs, self.stopped, self.stopped_at)
 
     def stopped_members(self) -> list[str]:
         return sorted(self.stopped)
