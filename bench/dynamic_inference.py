@@ -5,7 +5,8 @@ MOSEI: for each fraction p of a batch sent to the cheap (text) expert, compare t
 routed inference (gate included) with the static full-fusion model, and the measured wall-clock time of
 the two, timed side by side (back-to-back pairs after a warm-up, medians, eval mode, no grad).
 Segmentation: the same comparison for a batch whose samples are spread evenly over the 5 paths (path k
-runs depth stages 1..k) against the static net (all depth stages for every sample).
+runs depth stages 1..k) against the static net (all depth stages for every sample), both in the
+channels_last memory format unless --no-seg-channels-last (weights and activations, the two sides alike).
 The last line printed is one JSON object.
 
     .venv/bin/python bench/dynamic_inference.py --repeats 3 --batch-size 256
@@ -108,6 +109,9 @@ def bench_segmentation(args: argparse.Namespace) -> dict:
     depth_flops = depth_encoder_flops(model)
     scripted_gate = ScriptedGate(model.gate, model.num_paths)
     model.gate = scripted_gate
+    if args.seg_channels_last:
+        # The weights' format carries over to every convolution's output, so the activations follow.
+        model = model.to(memory_format=torch.channels_last)
     inputs = model.example_inputs(args.seg_batch_size)
     paths = evenly_spread_paths(args.seg_batch_size, model.num_paths, torch.Generator().manual_seed(args.seed))
     static_path = model.num_paths - 1
@@ -132,7 +136,8 @@ def print_segmentation(args: argparse.Namespace, seg: dict) -> None:
     per_path = args.seg_batch_size / 5
     print(
         f"NYU Depth V2 fusion-level net (ESANet-R34, 5 paths) at {height}x{width}, batch {args.seg_batch_size} "
-        f"spread evenly ({per_path:g} per path); GFLOPs/sample: gate {seg['gate_gflops']:.2f}, paths "
+        f"spread evenly ({per_path:g} per path), {'channels_last' if args.seg_channels_last else 'contiguous'}; "
+        f"GFLOPs/sample: gate {seg['gate_gflops']:.2f}, paths "
         + ", ".join(f"{gflops:.2f}" for gflops in seg["path_gflops"])
         + f" (static = path 4 without gate); depth-encoder compute saved {seg['depth_encoder_reduction']:.1%}"
     )
@@ -155,6 +160,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--seg-batch-size", type=int, default=10, help="segmentation batch (2 samples per path)")
     parser.add_argument("--seg-size", type=int, nargs=2, default=(240, 320), metavar=("HEIGHT", "WIDTH"))
+    parser.add_argument(
+        "--seg-channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="segmentation net (routed and static alike) in the channels_last memory format",
+    )
     parser.add_argument(
         "--gate-feedforward-dim",
         type=int,
@@ -232,6 +243,7 @@ def main() -> None:
         "seg_depth_encoder_reduction": round(seg["depth_encoder_reduction"], 4),
         "seg_batch_size": args.seg_batch_size,
         "seg_size": list(args.seg_size),
+        "seg_channels_last": args.seg_channels_last,
         "load_average": [round(load_before, 2), round(load_after, 2)],
     }
     print(json.dumps(summary))

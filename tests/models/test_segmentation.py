@@ -111,6 +111,20 @@ def test_every_routed_row_equals_its_sample_forced_onto_its_path(tiny_fusion, pa
         assert torch.allclose(routed[row], forced[path][row], atol=1e-5), (row, path)
 
 
+def test_a_channels_last_net_routes_rows_in_batch_order_and_keeps_its_memory_format(tiny_fusion):
+    paths = torch.tensor([3, 0, 4, 1, 1, 2, 4, 0, 3, 2, 2])
+    inputs = tiny_fusion.example_inputs(len(paths))
+    with torch.no_grad():
+        forced = {path: tiny_fusion(inputs, force_path=path).output for path in range(5)}
+        tiny_fusion.to(memory_format=torch.channels_last).gate = FixedGate(paths)
+        stage_outputs = record_depth_stage_inputs(tiny_fusion)  # stage s + 1 reads stage s's output
+        routed = tiny_fusion(inputs, mode="routed").output
+    assert all(rows.is_contiguous(memory_format=torch.channels_last) for (rows,) in stage_outputs.values())
+    assert routed.is_contiguous(memory_format=torch.channels_last)
+    for row, path in enumerate(paths.tolist()):
+        assert torch.allclose(routed[row], forced[path][row], atol=1e-5), (row, path)
+
+
 def test_each_depth_stage_runs_once_on_exactly_the_samples_whose_path_reaches_it(tiny_fusion):
     paths = torch.tensor([3, 0, 4, 1, 1, 2, 4, 0, 3, 2, 2])
     inputs = tiny_fusion.example_inputs(len(paths))

@@ -146,13 +146,15 @@ class FusionDynMM(nn.Module):
 
         The depth stream is put once in order of decreasing path, so the rows that reach stage s are its
         first ``reaching`` rows: a view, where a mask per stage would copy them and sync with the host to
-        count them. One host sync per batch (the path counts); a batch on one path runs unpermuted."""
+        count them. One host sync per batch (the path counts); a batch on one path runs unpermuted. Rows
+        are gathered and written back in the tensors' own memory format (channels_last stays so), and in
+        inference the fused rows are written into the RGB stream in place rather than into a copy of it."""
         batch_size = paths.shape[0]
         path_counts = torch.bincount(paths, minlength=self.num_paths).tolist()
         rows = None  # original row of each depth-stream row; None: the batch order (one path for all)
         if max(path_counts) < batch_size:
             rows = torch.argsort(paths, descending=True, stable=True)[: batch_size - path_counts[0]]
-            depth = depth.index_select(0, rows)
+            depth = _select_rows(depth, rows)
         stage_features = []
         for stage, (rgb_stage, depth_stage, fusion) in enumerate(
             zip(self.rgb_encoder.stages, self.depth_encoder.stages, self.fusions[1:], strict=True), start=1
@@ -165,7 +167,7 @@ class FusionDynMM(nn.Module):
             elif reaching > 0:
                 depth = depth_stage(depth[:reaching])
                 rows = rows[:reaching]
-                rgb = rgb.index_copy(0, rows, fusion(rgb.index_select(0, rows), depth))
+                rgb = _copy_rows(rgb, rows, fusion(_select_rows(rgb, rows), depth))
             stage_features.append(rgb)
         return stage_features
 
@@ -182,6 +184,31 @@ class FusionDynMM(nn.Module):
             rgb = weight * fusion(rgb, depth) + (1 - weight) * rgb
             stage_features.append(rgb)
         return stage_features
+
+
+def _rows_last(x: Tensor) -> Tensor:
+    """``x`` (N, C, H, W) as a view whose rows are contiguous blocks: itself, or its (N, H, W, C) view
+    when it is channels_last (``index_select`` of a channels_last tensor would return it contiguous)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1)
+    return x
+
+
+def _select_rows(x: Tensor, rows: Tensor) -> Tensor:
+    """``x.index_select(0, rows)`` in the memory format of ``x``."""
+    view = _rows_last(x)
+    selected = view.index_select(0, rows)
+    return selected if view is x else selected.permute(0, 3, 1, 2)
+
+
+def _copy_rows(x: Tensor, rows: Tensor, values: Tensor) -> Tensor:
+    """``x`` with ``values`` in ``rows``: written into ``x`` itself when no gradient is recorded (``x`` is a
+    fresh stage output nothing else holds), else into a copy, in the memory format of ``x``."""
+    if torch.is_grad_enabled():
+        x = x.clone()
+    view = _rows_last(x)
+    view.index_copy_(0, rows, values if view is x else values.permute(0, 2, 3, 1))
+    return x
 
 
 def torchvision_to_encoder_state(state: Mapping[str, Tensor], channels_in: int) -> dict[str, Tensor]:
