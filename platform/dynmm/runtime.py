@@ -9,11 +9,15 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import ray
 import ray._private.ray_constants as ray_constants
+from ray._private.state import state as global_state
+from ray.core.generated.gcs_pb2 import PlacementGroupTableData
+from ray.util.placement_group import PlacementGroup, remove_placement_group
 
 from dynmm.envvars import temporary_environment
 from dynmm.errors import UserError
@@ -112,7 +116,42 @@ def connect_ray(address: str | None = None, verbose: bool = False) -> None:
             start_local_ray(**options)
     except ConnectionError as error:
         raise UserError(f"cannot reach the Ray cluster at {address}: {error}") from None
+    if address and not ray.util.client.ray.is_connected():
+        try:  # housekeeping through Ray's private state API: a change there must not stop the user's run
+            removed = remove_orphaned_placement_groups()
+        except Exception as error:  # noqa: BLE001
+            print(f"warning: could not look for placement groups left by ended Ray jobs: {error}", file=sys.stderr)
+            removed = []
+        if removed:
+            print(f"removed {len(removed)} placement group(s) that ended Ray jobs had left holding resources: "
+                  f"{', '.join(removed)}", file=sys.stderr)
     ray.data.DataContext.get_current().enable_progress_bars = verbose
+
+
+def remove_orphaned_placement_groups() -> list[str]:
+    """Remove the placement groups that Ray should have freed with their ended jobs; return their ids.
+
+    Ray frees a placement group that is not detached once its creator job and its creator actor have both
+    ended, but it marks the job ended only on the groups that exist when the job ends. A driver SIGKILLed on a
+    cluster it joined ends its job while the job's actors still run for a moment: a Ray Train controller whose
+    workers the raylet killed first restarts its worker group then, and that group, created after the job's
+    end, is never freed (Train's own cleaner hears of a group only once its workers have started). It holds its
+    CPUs until the cluster restarts. Removed here: exactly the groups Ray's own rule says are done, whose
+    creator actor has ended (or that had none) and whose job the job table says has ended. Needs a process
+    connected as a driver (not Ray Client); reads the GCS tables, as ``ray._private.state`` does."""
+    ended_jobs = {job["JobID"] for job in global_state.job_table() if job["IsDead"]}
+    removed = []
+    for entry in global_state._connect_and_get_accessor().get_placement_group_table():
+        group = PlacementGroupTableData.FromString(entry)
+        if (
+            not group.is_detached
+            and group.state != PlacementGroupTableData.REMOVED
+            and group.creator_actor_dead
+            and group.creator_job_id.hex() in ended_jobs
+        ):
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(group.placement_group_id)))
+            removed.append(group.placement_group_id.hex())
+    return removed
 
 
 def quiet_libraries() -> None:
