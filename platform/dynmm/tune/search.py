@@ -18,6 +18,10 @@ from ray.tune.search.optuna import OptunaSearch
 from dynmm.spec.models import GateStageSpec, ParameterSpec, SearchSpec
 
 CONSTRAINT_ATTR = "constraint"
+# Optuna 5 reads a trial's constraints from what ``Trial.set_constraint`` stores on the running trial and
+# deprecates samplers' ``constraints_func``; Optuna 4 only has ``constraints_func``
+SETS_CONSTRAINTS = hasattr(optuna.trial.Trial, "set_constraint")
+BUDGET_CONSTRAINT = "constraints:max_gflops"  # the system attribute Trial.set_constraint("max_gflops", v) writes
 
 # pipeline name of a searched field -> gate-stage field it sets
 STAGE_FIELD = {
@@ -80,15 +84,24 @@ def _along(parameter: ParameterSpec, share: float) -> float:
 
 
 def budget_constraint(trial: optuna.trial.FrozenTrial) -> list[float]:
-    """Optuna's constraints_func: read what ``StudySearch`` stored when the trial completed."""
+    """Optuna 4's constraints_func: read what ``record_budget_constraint`` stored when the trial completed."""
     return trial.user_attrs.get(CONSTRAINT_ATTR, [0.0])
+
+
+def record_budget_constraint(storage: optuna.storages.BaseStorage, optuna_trial_id: int, excess: float) -> None:
+    """Before a finished trial is told: its GFLOPs over the budget (<= 0 is feasible), as a user attribute that
+    people and ``budget_constraint`` read, and on Optuna 5 as ``Trial.set_constraint`` stores it. (A searcher
+    holds no ``optuna.Trial`` of a Tune trial, and building one would run the sampler's ``before_trial``.)"""
+    storage.set_trial_user_attr(optuna_trial_id, CONSTRAINT_ATTR, [excess])
+    if SETS_CONSTRAINTS:
+        storage.set_trial_system_attr(optuna_trial_id, BUDGET_CONSTRAINT, excess)
 
 
 def build_sampler(search: SearchSpec, num_objectives: int, batched: bool = False) -> optuna.samplers.BaseSampler:
     """``batched``: trials are asked several at a time (cohorts); TPE then treats the trials asked and not yet
     told as if they had come out at the worst values seen (``constant_liar``), so that one batch spreads out
     instead of asking the same promising region K times."""
-    constraints = budget_constraint if search.max_gflops is not None else None
+    constraints = budget_constraint if search.max_gflops is not None and not SETS_CONSTRAINTS else None
     seed = search.seed
     if search.sampler == "tpe":
         return optuna.samplers.TPESampler(
@@ -110,7 +123,7 @@ def build_sampler(search: SearchSpec, num_objectives: int, batched: bool = False
 class StudySearch(OptunaSearch):
     """OptunaSearch that prunes unfinished trials and records the compute-budget constraint.
 
-    The constraint is a user attribute that ``budget_constraint`` reads when the trial is told. It is written
+    The constraint is recorded (``record_budget_constraint``) before the trial is told. It is written
     through the study's storage, to the Optuna trial this searcher asked for the Ray trial: which one that is,
     it notes itself at ``suggest`` (the trial that turned RUNNING), rather than reading OptunaSearch's internals.
     """
@@ -141,7 +154,7 @@ class StudySearch(OptunaSearch):
             excess = float(result[self.gflops_metric]) - self.max_gflops
             study_id = self.storage.get_study_id_from_name(self.study_name)
             optuna_trial_id = self.storage.get_trial_id_from_study_id_trial_number(study_id, number)
-            self.storage.set_trial_user_attr(optuna_trial_id, CONSTRAINT_ATTR, [excess])
+            record_budget_constraint(self.storage, optuna_trial_id, excess)
         # no result and no error is how OptunaSearch tells Optuna "pruned"
         super().on_trial_complete(trial_id, result if finished else None, error=error)
 
@@ -222,7 +235,7 @@ class CohortSearch(Searcher):
                 study_id = self.storage.get_study_id_from_name(self.study_name)
                 optuna_trial_id = self.storage.get_trial_id_from_study_id_trial_number(study_id, number)
                 excess = float(member[self.gflops_metric]) - self.max_gflops
-                self.storage.set_trial_user_attr(optuna_trial_id, CONSTRAINT_ATTR, [excess])
+                record_budget_constraint(self.storage, optuna_trial_id, excess)
             self.study.tell(number, values, skip_if_finished=True)
         elif error or (member and (member.get("diverged") or member.get("finished"))):
             self.study.tell(number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
