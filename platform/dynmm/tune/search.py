@@ -88,10 +88,15 @@ def budget_constraint(trial: optuna.trial.FrozenTrial) -> list[float]:
     return trial.user_attrs.get(CONSTRAINT_ATTR, [0.0])
 
 
-def record_budget_constraint(storage: optuna.storages.BaseStorage, optuna_trial_id: int, excess: float) -> None:
-    """Before a finished trial is told: its GFLOPs over the budget (<= 0 is feasible), as a user attribute that
-    people and ``budget_constraint`` read, and on Optuna 5 as ``Trial.set_constraint`` stores it. (A searcher
+def record_budget_constraint(
+    storage: optuna.storages.BaseStorage, study_name: str, number: int, gflops: float, max_gflops: float
+) -> None:
+    """Before finished trial ``number`` is told: its GFLOPs over the budget (<= 0 is feasible), as a user attribute
+    that people and ``budget_constraint`` read, and on Optuna 5 as ``Trial.set_constraint`` stores it. (A searcher
     holds no ``optuna.Trial`` of a Tune trial, and building one would run the sampler's ``before_trial``.)"""
+    study_id = storage.get_study_id_from_name(study_name)
+    optuna_trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
+    excess = float(gflops) - max_gflops
     storage.set_trial_user_attr(optuna_trial_id, CONSTRAINT_ATTR, [excess])
     if SETS_CONSTRAINTS:
         storage.set_trial_system_attr(optuna_trial_id, BUDGET_CONSTRAINT, excess)
@@ -151,10 +156,8 @@ class StudySearch(OptunaSearch):
         finished = bool(result and result.get("finished"))
         number = self.optuna_numbers.pop(trial_id, None)
         if finished and self.max_gflops is not None and number is not None:
-            excess = float(result[self.gflops_metric]) - self.max_gflops
-            study_id = self.storage.get_study_id_from_name(self.study_name)
-            optuna_trial_id = self.storage.get_trial_id_from_study_id_trial_number(study_id, number)
-            record_budget_constraint(self.storage, optuna_trial_id, excess)
+            record_budget_constraint(self.storage, self.study_name, number, result[self.gflops_metric],
+                                     self.max_gflops)
         # no result and no error is how OptunaSearch tells Optuna "pruned"
         super().on_trial_complete(trial_id, result if finished else None, error=error)
 
@@ -232,10 +235,8 @@ class CohortSearch(Searcher):
         finite = bool(values) and all(isinstance(v, int | float) and math.isfinite(v) for v in values)
         if member and member.get("finished") and finite:
             if self.max_gflops is not None:
-                study_id = self.storage.get_study_id_from_name(self.study_name)
-                optuna_trial_id = self.storage.get_trial_id_from_study_id_trial_number(study_id, number)
-                excess = float(member[self.gflops_metric]) - self.max_gflops
-                record_budget_constraint(self.storage, optuna_trial_id, excess)
+                record_budget_constraint(self.storage, self.study_name, number, member[self.gflops_metric],
+                                         self.max_gflops)
             self.study.tell(number, values, skip_if_finished=True)
         elif error or (member and (member.get("diverged") or member.get("finished"))):
             self.study.tell(number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
