@@ -17,13 +17,13 @@ import torch
 
 from dynmm.models import build_model
 from dynmm.spec import load_pipeline
+from dynmm.train.cached_gate import expert_cache_for
 from dynmm.train.checkpoints import STATE_FILE, write_experts
 from dynmm.train.cohort import COHORT_FILE, member_folder
 from dynmm.train.faults import CRASH_AT_GATE_EPOCH_VARIABLE
 from dynmm.train.job import CohortMember
 from dynmm.train.runner import fit_stages, load_model_from_checkpoint, prepare_pipeline, stage_configs
 from dynmm.train.tracking import checkpointed_epochs, member_metrics
-from dynmm.tune.trials import expert_cache_for
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

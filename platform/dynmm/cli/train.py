@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     spec = load_pipeline(args.pipeline, args.overrides)
     printer = EpochPrinter()
     try:
-        result = run_training(spec, address=args.address, verbose=args.verbose, show=printer)
+        result = run_training(spec, address=args.address, verbose=args.verbose, show=printer, show_line=printer.say)
     finally:
         printer.close()
     print_summary(result)
@@ -57,6 +57,13 @@ class EpochPrinter:
             self._update_bar(record)
         else:
             print(self._line(record), file=self.stream, flush=True)
+
+    def say(self, line: str) -> None:
+        """A line between the epochs (the expert-output cache's), above the stages' bars on a terminal."""
+        if self.interactive:
+            tqdm.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
 
     def close(self) -> None:
         """End every stage's line (a stage that stopped early leaves its last state on screen)."""
@@ -116,6 +123,7 @@ def print_summary(result) -> None:
         *_expected_latency_line(result),
         ("samples per path", " / ".join(f"{metrics[k]:.1%}" for k in paths)),
         ("Ray Train run", result.run_name),
+        *([("expert-output cache", result.expert_cache)] if result.expert_cache else []),
         ("checkpoint", str(result.checkpoint_path)),
         ("MLflow", f"{redact_credentials(result.tracking_uri)}  (run {result.mlflow_run_id})"),
     ]

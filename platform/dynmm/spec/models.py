@@ -162,6 +162,11 @@ class CheckpointSpec(_Frozen):
 class RunSpec(_Frozen):
     storage_path: str | None = Field(None, description="Ray results and checkpoints; default $DYNMM_HOME/runs")
     max_failures: int = Field(1, ge=-1, description="worker-group restarts Ray Train may make (-1: unlimited)")
+    expert_cache: bool | Literal["auto"] = Field(
+        "auto", description="dynmm train: a gate stage over frozen experts reads the experts' outputs computed once "
+        "instead of running them each step; auto: where the dataset is streamed (too big to keep in the workers' "
+        "memory), true: always, false: never (one Train run that runs them)",
+    )
 
 
 class TrackingSpec(_Frozen):
@@ -272,8 +277,9 @@ class PipelineSpec(_Frozen):
 
     def identity(self, exclude: dict | set) -> dict:
         """The spec as JSON for naming its runs and studies (same identity, same name: a re-run resumes).
-        ``model.cost`` and ``model.latency`` at their defaults are left out, so that the runs and studies named
-        before these settings existed keep their names."""
+        ``model.cost``, ``model.latency``, ``search.cohort_size``, ``search.expert_cache`` and ``run.expert_cache``
+        at their defaults are left out, so that the runs and studies named before these settings existed keep
+        their names."""
         identity = self.model_dump(mode="json", by_alias=True, exclude=exclude)
         model = identity.get("model", {})
         if model.get("cost") == "flops":
@@ -284,4 +290,7 @@ class PipelineSpec(_Frozen):
         for name, default in (("cohort_size", None), ("expert_cache", True)):
             if name in search and search[name] == default:
                 search.pop(name)
+        run = identity.get("run") or {}
+        if run.get("expert_cache") == "auto":
+            run.pop("expert_cache")
         return identity

@@ -9,6 +9,8 @@ _EXPORTS = {
     "read_experts": "dynmm.train.checkpoints",
     "read_experts_metrics": "dynmm.train.checkpoints",
     "evaluate_split": "dynmm.train.evaluate",
+    "expert_cache_for": "dynmm.train.cached_gate",
+    "why_no_expert_cache": "dynmm.train.cached_gate",
     "ExpertOutputCache": "dynmm.train.expert_cache",
     "ensure_expert_cache": "dynmm.train.expert_cache",
     "CohortMember": "dynmm.train.job",

@@ -70,6 +70,9 @@ class WorkerJob:
     loss_cost: str = "flops"  # ``model.cost``: what the resource loss weighs, flops or latency
     # gate configurations trained together over one pass of the data (``dynmm.train.cohort``); empty: one model
     cohort: tuple[CohortMember, ...] = ()
+    # the MLflow step of the job's first epoch: the epochs an earlier Train run logged to the same MLflow run
+    # (``dynmm train`` over the expert-output cache: the experts' run, then the gate's)
+    first_global_step: int = 0
 
     def to_config(self) -> dict:
         return asdict(self)

@@ -3,12 +3,14 @@
 Checks everything a user can get wrong before anything is written (dataset, model, model-vs-data
 shapes), connects to Ray (a local one on 127.0.0.1 unless an address is given), builds the worker job,
 runs the trainer with the spec's scaling, failure and checkpoint settings, logs each epoch the workers report
-to MLflow and shows it (``progress``, ``tracking``: the driver's side), and logs the final model.
+to MLflow and shows it (``progress``, ``tracking``: the driver's side), and logs the final model. A gate stage over
+frozen experts trains over the expert-output cache, as a study's trials do (``fit_over_expert_cache``).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -31,7 +33,8 @@ from dynmm.spec import PipelineSpec
 from dynmm.track import resolve_tracking_uri, start_job_run
 from dynmm.track.latency import log_latency_table
 from dynmm.track.runs import check_tracking_reachable, closing_run, log_final_model
-from dynmm.train.checkpoints import STATE_FILE, load_state
+from dynmm.train.cached_gate import TRAIN_SWITCH, expert_cache_for, trains_over_expert_cache
+from dynmm.train.checkpoints import STATE_FILE, load_state, read_experts
 from dynmm.train.datasets import (
     StreamedSplits,
     build_datasets,
@@ -47,7 +50,7 @@ from dynmm.train.loop import train_loop_per_worker
 from dynmm.train.metrics import LATENCY_METRIC, QUALITY_METRIC, median_frequency_weights
 from dynmm.train.progress import EpochFeed
 from dynmm.train.rendezvous import process_group_config
-from dynmm.train.tracking import epoch_logging, member_epoch_logging
+from dynmm.train.tracking import checkpointed_epochs, epoch_logging, log_checkpointed_epochs, member_epoch_logging
 
 TASK_OF_DATASET = {"regression": "regression", "binary": "binary", "multiclass": "multiclass",
                    "multilabel": "multilabel", "segmentation": "segmentation"}
@@ -224,6 +227,7 @@ def worker_job(
     stages: tuple[StageConfig, ...],
     run_name: str,
     expert_cache: ExpertOutputCache | None = None,
+    first_global_step: int = 0,
 ) -> WorkerJob:
     spec = prepared.spec
     crash_at = os.environ.get(CRASH_AT_GATE_EPOCH_VARIABLE)
@@ -249,6 +253,7 @@ def worker_job(
         loss_flops=prepared.costs.loss_flops,
         path_latency_ms=prepared.costs.path_latency_ms,
         loss_cost=spec.model.cost,
+        first_global_step=first_global_step,
     )
 
 
@@ -268,6 +273,7 @@ class TrainResult:
     final_metrics: dict
     history: list[dict]
     checkpoint_path: str | None
+    expert_cache: str | None = None  # the expert-output cache the gate stage trained over (its folder)
 
 
 def run_training(
@@ -276,8 +282,11 @@ def run_training(
     address: str | None = None,
     verbose: bool = False,
     show: Callable[[dict], None] = lambda record: None,
+    show_line: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
 ) -> TrainResult:
-    """``dynmm train``: all enabled stages in one Ray Train run; resumes when the same run exists."""
+    """``dynmm train``: all enabled stages in one Ray Train run, or, for a gate stage over frozen experts, the
+    experts' run, the expert-output cache and the gate's run over it (``fit_over_expert_cache``), all logged to
+    one MLflow run; the same command resumes. ``show_line`` gets the lines about the cache."""
     if not verbose:
         quiet_libraries()
     prepared = prepare_pipeline(spec)
@@ -291,17 +300,47 @@ def run_training(
     )
     log_latency_table(tracking_uri, run_id, prepared.costs)  # latency.json where model.latency was measured
     with closing_run(tracking_uri, run_id):  # FINISHED, or FAILED / KILLED however the block is left
-        result = fit_stages(prepared, stage_configs(spec), run_name, tracking_uri=tracking_uri, mlflow_run_id=run_id,
-                            show=show)
-        history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
+        cache = None
+        if trains_over_expert_cache(prepared, show_line):
+            result, cache, history = fit_over_expert_cache(prepared, run_name, tracking_uri, run_id, show, show_line)
+        else:
+            result = fit_stages(prepared, stage_configs(spec), run_name, tracking_uri=tracking_uri,
+                                mlflow_run_id=run_id, show=show)
+            history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
         if result.checkpoint is not None:
             model = load_model_from_checkpoint(spec, result.checkpoint)
             example = FlatInputDynMM(model).flatten(model.example_inputs(2)).numpy()
             log_final_model(tracking_uri, run_id, FlatInputDynMM(model), example)
     return TrainResult(
         run_name, tracking_uri, run_id, prepared.quality_metric, prepared.costs, dict(result.metrics or {}),
-        history, result.checkpoint.path if result.checkpoint else None,
+        history, result.checkpoint.path if result.checkpoint else None, str(cache.directory) if cache else None,
     )
+
+
+def fit_over_expert_cache(
+    prepared: PreparedPipeline, run_name: str, tracking_uri: str, run_id: str, show: Callable[[dict], None],
+    show_line: Callable[[str], None],
+) -> tuple[ray.train.Result, ExpertOutputCache, list[dict]]:
+    """The experts in a Ray Train run of their own, ``<run_name>-experts`` (unless trained already), the cache,
+    then the gate over it in the run ``run_name``, both logged to the MLflow run ``run_id``, the gate's epochs after
+    the experts' (after none where the experts were trained before). Returns the gate run's result (its checkpoint
+    holds the whole model), the cache and every epoch of both runs. This job's experts run is resumed until it
+    finished, also where workers orphaned by a killed driver wrote the experts before their last epochs reached
+    a checkpoint (as one run resumes from its checkpoint)."""
+    stages, runs = stage_configs(prepared.spec), prepared.storage_path.rstrip("/")
+    experts_run = f"{run_name}-experts"
+    begun = checkpointed_epochs(f"{runs}/{experts_run}")
+    unfinished = bool(begun) and not begun[-1].get("finished")
+    if stages[0].name == "experts" and (unfinished or read_experts(prepared.experts_uri) is None):
+        fit_stages(prepared, stages[:1], experts_run, tracking_uri=tracking_uri, mlflow_run_id=run_id, show=show)
+    # also logs any that a driver killed right after the experts' run never sent
+    expert_epochs = log_checkpointed_epochs(tracking_uri, run_id, f"{runs}/{experts_run}")
+    cache = expert_cache_for(prepared, show_line, TRAIN_SWITCH)
+    first_step = int(expert_epochs[-1]["global_step"]) + 1 if expert_epochs else 0
+    # the pipeline's stages (the expert stage loads the shared experts): each epoch reports its one-run stage index
+    result = fit_stages(prepared, stages, run_name, tracking_uri=tracking_uri, mlflow_run_id=run_id, show=show,
+                        expert_cache=cache, first_global_step=first_step)
+    return result, cache, expert_epochs + checkpointed_epochs(f"{runs}/{run_name}")
 
 
 def fit_stages(
@@ -318,6 +357,7 @@ def fit_stages(
     cohort: Sequence[CohortMember] = (),
     member_run_ids: Sequence[str] = (),
     rungs=None,
+    first_global_step: int = 0,
 ) -> ray.train.Result:
     """Train ``stages`` of a prepared pipeline in one Ray Train run named ``run_name`` (the same name resumes
     it) and return its result. Each epoch the workers report is logged to the MLflow run ``mlflow_run_id`` and
@@ -326,6 +366,7 @@ def fit_stages(
     experts) the gate trains over the experts' cached outputs (``datasets``, when given, are built from it).
     With a ``cohort`` the gate stage trains every member in this one run (``dynmm.train.cohort``), each member's
     epochs logged to its own MLflow run ``member_run_ids[i]``; ``rungs`` may stop members early.
+    ``first_global_step``: the MLflow step of the run's first epoch (after another run's epochs in the same run).
     Ctrl-C is a ``KeyboardInterrupt``, a worker's ``UserError`` is raised as itself and a loss that turned
     non-finite is one ``UserError`` naming stage and epoch (a cohort's diverged member stops alone)."""
     run_path = f"{prepared.storage_path.rstrip('/')}/{run_name}"
@@ -335,7 +376,7 @@ def fit_stages(
         consumers = [consume for consume in (log_epoch, show) if consume is not None]
         with EpochFeed(consumers) if consumers else nullcontext() as feed:
             forward = [feed.callback(stages)] if feed is not None else []
-            job = replace(worker_job(prepared, stages, run_name, expert_cache), cohort=tuple(cohort))
+            job = replace(worker_job(prepared, stages, run_name, expert_cache, first_global_step), cohort=tuple(cohort))
             if datasets is None:
                 datasets = build_datasets(prepared, [stage.name for stage in stages], expert_cache)
             trainer = build_trainer(prepared, job, run_name, callbacks=[*forward, *callbacks], datasets=datasets,

@@ -84,7 +84,7 @@ class WorkerState:
     @classmethod
     def create(cls, job: WorkerJob, model: nn.Module, device="cpu", rank: int = 0, world_size: int = 1) -> WorkerState:
         return cls(job, model.to(device), device, rank, world_size, CostTensors.of(job, device),
-                   shards={} if job.cache_shards_in_memory else None)
+                   shards={} if job.cache_shards_in_memory else None, global_step=job.first_global_step - 1)
 
 
 @dataclass

@@ -44,6 +44,18 @@ def epoch_logging(
             logger.close(timeout_seconds=CLOSE_AFTER_ERROR_SECONDS)
 
 
+def log_checkpointed_epochs(tracking_uri: str | None, run_id: str | None, run_path: str) -> list[dict[str, float]]:
+    """Every epoch the Ray Train run at ``run_path`` checkpointed (none where there is no such run), each logged to
+    the MLflow run ``run_id`` where it is not yet: an earlier run of a job whose driver was killed before all its
+    epochs reached MLflow (``dynmm train``'s experts run before the gate's)."""
+    epochs = checkpointed_epochs(run_path)
+    logger = EpochLogger(tracking_uri, run_id)
+    for metrics in epochs:
+        logger.ensure_logged(int(metrics["global_step"]), metrics)
+    logger.close()
+    return epochs
+
+
 @contextmanager
 def member_epoch_logging(
     tracking_uri: str | None, run_ids: Sequence[str], run_path: str

@@ -25,7 +25,14 @@ from dynmm.spec import PipelineSpec
 from dynmm.track import start_job_run
 from dynmm.track.latency import trial_run_params
 from dynmm.track.runs import finish_run, finish_runs_now, log_run_outputs, stopped_status
-from dynmm.train import CohortMember, ExpertOutputCache, PreparedPipeline, fit_stages, stage_configs
+from dynmm.train import (
+    CohortMember,
+    ExpertOutputCache,
+    PreparedPipeline,
+    fit_stages,
+    stage_configs,
+    why_no_expert_cache,
+)
 from dynmm.train.cohort import member_folder
 from dynmm.train.tracking import member_metrics
 from dynmm.tune.records import TrialRecord
@@ -35,7 +42,6 @@ from dynmm.tune.trials import (
     run_trial,
     trial_record,
     trial_spec,
-    why_no_expert_cache,
 )
 
 MAX_AUTO_COHORT_SIZE = 16

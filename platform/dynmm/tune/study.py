@@ -37,7 +37,7 @@ from dynmm.track.runs import (
     log_run_outputs,
     stopped_status,
 )
-from dynmm.train import PreparedPipeline, build_datasets, prepare_pipeline, stable_hash, stage_configs
+from dynmm.train import PreparedPipeline, build_datasets, expert_cache_for, prepare_pipeline, stable_hash, stage_configs
 from dynmm.train.metrics import GFLOPS_METRIC, LATENCY_METRIC
 from dynmm.tune.cohorts import cohort_size, study_trial, trial_records
 from dynmm.tune.front import (
@@ -53,7 +53,7 @@ from dynmm.tune.moasha import MemberRungs, MoAshaRungs, MoAshaScheduler
 from dynmm.tune.progress import StudyProgress
 from dynmm.tune.records import StaticBaseline, TrialRecord
 from dynmm.tune.search import CohortSearch, StudySearch, build_sampler, optuna_space, startup_ladder
-from dynmm.tune.trials import TRIAL_STAGES, ensure_experts, evaluate_checkpoint, expert_cache_for
+from dynmm.tune.trials import TRIAL_STAGES, ensure_experts, evaluate_checkpoint
 from dynmm.tune.trials import trained_gate as trained_gate  # re-exported: tests/tune/test_search.py reads it here
 
 # MO-ASHA's rungs (JSON), beside the study: Ray Tune saves no scheduler state. Not named *.json or *.pkl: on

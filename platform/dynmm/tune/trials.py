@@ -14,7 +14,6 @@ import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from dynmm.errors import UserError
-from dynmm.models import FUSION_MODEL_NAMES
 from dynmm.spec import PipelineSpec
 from dynmm.track import start_job_run
 from dynmm.track.latency import trial_run_params
@@ -22,7 +21,6 @@ from dynmm.track.runs import closing_run, log_run_outputs
 from dynmm.train import (
     ExpertOutputCache,
     PreparedPipeline,
-    ensure_expert_cache,
     evaluate_split,
     fit_stages,
     load_model_from_checkpoint,
@@ -71,37 +69,6 @@ def ensure_experts(prepared: PreparedPipeline, tracking_uri: str, show: Callable
     if metrics is None:
         raise UserError(f"the experts stage at {prepared.experts_uri} did not finish")
     return metrics
-
-
-def why_no_expert_cache(spec: PipelineSpec) -> str | None:
-    """Why the gate trials of this pipeline cannot train over the experts' cached outputs; None when they can."""
-    if spec.model.name in FUSION_MODEL_NAMES:
-        return "the fusion-level model has no separately trained experts"
-    if not spec.stages.gate.freeze_experts:
-        return "stages.gate.freeze_experts is false (the experts train with the gate)"
-    if spec.stages.finetune.enabled:
-        return "stages.finetune is enabled (it trains the experts on the raw inputs)"
-    if spec.search is not None and not spec.search.expert_cache:
-        return "search.expert_cache is false"
-    return None
-
-
-def expert_cache_for(
-    prepared: PreparedPipeline, show_line: Callable[[str], None]
-) -> ExpertOutputCache | None:
-    """The expert-output cache the study's trials train over (built once, reused by later studies on the same
-    experts and data), or None with one line saying why this pipeline's trials run the experts every step."""
-    spec = prepared.spec
-    reason = why_no_expert_cache(spec)
-    if reason is not None:
-        show_line(f"expert-output cache: not used: {reason}")
-        return None
-    return ensure_expert_cache(
-        prepared.dataset_dir, prepared.meta, spec.model.name, dict(spec.model.args), prepared.experts_uri,
-        # on GPUs one actor per worker's GPU; on CPUs one actor, leaving CPUs to Ray Data's reads and writes
-        use_gpu=spec.scaling.use_gpu, concurrency=spec.scaling.num_workers if spec.scaling.use_gpu else 1,
-        gpus_per_actor=spec.scaling.gpus_per_worker, cpus_per_actor=spec.scaling.cpus_per_worker, say=show_line,
-    )
 
 
 def run_trial(
