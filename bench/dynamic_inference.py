@@ -6,7 +6,8 @@ routed inference (gate included) with the static full-fusion model, and the meas
 the two, timed side by side (back-to-back pairs after a warm-up, medians, eval mode, no grad).
 Segmentation: the same comparison for a batch whose samples are spread evenly over the 5 paths (path k
 runs depth stages 1..k) against the static net (all depth stages for every sample), both in the
-channels_last memory format unless --no-seg-channels-last (weights and activations, the two sides alike).
+channels_last memory format unless --no-seg-channels-last (weights and activations, the two sides alike),
+and with batch norm folded into the convolutions unless --no-fold-bn (the same net on both sides).
 The last line printed is one JSON object.
 
     .venv/bin/python bench/dynamic_inference.py --repeats 3 --batch-size 256
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from dynmm.models import build_model, depth_encoder_flops, expected_cost_per_sample, measure_path_costs
+from dynmm.models.fold_batch_norm import fold_batch_norm
 
 CHEAP_PATH, FUSION_PATH = 0, 1
 CHEAP_FRACTIONS = (0.0, 0.5, 0.8, 1.0)
@@ -107,6 +109,10 @@ def bench_segmentation(args: argparse.Namespace) -> dict:
     model = build_model("nyuv2", input_size=(height, width)).eval()
     costs = measure_path_costs(model)
     depth_flops = depth_encoder_flops(model)
+    if args.fold_bn:
+        fold_batch_norm(model)
+        # FlopCounterMode counts no batch norm, so folding it must leave the counted costs as they were
+        assert measure_path_costs(model) == costs, "folding batch norm changed the counted FLOPs"
     scripted_gate = ScriptedGate(model.gate, model.num_paths)
     model.gate = scripted_gate
     if args.seg_channels_last:
@@ -165,6 +171,12 @@ def main() -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="segmentation net (routed and static alike) in the channels_last memory format",
+    )
+    parser.add_argument(
+        "--fold-bn",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="segmentation net (routed and static alike) with batch norm folded into its convolutions",
     )
     parser.add_argument(
         "--gate-feedforward-dim",
@@ -244,6 +256,7 @@ def main() -> None:
         "seg_batch_size": args.seg_batch_size,
         "seg_size": list(args.seg_size),
         "seg_channels_last": args.seg_channels_last,
+        "seg_fold_bn": args.fold_bn,
         "load_average": [round(load_before, 2), round(load_after, 2)],
     }
     print(json.dumps(summary))

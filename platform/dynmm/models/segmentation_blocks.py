@@ -122,7 +122,10 @@ class StemGate(nn.Module):
         # the same function, without copying both (half-resolution) stems into one tensor first.
         first = self.features[0]
         rgb_weight, depth_weight = first.weight.split([rgb_stem.shape[1], depth_stem.shape[1]], dim=1)
-        hidden = first._conv_forward(rgb_stem, rgb_weight, None) + first._conv_forward(depth_stem, depth_weight, None)
+        # The bias (present once batch norm is folded into this convolution) is added once.
+        hidden = first._conv_forward(rgb_stem, rgb_weight, first.bias) + first._conv_forward(
+            depth_stem, depth_weight, None
+        )
         pooled = self.features[1:](hidden)
         return self.classifier(pooled).flatten(1)
 
