@@ -14,7 +14,8 @@ from dynmm.cli.train import print_summary
 from dynmm.cli.tune import print_front, print_registry
 from dynmm.models import build_model
 from dynmm.spec import load_pipeline
-from dynmm.train.runner import TrainResult, path_costs
+from dynmm.train.prepare import path_costs
+from dynmm.train.runner import TrainResult
 from dynmm.tune.front import LatencySetting, build_front
 from dynmm.tune.records import StaticBaseline, TrialRecord
 

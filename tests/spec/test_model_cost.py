@@ -52,7 +52,7 @@ def test_bad_cost_settings_name_the_field(override, field):
     ],
 )
 def test_latencies_are_measured_only_where_the_loss_or_an_objective_uses_them(overrides, measured):
-    from dynmm.train.runner import wants_latency
+    from dynmm.train.prepare import wants_latency
 
     assert wants_latency(load_pipeline(PIPELINE, overrides)) is measured
 

@@ -15,7 +15,7 @@ from track_store import sqlite_store
 from dynmm.models import build_model, measure_path_costs
 from dynmm.spec import load_pipeline
 from dynmm.track.latency import LATENCY_ARTIFACT, log_latency_table, trial_run_params
-from dynmm.train.runner import path_costs
+from dynmm.train.prepare import path_costs
 from dynmm.tune.cohorts import start_member_run
 
 PIPELINE = Path(__file__).parents[2] / "pipelines" / "digits.yaml"

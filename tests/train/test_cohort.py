@@ -22,7 +22,8 @@ from dynmm.train.checkpoints import STATE_FILE, write_experts
 from dynmm.train.cohort import COHORT_FILE, member_folder
 from dynmm.train.faults import CRASH_AT_GATE_EPOCH_VARIABLE
 from dynmm.train.job import CohortMember
-from dynmm.train.runner import fit_stages, load_model_from_checkpoint, prepare_pipeline, stage_configs
+from dynmm.train.prepare import prepare_pipeline, stage_configs
+from dynmm.train.runner import fit_stages, load_model_from_checkpoint
 from dynmm.train.tracking import checkpointed_epochs, member_metrics
 
 pytestmark = pytest.mark.integration

@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from dynmm.cli import main
 from dynmm.data.digits import digits_meta
-from dynmm.data.format import dataset_writer
+from dynmm.data.writer import dataset_writer
 from dynmm.spec import load_pipeline
 from dynmm.train import datasets, runner
 

@@ -13,10 +13,11 @@ from dynmm.errors import UserError
 from dynmm.models import TemperatureSchedule, build_model, measure_path_costs
 from dynmm.spec import load_pipeline
 from dynmm.train.batches import RankShare, batches
+from dynmm.train.endings import raise_if_loss_diverged
 from dynmm.train.epoch import train_epoch
 from dynmm.train.job import StageConfig, WorkerJob
 from dynmm.train.metrics import nonfinite_losses
-from dynmm.train.runner import raise_if_loss_diverged, stage_configs
+from dynmm.train.prepare import stage_configs
 from dynmm.train.stages import build_lr_scheduler, build_optimizer, freeze_for_stage, set_training_mode
 from dynmm.train.state import StageRun, WorkerState
 

@@ -21,7 +21,8 @@ from dynmm.train.cached_gate import trains_over_expert_cache
 from dynmm.train.checkpoints import EXPERTS_FILE, read_experts
 from dynmm.train.evaluate import evaluate_split
 from dynmm.train.expert_cache import CACHE_FOLDER, MANIFEST_FILE
-from dynmm.train.runner import TrainResult, load_model_from_checkpoint, prepare_pipeline, run_training
+from dynmm.train.prepare import prepare_pipeline
+from dynmm.train.runner import TrainResult, load_model_from_checkpoint, run_training
 
 PIPELINE = Path(__file__).parents[2] / "pipelines" / "digits.yaml"
 pytestmark = pytest.mark.integration

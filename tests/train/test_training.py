@@ -20,7 +20,8 @@ from dynmm.spec import load_pipeline
 from dynmm.train.datasets import in_gate_holdout
 from dynmm.train.evaluate import evaluate_split
 from dynmm.train.faults import CRASH_AT_GATE_EPOCH_VARIABLE
-from dynmm.train.runner import load_model_from_checkpoint, prepare_pipeline, run_training
+from dynmm.train.prepare import prepare_pipeline
+from dynmm.train.runner import load_model_from_checkpoint, run_training
 from dynmm.train.tracking import checkpointed_epochs
 
 PIPELINE = Path(__file__).parents[2] / "pipelines" / "digits.yaml"

@@ -12,7 +12,7 @@ import torch
 
 from dynmm.models import build_model
 from dynmm.spec import load_pipeline
-from dynmm.train.runner import path_costs
+from dynmm.train.prepare import path_costs
 from dynmm.tune.front import LatencySetting, build_front, measured_latency, write_front
 from dynmm.tune.records import StaticBaseline, TrialRecord
 from dynmm.tune.register import latency_tags

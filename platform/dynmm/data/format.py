@@ -293,13 +293,3 @@ def _first_problem(error: ValidationError) -> str:
     problem = error.errors()[0]
     field = ".".join(str(part) for part in problem["loc"]) or "(top level)"
     return f"{field}: {problem['msg']}"
-
-
-def __getattr__(name: str):
-    """The writer's names, moved to ``dynmm.data.writer``, stay importable from here (looked up on first use:
-    the writer imports this module)."""
-    if name in ("DatasetWriter", "dataset_writer"):
-        from dynmm.data import writer
-
-        return getattr(writer, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,7 +11,7 @@ the full depth encoder, as the paper defines the cost. Imports torch only.
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -19,9 +19,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dynmm.models.dynmm import ModalityDynMM
 from dynmm.models.fusion import FusionDynMM
-
-if TYPE_CHECKING:
-    from dynmm.models.latency import PathLatency
 
 
 def _attention_flops(query_shape, key_shape, value_shape, *args: Any, out_shape=None, **kwargs: Any) -> int:
@@ -65,6 +62,22 @@ def flops_to_gflops(flops: float) -> float:
 
 
 @dataclass(frozen=True)
+class PathLatency:
+    """One path at one batch size: its FLOPs per sample and its measured time per sample."""
+
+    path: int
+    path_name: str
+    flops: float  # per sample, of exactly what was timed
+    gate_included: bool  # the timed call ran the gate (modality level) or not (fusion level, path forced)
+    batch_size: int
+    median_ms_per_sample: float
+    p90_ms_per_sample: float
+    device: str
+    threads: int  # torch intra-op threads during the measurement
+    repeats: int
+
+
+@dataclass(frozen=True)
 class PathCosts:
     """FLOPs per sample of the gate and of each expert, and what each path costs."""
 
@@ -81,7 +94,7 @@ class PathCosts:
     path_latency_ms: tuple[float, ...] = ()
     # the measurement behind ``path_latency_ms``, one row per path (median and p90, device, batch size, threads):
     # the table train and tune record in MLflow; empty: not measured
-    latency_rows: tuple["PathLatency", ...] = ()
+    latency_rows: tuple[PathLatency, ...] = ()
 
     @property
     def path_flops(self) -> tuple[float, ...]:

@@ -21,34 +21,18 @@ import statistics
 import time
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 from torch import nn
 
-from dynmm.models.cost import PathCosts, measure_path_costs
+from dynmm.models.cost import PathCosts, PathLatency, measure_path_costs
 from dynmm.models.dynmm import ModalityDynMM
 from dynmm.models.fusion import FusionDynMM
 
 DEFAULT_BATCH_SIZES: tuple[int, ...] = (1, 32)
 DEFAULT_WARMUP_ROUNDS = 2
 DEFAULT_REPEATS = 10
-
-
-@dataclass(frozen=True)
-class PathLatency:
-    """One path at one batch size: its FLOPs per sample and its measured time per sample."""
-
-    path: int
-    path_name: str
-    flops: float  # per sample, of exactly what was timed
-    gate_included: bool  # the timed call ran the gate (modality level) or not (fusion level, path forced)
-    batch_size: int
-    median_ms_per_sample: float
-    p90_ms_per_sample: float
-    device: str
-    threads: int  # torch intra-op threads during the measurement
-    repeats: int
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

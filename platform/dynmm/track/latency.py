@@ -15,7 +15,7 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 
 from dynmm.models import PathCosts
-from dynmm.models.latency import PathLatency
+from dynmm.models.cost import PathLatency
 from dynmm.spec import PipelineSpec
 from dynmm.track.runs import retry
 

@@ -16,14 +16,14 @@ _EXPORTS = {
     "CohortMember": "dynmm.train.job",
     "StageConfig": "dynmm.train.job",
     "stable_hash": "dynmm.train.job",
-    "PreparedPipeline": "dynmm.train.runner",
+    "PreparedPipeline": "dynmm.train.prepare",
     "TrainResult": "dynmm.train.runner",
     "build_datasets": "dynmm.train.runner",
     "fit_stages": "dynmm.train.runner",
     "load_model_from_checkpoint": "dynmm.train.runner",
-    "prepare_pipeline": "dynmm.train.runner",
+    "prepare_pipeline": "dynmm.train.prepare",
     "run_training": "dynmm.train.runner",
-    "stage_configs": "dynmm.train.runner",
+    "stage_configs": "dynmm.train.prepare",
 }
 __all__ = sorted(_EXPORTS)
 

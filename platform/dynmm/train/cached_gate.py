@@ -17,7 +17,7 @@ from dynmm.train.expert_cache import ExpertOutputCache, ensure_expert_cache
 
 if TYPE_CHECKING:
     from dynmm.spec import PipelineSpec
-    from dynmm.train.runner import PreparedPipeline
+    from dynmm.train.prepare import PreparedPipeline
 
 STUDY_SWITCH = "search.expert_cache"
 TRAIN_SWITCH = "run.expert_cache"

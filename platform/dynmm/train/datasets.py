@@ -17,15 +17,10 @@ import ray
 import ray.train
 
 from dynmm.data.readers import ray_dataset
-from dynmm.spec import PipelineSpec
+from dynmm.train.prepare import PreparedPipeline, holdout_fraction
 
 if TYPE_CHECKING:
     from dynmm.train.expert_cache import ExpertOutputCache
-    from dynmm.train.runner import PreparedPipeline
-
-
-def holdout_fraction(spec: PipelineSpec) -> float:
-    return spec.stages.gate.holdout_fraction if spec.stages.gate.enabled else 0.0
 
 
 def build_datasets(
