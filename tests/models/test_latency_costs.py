@@ -4,10 +4,11 @@ worker's cost tensors built from them."""
 from __future__ import annotations
 
 import pytest
+from ray import cloudpickle
 
 from dynmm.models import PathCosts, build_model, measure_path_costs
 from dynmm.models.latency import with_path_latency
-from dynmm.train.job import StageConfig, WorkerJob
+from dynmm.train.job import CheckpointPlan, StageConfig, WorkerJob
 from dynmm.train.state import CostTensors
 
 
@@ -37,19 +38,21 @@ def test_with_path_latency_adds_one_positive_latency_per_path_and_keeps_the_flop
 def _job(loss_cost: str, path_latency_ms: tuple[float, ...]) -> WorkerJob:
     return WorkerJob(
         model_name="digits", model_args={}, task="multiclass", num_classes=10,
-        stages=(StageConfig(name="gate", epochs=1, lr=1e-3),), experts_uri="/unused", gate_flops=1.0,
-        expert_flops=(3.0, 9.0), path_latency_ms=path_latency_ms, loss_cost=loss_cost,
+        stages=(StageConfig(name="gate", epochs=1, lr=1e-3),), experts_uri="/unused",
+        checkpoints=CheckpointPlan("/unused"),
+        costs=PathCosts(1.0, (3.0, 9.0), path_latency_ms=path_latency_ms), loss_cost=loss_cost,
     )
 
 
 def test_the_worker_weighs_latencies_with_cost_latency_and_flops_otherwise():
-    by_latency = CostTensors.of(_job("latency", (0.5, 2.0)), "cpu")
-    by_flops = CostTensors.of(_job("flops", (0.5, 2.0)), "cpu")
+    by_latency = CostTensors.of(_job("latency", (0.5, 2.0)).costs, "latency", "cpu")
+    by_flops = CostTensors.of(_job("flops", (0.5, 2.0)).costs, "flops", "cpu")
     assert by_latency.normalised.tolist() == pytest.approx([0.25, 1.0])
     assert by_flops.normalised.tolist() == pytest.approx([0.4, 1.0])
     assert by_latency.path_latency_ms == by_flops.path_latency_ms == (0.5, 2.0)
 
 
-def test_a_worker_job_with_latencies_survives_its_config_round_trip():
+def test_a_worker_job_with_latencies_reaches_the_workers_as_it_was():
+    """Ray hands the job to its workers pickled (cloudpickle), latencies and all."""
     job = _job("latency", (0.5, 2.0))
-    assert WorkerJob.from_config(job.to_config()) == job
+    assert cloudpickle.loads(cloudpickle.dumps(job)) == job

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from dynmm.spec import load_pipeline
 from dynmm.track.latency import LATENCY_ARTIFACT, log_latency_table, trial_run_params
 from dynmm.train.prepare import path_costs
 from dynmm.tune.cohorts import start_member_run
+from dynmm.tune.trials import TrialContext
 
 PIPELINE = Path(__file__).parents[2] / "pipelines" / "digits.yaml"
 TIMED = ["model.cost=latency", "model.latency.batch_size=4", "model.latency.repeats=3", "model.latency.threads=1"]
@@ -68,7 +70,8 @@ def test_a_trial_run_of_a_latency_study_names_where_its_latency_was_measured(tim
     parent = store.client.create_run(store.experiment_id).info.run_id
     member = {"number": 3, "params": {"lambda": 0.5}}
 
-    run_id = start_member_run(store.uri, spec, "digits-study", "t0-m0", 0, "t0", member, parent, costs)
+    context = TrialContext(SimpleNamespace(costs=costs), {}, store.uri, parent, "digits-study")
+    run_id = start_member_run(context, spec, "t0-m0", 0, "t0", member)
 
     params = store.client.get_run(run_id).data.params
     assert (params["model.latency.device"], params["model.latency.batch_size"]) == ("cpu", "4")

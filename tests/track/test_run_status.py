@@ -67,7 +67,7 @@ class RunsAShellCommand:
 
 
 def test_resuming_from_a_crafted_checkpoint_fails_the_run_with_one_line_naming_the_file(interrupted):
-    checkpoints = sorted((interrupted["root"] / "runs").glob("digits-train-*/checkpoint_*/state.pt"))
+    checkpoints = sorted((interrupted["root"] / "runs").glob("digits-train-*/checkpoints/step-*/state.pt"))
     assert checkpoints, "the interrupted run left no checkpoint to resume from"
     marker = interrupted["root"] / "pwned"
     for state in checkpoints:
@@ -78,6 +78,6 @@ def test_resuming_from_a_crafted_checkpoint_fails_the_run_with_one_line_naming_t
     assert resumed.returncode == 2, resumed.stderr[-3000:]
     error = resumed.stderr.strip().splitlines()
     assert len(error) == 1, resumed.stderr[-3000:]
-    assert error[0].startswith("error: ") and "/checkpoint_" in error[0] and "state.pt: refused" in error[0]
+    assert error[0].startswith("error: ") and "/checkpoints/step-" in error[0] and "state.pt: refused" in error[0]
     assert not marker.exists(), "the checkpoint's code ran"
     assert train_run(f"sqlite:///{interrupted['root'] / 'mlflow.db'}").info.status == "FAILED"

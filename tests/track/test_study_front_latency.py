@@ -12,7 +12,8 @@ from track_store import sqlite_store
 from dynmm.spec import load_pipeline
 from dynmm.train import prepare_pipeline
 from dynmm.tune.records import TrialRecord
-from dynmm.tune.study import StudyRun, report_study, resolve_objectives
+from dynmm.tune.setup import resolve_objectives
+from dynmm.tune.study import StudyRun, report_study
 
 PIPELINE = Path(__file__).parents[2] / "pipelines" / "digits.yaml"
 THREE_OBJECTIVES = ("search.objectives=[{metric: quality, mode: max}, {metric: gflops, mode: min}, "

@@ -18,12 +18,14 @@ import torch
 from dynmm.models import build_model
 from dynmm.spec import load_pipeline
 from dynmm.train.cached_gate import expert_cache_for
-from dynmm.train.checkpoints import STATE_FILE, write_experts
+from dynmm.train.checkpoints import load_state, write_experts
 from dynmm.train.cohort import COHORT_FILE, member_folder
 from dynmm.train.faults import CRASH_AT_GATE_EPOCH_VARIABLE
+from dynmm.train.fit import Fit, fit_stages
 from dynmm.train.job import CohortMember
 from dynmm.train.prepare import prepare_pipeline, stage_configs
-from dynmm.train.runner import fit_stages, load_model_from_checkpoint
+from dynmm.train.runner import load_model_from_checkpoint
+from dynmm.train.store import checkpoint_uri, join, open_checkpoint
 from dynmm.train.tracking import checkpointed_epochs, member_metrics
 
 pytestmark = pytest.mark.integration
@@ -68,10 +70,10 @@ class Runs:
     rung_calls: list
 
 
-def _fit(*args, **kwargs) -> tuple[list[dict], object]:
+def _fit(prepared, stages, run_name, **kwargs) -> tuple[list[dict], object]:
     """Every epoch the run reported, as the driver receives them, and the run's result."""
     records: list[dict] = []
-    result = fit_stages(*args, show=records.append, **kwargs)
+    result = fit_stages(Fit(prepared, stages, run_name, show=records.append, **kwargs))
     by_step = {int(record["metrics"]["global_step"]): record["metrics"] for record in records}
     return [by_step[step] for step in sorted(by_step)], result  # a resumed run reports its epochs from there
 
@@ -159,10 +161,11 @@ def test_each_member_has_its_own_checkpoint_folder_that_loads_as_a_model(runs):
         folders = sorted(path.name for path in Path(directory).iterdir() if path.is_dir())
         assert folders == [member_folder(i) for i in range(len(MEMBERS))]
         assert (Path(directory) / COHORT_FILE).exists()
-        # the stopped member keeps its epoch history, not a model: it is not a candidate
-        assert not (Path(directory) / member_folder(STOPPED) / STATE_FILE).exists()
+        # the stopped member keeps its model as it was when it stopped, beside its epoch history
+        stopped = load_state(Path(directory) / member_folder(STOPPED))
+        assert stopped["position"]["epoch"] == 1
     spec = runs.prepared.spec
-    models = [load_model_from_checkpoint(spec, ray.train.Checkpoint(f"{checkpoint.path}/{member_folder(i)}"))
+    models = [load_model_from_checkpoint(spec, open_checkpoint(join(checkpoint_uri(checkpoint), member_folder(i))))
               for i in (0, 1)]
     gates = [dict(model.gate.named_parameters()) for model in models]
     assert any(not torch.equal(gates[0][name], gates[1][name]) for name in gates[0])

@@ -15,13 +15,15 @@ from dynmm.spec import load_pipeline
 from dynmm.train.batches import RankShare, batches
 from dynmm.train.endings import raise_if_loss_diverged
 from dynmm.train.epoch import train_epoch
-from dynmm.train.job import StageConfig, WorkerJob
+from dynmm.train.host import LocalHost
+from dynmm.train.job import CheckpointPlan, DataPlan, StageConfig, WorkerJob
 from dynmm.train.metrics import nonfinite_losses
 from dynmm.train.prepare import stage_configs
 from dynmm.train.stages import build_lr_scheduler, build_optimizer, freeze_for_stage, set_training_mode
 from dynmm.train.state import StageRun, WorkerState
 
 PIPELINE = Path(__file__).parents[2] / "pipelines" / "digits.yaml"
+HOST = LocalHost({}, [])  # the calling process as the only worker; these tests keep their rows in memory
 
 
 def in_memory_share(rows: int, equal_rows: int, seed: int = 0) -> RankShare:
@@ -37,8 +39,8 @@ def in_memory_share(rows: int, equal_rows: int, seed: int = 0) -> RankShare:
 def test_a_rank_with_one_row_more_trains_as_many_batches_as_the_others_and_validates_every_row():
     # 65 rows on 2 ranks: shares of 32 and 33 rows; with batches of 32 the larger share would take 2 steps
     larger_share = {"train": in_memory_share(33, equal_rows=65 // 2)}
-    training = list(batches("train", 32, "cpu", seed=1, cache=larger_share, equal_shares=True))
-    validation = list(batches("train", 32, "cpu", cache=larger_share))
+    training = list(batches(HOST, "train", 32, seed=1, cache=larger_share, equal_shares=True))
+    validation = list(batches(HOST, "train", 32, cache=larger_share))
     assert [len(batch["label"]) for batch in training] == [32]
     assert [len(batch["label"]) for batch in validation] == [32, 1]
 
@@ -47,7 +49,7 @@ def test_the_row_a_larger_share_leaves_out_changes_from_epoch_to_epoch():
     share = {"train": RankShare({"row": torch.arange(33)}, 33, 32)}
     left_out = []
     for epoch in range(4):
-        (batch,) = batches("train", 64, "cpu", seed=epoch, cache=share, equal_shares=True)
+        (batch,) = batches(HOST, "train", 64, seed=epoch, cache=share, equal_shares=True)
         assert len(batch["row"]) == len(set(batch["row"].tolist())) == 32
         left_out.append(set(range(33)) - set(batch["row"].tolist()))
     assert len({row for rows in left_out for row in rows}) > 1
@@ -60,7 +62,7 @@ def gate_weights_after_one_soft_epoch(gumbel_override: str) -> torch.Tensor:
     stage = next(stage for stage in stage_configs(spec) if stage.name == "gate")
     torch.manual_seed(0)
     model = build_model("digits", gate="mlp")
-    state = WorkerState.create(worker_job(model, stage, batch_size=16), model)
+    state = WorkerState.create(worker_job(model, stage, batch_size=16), model, HOST)
     state.shards["train_gate"] = in_memory_share(64, equal_rows=64)
     optimizer = torch.optim.SGD(model.gate.parameters(), lr=0.5)
     temperature = TemperatureSchedule(stage.tau_start, stage.tau_end, stage.epoch_hard, stage.epoch_ini)
@@ -70,10 +72,9 @@ def gate_weights_after_one_soft_epoch(gumbel_override: str) -> torch.Tensor:
 
 def worker_job(model, stage: StageConfig, **fields) -> WorkerJob:
     """A job for the digits model with the FLOPs the driver would count for it, its rows kept in memory."""
-    costs = measure_path_costs(model)
     return WorkerJob("digits", {"gate": "mlp"}, "multiclass", 10, (stage,), experts_uri="",
-                     cache_shards_in_memory=True, gate_flops=costs.gate_flops, expert_flops=costs.expert_flops,
-                     routed_path_flops=costs.routed_path_flops, loss_flops=costs.loss_flops, **fields)
+                     checkpoints=CheckpointPlan(""), costs=measure_path_costs(model),
+                     data=DataPlan(in_memory=True, **fields))
 
 
 def test_the_gate_stage_gumbel_switch_changes_training():

@@ -21,7 +21,8 @@ from dynmm.train.batches import RankShare
 from dynmm.train.checkpoints import save_state
 from dynmm.train.epoch import loss_cost_reductions, train_epoch
 from dynmm.train.evaluate import Noise, add_noise, evaluate_split
-from dynmm.train.job import StageConfig, WorkerJob
+from dynmm.train.host import LocalHost
+from dynmm.train.job import CheckpointPlan, DataPlan, StageConfig, WorkerJob
 from dynmm.train.metrics import (
     EpochSums,
     confusion_matrix,
@@ -188,14 +189,13 @@ def one_gate_epoch(static: bool, resource_lambda: float) -> dict[str, float]:
     costs = measure_path_costs(model)
     stage = StageConfig("gate", epochs=1, lr=0.01, optimizer="sgd", resource_lambda=resource_lambda, epoch_ini=1,
                         freeze_experts=False)
-    job = WorkerJob("nyuv2", TINY_3_CLASSES, "segmentation", 3, (stage,), experts_uri="", batch_size=4,
-                    cache_shards_in_memory=True, gate_flops=costs.gate_flops, expert_flops=costs.expert_flops,
-                    routed_path_flops=costs.routed_path_flops, loss_flops=costs.loss_flops)
+    job = WorkerJob("nyuv2", TINY_3_CLASSES, "segmentation", 3, (stage,), experts_uri="",
+                    checkpoints=CheckpointPlan(""), costs=costs, data=DataPlan(batch_size=4, in_memory=True))
     generator = torch.Generator().manual_seed(0)
     columns = {"rgb": 255 * torch.rand((8, 3, 48, 64), generator=generator),
                "depth": 10_000 * torch.rand((8, 1, 48, 64), generator=generator),
                "label": torch.randint(0, 4, (8, 48, 64), generator=generator)}
-    state = WorkerState.create(job, model)
+    state = WorkerState.create(job, model, LocalHost({}, []))
     state.shards["train_gate"] = RankShare(columns, 8, 8)
     freeze_for_stage(model, stage)
     optimizer = build_optimizer(stage, model)
@@ -203,7 +203,8 @@ def one_gate_epoch(static: bool, resource_lambda: float) -> dict[str, float]:
     run = StageRun(0, stage, model, optimizer, build_lr_scheduler(stage, optimizer), temperature)
     sums = train_epoch(state, run, 0)
     metrics = {f"train_{key}": value for key, value in finalize(sums, costs.static_flops / 1e9).items()}
-    return metrics | loss_cost_reductions(metrics | {f"val_path{p}_fraction": 0.2 for p in range(5)}, job.loss_flops)
+    fractions = {f"val_path{p}_fraction": 0.2 for p in range(5)}
+    return metrics | loss_cost_reductions(metrics | fractions, job.costs.loss_flops)
 
 
 def test_the_static_net_trains_on_the_task_loss_alone_with_every_sample_on_the_full_path():

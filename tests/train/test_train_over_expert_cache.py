@@ -10,19 +10,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import ray.train
 import torch
 from mlflow.tracking import MlflowClient
 
 from dynmm.models import build_model
 from dynmm.spec import PipelineSpec, load_pipeline
 from dynmm.train import datasets
-from dynmm.train.cached_gate import trains_over_expert_cache
+from dynmm.train.cached_gate import expert_cache_decision
 from dynmm.train.checkpoints import EXPERTS_FILE, read_experts
 from dynmm.train.evaluate import evaluate_split
 from dynmm.train.expert_cache import CACHE_FOLDER, MANIFEST_FILE
 from dynmm.train.prepare import prepare_pipeline
 from dynmm.train.runner import TrainResult, load_model_from_checkpoint, run_training
+from dynmm.train.store import open_checkpoint
 
 PIPELINE = Path(__file__).parents[2] / "pipelines" / "digits.yaml"
 pytestmark = pytest.mark.integration
@@ -107,31 +107,31 @@ def test_the_gate_epochs_follow_the_experts_epochs_in_one_mlflow_run(trained):
 
 def test_the_final_checkpoint_is_the_routed_model_its_logged_metrics_describe(trained):
     result, prepared = trained.result, prepare_pipeline(trained.spec)
-    model = load_model_from_checkpoint(trained.spec, ray.train.Checkpoint(result.checkpoint_path))
+    model = load_model_from_checkpoint(trained.spec, open_checkpoint(result.checkpoint_path))
     trained_experts = read_experts(prepared.experts_uri)
     assert all(torch.equal(value, trained_experts[name]) for name, value in model.experts.state_dict().items())
     untrained_gate = build_model("digits", **trained.spec.model.args).gate.head.state_dict()
     assert any(not torch.equal(value, untrained_gate[name]) for name, value in model.gate.head.state_dict().items())
     one_pass = evaluate_split(model, prepared.dataset_dir, "valid", "multiclass", 10, prepared.costs)
-    assert result.final_metrics["val_accuracy"] == pytest.approx(one_pass["accuracy"], abs=1e-9)
-    assert result.final_metrics["val_loss"] == pytest.approx(one_pass["loss"], rel=1e-4)
-    assert result.final_metrics["val_gflops_per_sample"] == pytest.approx(one_pass["gflops_per_sample"], rel=1e-9)
+    assert result.kept_metrics["val_accuracy"] == pytest.approx(one_pass["accuracy"], abs=1e-9)
+    assert result.kept_metrics["val_loss"] == pytest.approx(one_pass["loss"], rel=1e-4)
+    assert result.kept_metrics["val_gflops_per_sample"] == pytest.approx(one_pass["gflops_per_sample"], rel=1e-9)
 
 
-@pytest.mark.parametrize(("setting", "in_memory_below", "expected", "lines"), [
-    ("auto", datasets.MATERIALIZE_BELOW_BYTES, False, []),  # digits fits in memory: one run that runs the experts
-    ("auto", 1, True, []),  # a dataset the workers would stream from disk
-    ("true", datasets.MATERIALIZE_BELOW_BYTES, True, []),
-    ("false", 1, False, ["expert-output cache: not used: run.expert_cache is false"]),
+@pytest.mark.parametrize(("setting", "in_memory_below", "expected", "reason"), [
+    ("auto", datasets.MATERIALIZE_BELOW_BYTES, False, "small enough to keep in memory"),  # one run, experts run
+    ("auto", 1, True, ""),  # a dataset the workers would stream from disk
+    ("true", datasets.MATERIALIZE_BELOW_BYTES, True, ""),
+    ("false", 1, False, "run.expert_cache is false"),
 ])
 def test_run_expert_cache_decides_whether_the_gate_trains_over_the_cache(
-    trained, monkeypatch, setting, in_memory_below, expected, lines
+    trained, monkeypatch, setting, in_memory_below, expected, reason
 ):
     monkeypatch.setattr(datasets, "MATERIALIZE_BELOW_BYTES", in_memory_below)
-    shown: list[str] = []
     prepared = prepare_pipeline(small_digits(trained.root, **{"run.expert_cache": setting}))
-    assert trains_over_expert_cache(prepared, shown.append) is expected
-    assert shown == lines
+    decision = expert_cache_decision(prepared, for_study=False)
+    assert decision.used is expected
+    assert reason in decision.reason and bool(decision.reason) is not expected
 
 
 def test_run_expert_cache_is_auto_by_default_and_leaves_run_names_as_they_were(trained):

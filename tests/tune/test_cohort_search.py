@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
 import ray.tune
 
 from dynmm.spec import load_pipeline
+from dynmm.train.cached_gate import CacheDecision, expert_cache_decision
+from dynmm.train.prepare import prepare_pipeline
 from dynmm.tune.cohorts import cohort_size, trial_records
+from dynmm.tune.folder import StudyFolder, open_study_storage
 from dynmm.tune.moasha import CONTINUE, STOP, MemberRungs, MoAshaRungs
 from dynmm.tune.search import startup_ladder
-from dynmm.tune.study import Objectives, build_searcher, open_study_storage
+from dynmm.tune.setup import Objectives, build_searcher
 
 PIPELINE = Path(__file__).parents[2] / "pipelines" / "digits.yaml"
 OBJECTIVES = Objectives(("val_accuracy", "val_gflops_per_sample"), ("max", "min"))
@@ -27,15 +31,18 @@ def digits(*overrides: str):
 
 
 def stored_trials(tmp_path: Path) -> list[optuna.trial.FrozenTrial]:
-    return optuna.load_study(study_name="s", storage=open_study_storage(tmp_path)).get_trials()
+    return optuna.load_study(study_name="s", storage=open_study_storage(tmp_path / "s")).get_trials()
+
+
+CACHED = CacheDecision(True)
 
 
 def test_the_auto_cohort_gives_each_concurrent_trial_about_three_cohorts_up_to_sixteen_members():
-    assert cohort_size(digits("search.num_trials=12"), 1) == (6, None)
-    assert cohort_size(digits("search.num_trials=12"), 2) == (3, None)
-    assert cohort_size(digits("search.num_trials=2"), 1) == (1, None)
-    assert cohort_size(digits("search.num_trials=480"), 1) == (16, None)
-    assert cohort_size(digits("search.num_trials=12", "search.cohort_size=5"), 1) == (5, None)
+    assert cohort_size(digits("search.num_trials=12"), 1, CACHED) == (6, None)
+    assert cohort_size(digits("search.num_trials=12"), 2, CACHED) == (3, None)
+    assert cohort_size(digits("search.num_trials=2"), 1, CACHED) == (1, None)
+    assert cohort_size(digits("search.num_trials=480"), 1, CACHED) == (16, None)
+    assert cohort_size(digits("search.num_trials=12", "search.cohort_size=5"), 1, CACHED) == (5, None)
 
 
 @pytest.mark.parametrize(("override", "reason"), [
@@ -43,14 +50,23 @@ def test_the_auto_cohort_gives_each_concurrent_trial_about_three_cohorts_up_to_s
     ("search.expert_cache=false", "search.expert_cache is false"),
     ("stages.gate.freeze_experts=false", "freeze_experts is false"),
 ])
-def test_pipelines_that_cannot_use_the_expert_cache_train_one_configuration_per_run_and_say_why(override, reason):
-    size, why_not = cohort_size(digits("search.cohort_size=8", override), 1)
+def test_pipelines_that_cannot_use_the_expert_cache_train_one_configuration_per_run_and_say_why(
+        override, reason, tmp_path):
+    spec = digits("search.cohort_size=8", override, f"data.root={tmp_path}")
+    decision = expert_cache_decision(prepare_pipeline(spec), for_study=True)
+    size, why_not = cohort_size(spec, 1, decision)
     assert size == 1 and reason in why_not
+
+
+def test_the_fusion_level_model_is_known_by_its_type_and_trains_without_the_cache():
+    prepared = SimpleNamespace(spec=digits(), fusion_level=True)
+    decision = expert_cache_decision(prepared, for_study=True)
+    assert not decision.used and "fusion-level model" in decision.reason
 
 
 def test_cohorts_ask_the_ladder_first_and_hold_num_trials_members_with_a_smaller_last_cohort(tmp_path):
     spec = digits("search.num_trials=5", "search.startup_trials=3")
-    searcher = build_searcher(spec, OBJECTIVES, "s", tmp_path, members_per_trial=2)
+    searcher = build_searcher(spec, OBJECTIVES, StudyFolder("s", str(tmp_path)), members_per_trial=2)
     cohorts = [searcher.suggest(f"trial-{index}") for index in range(3)]
     assert [len(cohort["members"]) for cohort in cohorts] == [2, 2, 1]
     assert searcher.suggest("trial-3") == ray.tune.search.Searcher.FINISHED
@@ -69,7 +85,7 @@ def member_end(number: int, quality: float, gflops: float, **flags) -> dict:
 
 def test_each_member_is_told_to_its_own_optuna_trial(tmp_path):
     spec = digits("search.num_trials=8", "search.max_gflops=1.0", "search.startup=random")
-    searcher = build_searcher(spec, OBJECTIVES, "s", tmp_path, members_per_trial=4)
+    searcher = build_searcher(spec, OBJECTIVES, StudyFolder("s", str(tmp_path)), members_per_trial=4)
     first, second = (searcher.suggest(trial_id)["members"] for trial_id in ("first", "second"))
     numbers = [member["number"] for member in first]
     searcher.on_trial_complete("first", {"members": [
@@ -86,13 +102,13 @@ def test_each_member_is_told_to_its_own_optuna_trial(tmp_path):
     assert by_number[numbers[1]].user_attrs["constraint"] == [pytest.approx(1.0)]
     assert by_number[numbers[0]].params == first[0]["params"]
     assert [by_number[member["number"]].state for member in second] == [States.FAIL] * 4
-    study = optuna.load_study(study_name="s", storage=open_study_storage(tmp_path))
+    study = optuna.load_study(study_name="s", storage=open_study_storage(tmp_path / "s"))
     assert [trial.number for trial in study.best_trials] == [numbers[0]], "the costly member is infeasible"
 
 
 def test_a_restored_searcher_goes_on_with_the_cohorts_it_had_asked_for(tmp_path):
     spec = digits("search.num_trials=6", "search.startup=random")
-    searcher = build_searcher(spec, OBJECTIVES, "s", tmp_path, members_per_trial=2)
+    searcher = build_searcher(spec, OBJECTIVES, StudyFolder("s", str(tmp_path)), members_per_trial=2)
     pickled_at_start = pickle.dumps(searcher)  # what Tuner.restore unpickles, before it restores the state
     running = searcher.suggest("running")
     searcher.save(str(tmp_path / "searcher-state"))

@@ -11,7 +11,7 @@ from dynmm.errors import SpecError
 from dynmm.spec import load_pipeline
 from dynmm.tune.moasha import CONTINUE, STOP, MoAshaRungs, MoAshaScheduler
 from dynmm.tune.records import StaticBaseline
-from dynmm.tune.study import Objectives, build_scheduler, check_scheduler_objectives
+from dynmm.tune.setup import Objectives, build_scheduler, check_scheduler_objectives
 
 PIPELINE = Path(__file__).parents[2] / "pipelines" / "digits.yaml"
 

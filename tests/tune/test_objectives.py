@@ -8,7 +8,7 @@ import pytest
 
 from dynmm.errors import SpecError
 from dynmm.spec import load_pipeline
-from dynmm.tune.study import resolve_objectives
+from dynmm.tune.setup import resolve_objectives
 
 PIPELINE = Path(__file__).parents[2] / "pipelines" / "digits.yaml"
 

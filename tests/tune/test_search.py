@@ -10,8 +10,10 @@ import optuna
 import pytest
 
 from dynmm.spec import load_pipeline
+from dynmm.tune.folder import StudyFolder, open_study_storage
 from dynmm.tune.search import SETS_CONSTRAINTS, startup_ladder
-from dynmm.tune.study import Objectives, build_searcher, open_study_storage, trained_gate
+from dynmm.tune.setup import Objectives, build_searcher
+from dynmm.tune.study import trained_gate
 
 PIPELINE = Path(__file__).parents[2] / "pipelines" / "digits.yaml"
 OBJECTIVES = Objectives(("val_accuracy", "val_gflops_per_sample"), ("max", "min"))
@@ -61,12 +63,12 @@ def test_ladder_never_exceeds_the_number_of_trials():
 def test_the_study_queues_the_ladder_once_and_suggests_it_first(tmp_path):
     spec = digits("search.startup_trials=4")
     ladder = [point["lambda"] for point in startup_ladder(spec.search, spec.stages.gate)]
-    build_searcher(spec, OBJECTIVES, "s", tmp_path)
-    stored = optuna.load_study(study_name="s", storage=open_study_storage(tmp_path)).get_trials()
+    build_searcher(spec, OBJECTIVES, StudyFolder("s", str(tmp_path)))
+    stored = optuna.load_study(study_name="s", storage=open_study_storage(tmp_path / "s")).get_trials()
     assert [trial.state for trial in stored] == [optuna.trial.TrialState.WAITING] * 4
     # a searcher built again on the same journal (a resume Tune could not restore) queues nothing more
-    searcher = build_searcher(spec, OBJECTIVES, "s", tmp_path)
-    assert len(optuna.load_study(study_name="s", storage=open_study_storage(tmp_path)).get_trials()) == 4
+    searcher = build_searcher(spec, OBJECTIVES, StudyFolder("s", str(tmp_path)))
+    assert len(optuna.load_study(study_name="s", storage=open_study_storage(tmp_path / "s")).get_trials()) == 4
     suggested = [searcher.suggest(f"trial-{index}")["lambda"] for index in range(4)]
     assert suggested == pytest.approx(ladder)
     assert ladder[0] == pytest.approx(0.05) and ladder[-1] == pytest.approx(2.0)
@@ -84,14 +86,14 @@ def test_a_finished_trial_above_max_gflops_is_infeasible_and_leaves_the_front(tm
     spec = digits("search.max_gflops=1.0", "search.startup_trials=2")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        searcher = build_searcher(spec, OBJECTIVES, "s", tmp_path)
+        searcher = build_searcher(spec, OBJECTIVES, StudyFolder("s", str(tmp_path)))
     assert not [w for w in caught if "constraints_func" in str(w.message)], "a deprecated Optuna API in use"
     configs = {trial_id: searcher.suggest(trial_id) for trial_id in ("queued", "costly", "cheap", "stopped")}
     # told out of order: each result reaches the Optuna trial asked for its Ray trial
     searcher.on_trial_complete("stopped", {"finished": False, "val_accuracy": 0.99, "val_gflops_per_sample": 0.1})
     searcher.on_trial_complete("cheap", {"finished": True, "val_accuracy": 0.80, "val_gflops_per_sample": 0.5})
     searcher.on_trial_complete("costly", {"finished": True, "val_accuracy": 0.95, "val_gflops_per_sample": 2.0})
-    study = optuna.load_study(study_name="s", storage=open_study_storage(tmp_path))
+    study = optuna.load_study(study_name="s", storage=open_study_storage(tmp_path / "s"))
     by_ray_id = {ray_id: next(t for t in study.get_trials() if t.params == configs[ray_id]) for ray_id in configs}
     assert by_ray_id["costly"].user_attrs["constraint"] == [pytest.approx(1.0)]
     assert by_ray_id["cheap"].user_attrs["constraint"] == [pytest.approx(-0.5)]

@@ -25,7 +25,8 @@ from mlflow.tracking import MlflowClient
 
 from dynmm.cli import main
 from dynmm.spec import load_pipeline
-from dynmm.tune.study import open_study_storage, study_name
+from dynmm.tune.folder import open_study_storage
+from dynmm.tune.study import study_name
 from server_process import BIN, free_port, wait_for_http
 
 PIPELINE = Path(__file__).parents[2] / "pipelines" / "digits.yaml"
@@ -82,8 +83,8 @@ def resumed_study(mlflow_server, ray_session, tmp_path_factory) -> ResumedStudy:
         if first_cohort_ended(line):
             break
     # killed while the second cohort trains: once its Ray Train run has checkpointed an epoch
-    wait_until(lambda: len({path.parents[1] for path in (tmp_path / "runs").glob(f"{name}-*/checkpoint_*/member-0")})
-               == 2, first)
+    wait_until(lambda: len({path.parents[2] for path in
+                            (tmp_path / "runs").glob(f"{name}-*/checkpoints/step-*/member-0")}) == 2, first)
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
     assert any(first_cohort_ended(line) for line in seen), "".join(seen)
@@ -138,7 +139,7 @@ def test_killed_study_resumes_without_rerunning_finished_trials_and_writes_its_f
     assert not any(tune_line in resumed_study.stdout
                    for tune_line in ("Configuration for experiment", "View detailed results", "Trial status"))
     # cohorts said so; the live view counts members per minute; the summary says where the time went
-    assert "cohort trials: 2 gate configurations trained together per Ray Train run" in resumed_study.stdout
+    assert "cohort trials: 2 gate configurations trained together per run" in resumed_study.stdout
     assert re.search(r"trials: \d done, 0 running, \d pruned", resumed_study.stdout)
     assert " trials/min " in resumed_study.stdout
     assert re.search(r"time spent on +experts \d+ s .*training \d+ s .*evaluation \d+ s", resumed_study.stdout)
@@ -345,7 +346,7 @@ def test_a_study_with_cohort_size_one_trains_one_gate_per_run_as_before(resumed_
     assert not any(line.startswith("cohort trials") for line in lines), lines
     assert [record.state for record in run.trials] == ["complete", "complete"]
     for record in run.trials:
-        assert "-" not in record.trial_id and Path(record.checkpoint).name.startswith("checkpoint_")
+        assert "-" not in record.trial_id and Path(record.checkpoint).name.startswith("step-")
         assert record.epochs == 3 and "test_accuracy" in record.metrics
     client = MlflowClient(resumed_study.server.url)
     runs = client.search_runs([client.get_experiment_by_name("digits-per-trial").experiment_id],

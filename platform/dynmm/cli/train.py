@@ -74,7 +74,7 @@ class EpochPrinter:
         stage, epoch, epochs, metrics = record["stage"], record["epoch"], record["epochs"], record["metrics"]
         now = time.monotonic()
         first_time, first_epoch = self.stage_started.setdefault(stage, (now - metrics["epoch_seconds"], epoch))
-        per_epoch = (now - first_time) / (epoch - first_epoch + 1)
+        per_epoch = (now - first_time) / max(epoch - first_epoch + 1, 1)  # an epoch handed on late comes last
         eta = per_epoch * (epochs - epoch - 1)
         return (f"{stage:<8} {epoch + 1:>3}/{epochs:<3} {_metrics_text(record['metrics'])}  "
                 f"elapsed {_clock(now - self.started)}  ETA {_clock(eta)}")
@@ -112,10 +112,11 @@ def print_summary(result) -> None:
     from dynmm.models import flops_to_gflops
     from dynmm.track.runs import redact_credentials
 
-    metrics = result.final_metrics
+    metrics = result.kept_metrics or result.final_metrics  # the final model's epoch
     quality = result.quality_metric
     paths = sorted(k for k in metrics if k.startswith("val_path") and k.endswith("_fraction"))
     rows = [
+        *_kept_epoch_line(result),
         ("validation " + quality, f"{metrics.get('val_' + quality, float('nan')):.4f}"),
         ("GFLOPs per sample (gate included)", f"{metrics.get('val_gflops_per_sample', float('nan')):.4g}"),
         ("static full fusion GFLOPs", f"{flops_to_gflops(result.costs.static_flops):.4g}"),
@@ -136,9 +137,19 @@ def print_summary(result) -> None:
         print(f"  {name:<{width}}  {value}")
 
 
+def _kept_epoch_line(result) -> list[tuple[str, str]]:
+    """Which epoch the final model is: a gate or finetune stage keeps its validation-best (``keep: best``)."""
+    kept, last = result.kept_metrics, result.final_metrics
+    if not kept or "global_step" not in kept:
+        return []
+    step, last_step = int(kept["global_step"]), int(last.get("global_step", kept["global_step"]))
+    which = "its last" if step == last_step else f"the best validation objective of its stage, last step {last_step}"
+    return [("final model", f"step {step} (epoch {int(kept['epoch']) + 1} of its stage: {which})")]
+
+
 def _expected_latency_line(result) -> list[tuple[str, str]]:
     """The run's expected ms per sample, where it measured its paths' latency (``model.latency``)."""
-    latency_ms = result.final_metrics.get("val_latency_ms_per_sample")
+    latency_ms = (result.kept_metrics or result.final_metrics).get("val_latency_ms_per_sample")
     if latency_ms is None or not result.costs.latency_rows:
         return []
     timed = result.costs.latency_rows[0]

@@ -122,6 +122,11 @@ class GateStageSpec(_OptimiserFields):
     holdout_fraction: float = Field(
         0.0, ge=0, lt=1, description="share of the train split kept from the experts and used to train the gate"
     )
+    keep: Literal["best", "last"] = Field(
+        "best",
+        description="the stage's result: its epoch with the best validation objective (task loss + lambda x "
+        "normalised cost, hard gates), or its last epoch",
+    )
 
     @model_validator(mode="after")
     def _tau_decreases(self) -> GateStageSpec:
@@ -136,6 +141,11 @@ class FinetuneStageSpec(_OptimiserFields):
     enabled: bool = False
     resource_lambda: float = Field(0.0, ge=0, alias="lambda")
     budget: float | None = Field(None, gt=0, le=1)
+    keep: Literal["best", "last"] = Field(
+        "best",
+        description="the stage's result: its epoch with the best validation objective (task loss + lambda x "
+        "normalised cost, hard gates), or its last epoch",
+    )
 
 
 class StagesSpec(_Frozen):
@@ -155,7 +165,11 @@ class ScalingSpec(_Frozen):
 
 
 class CheckpointSpec(_Frozen):
-    every_epochs: int = Field(1, ge=1)
+    """How often a run writes a checkpoint: every ``every_epochs`` epochs and at most every ``every_seconds``
+    seconds (either may be null); always at the end of a stage and when a cohort member ends."""
+
+    every_epochs: int | None = Field(1, ge=1)
+    every_seconds: float | None = Field(None, gt=0, allow_inf_nan=False)
     num_to_keep: int = Field(2, ge=1)
 
 

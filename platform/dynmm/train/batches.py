@@ -1,6 +1,6 @@
 """This worker's batches of a split: streamed from Ray Data every epoch, or read once and kept in memory.
 
-The one Ray Train call here is ``get_dataset_shard``.
+The host (``dynmm.train.host``) hands this worker its shard of each dataset.
 """
 
 from __future__ import annotations
@@ -8,8 +8,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import ray.train
 import torch
+
+from dynmm.train.host import Host
 
 
 @dataclass(frozen=True)
@@ -22,9 +23,9 @@ class RankShare:
 
 
 def batches(
+    host: Host,
     split: str,
     batch_size: int,
-    device,
     seed: int | None = None,
     cache: dict[str, RankShare] | None = None,
     equal_shares: bool = False,
@@ -40,13 +41,14 @@ def batches(
     its rows, a different one each epoch (shuffled first), as DistributedSampler(drop_last=True) does.
     Streamed training shards are equal already (Ray Train splits them with ``equal=True``). Without it
     (validation, which runs no collective per batch) every row is used, so metrics cover the whole split."""
+    device = host.device
     if cache is None:
-        shard = ray.train.get_dataset_shard(split)
+        shard = host.shard(split)
         shuffle = {"local_shuffle_buffer_size": 4 * batch_size, "local_shuffle_seed": seed} if seed is not None else {}
         yield from shard.iter_torch_batches(batch_size=batch_size, device=device, **shuffle)
         return
     if split not in cache:
-        cache[split] = rank_share(ray.train.get_dataset_shard(split), device)
+        cache[split] = rank_share(host.shard(split), host)
     share = cache[split]
     generator = None if seed is None else torch.Generator().manual_seed(seed)
     order = torch.arange(share.rows) if seed is None else torch.randperm(share.rows, generator=generator)
@@ -56,16 +58,15 @@ def batches(
         yield {key: values[chosen] for key, values in share.columns.items()}
 
 
-def rank_share(whole_split, device) -> RankShare:
+def rank_share(whole_split, host: Host) -> RankShare:
     """This rank's contiguous share of a small split that every rank reads whole (datasets a worker keeps in
     memory are not split by Ray Train: a streaming split starts a coordinator actor per dataset, which costs
     seconds per run). Ranks see the same order, so the shares are disjoint and cover every row; their sizes
     differ by at most one row."""
-    parts = list(whole_split.iter_torch_batches(batch_size=4096, device=device))
+    parts = list(whole_split.iter_torch_batches(batch_size=4096, device=host.device))
     if not parts:
         return RankShare({}, 0, 0)
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
+    rank, world_size = host.rank, host.world_size
     columns = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
     rows = len(next(iter(columns.values())))
     start, end = rank * rows // world_size, (rank + 1) * rows // world_size

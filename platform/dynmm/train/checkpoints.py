@@ -1,19 +1,21 @@
 """Training state on disk: the per-epoch checkpoint and the shared expert weights.
 
-A checkpoint holds the model, the optimiser, where training stands (stage, epoch), the torch RNG state
-and the metrics of that epoch, and beside them (``epochs.json``) the metrics of every epoch so far, from which
-a resumed driver logs the epochs that never reached MLflow. It is read back with
-``torch.load(weights_only=True)``: only tensors and plain containers are stored. The expert weights are
-written once, atomically, to a path under the run storage (local folder or any pyarrow filesystem URI such
-as ``s3://``) and read by every later stage and every tuning trial.
+A checkpoint holds the model, the optimiser, where training stands (stage, epoch), the torch RNG state, the
+metrics of that epoch and, where the stage under way keeps its validation-best epoch, that epoch's weights and
+metrics (``kept``: the run's result, ``result_weights``); beside them, ``epochs.json`` holds the metrics of every
+epoch so far, from which a resumed driver logs the epochs that never reached MLflow. It is read back with
+``torch.load(weights_only=True)``: only tensors and plain containers are stored. Checkpoints live in the run's
+``CheckpointStore``; rank 0 writes them at the job's pace (``Checkpointer``). The expert weights are written once,
+atomically, to a path under the run storage (local folder or any pyarrow filesystem URI such as ``s3://``) and
+read by every later stage and every tuning trial.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
 import pickle
+import time
 import uuid
 import warnings
 from dataclasses import asdict
@@ -23,7 +25,9 @@ import pyarrow.fs
 import torch
 
 from dynmm.errors import UserError
-from dynmm.train.state import Position, StageRun, WorkerState
+from dynmm.train.job import CheckpointPlan
+from dynmm.train.state import KeptEpoch, Position, StageRun, WorkerState
+from dynmm.train.store import CheckpointStore, filesystem_of
 
 STATE_FILE = "state.pt"
 EPOCHS_FILE = "epochs.json"  # every epoch's metrics up to the checkpoint's (plain JSON, read by the driver)
@@ -84,7 +88,7 @@ def _load_tensors(source: str | Path | io.BytesIO, name: str):
 def write_experts(uri: str, experts_state: dict, metrics: dict) -> None:
     """Write the experts' state dict and their final validation metrics to ``uri``; readers never see a
     partial file (the weights land last, by rename)."""
-    filesystem, root = pyarrow.fs.FileSystem.from_uri(_as_uri(uri))
+    filesystem, root = filesystem_of(uri)
     filesystem.create_dir(root, recursive=True)
     _write_atomically(filesystem, f"{root}/{EXPERTS_METRICS_FILE}", json.dumps(metrics, indent=1).encode())
     buffer = io.BytesIO()
@@ -113,7 +117,7 @@ def read_experts(uri: str) -> dict | None:
 
 
 def _read_if_present(uri: str, name: str) -> bytes | None:
-    filesystem, root = pyarrow.fs.FileSystem.from_uri(_as_uri(uri))
+    filesystem, root = filesystem_of(uri)
     path = f"{root}/{name}"
     if filesystem.get_file_info(path).type != pyarrow.fs.FileType.File:
         return None
@@ -121,15 +125,9 @@ def _read_if_present(uri: str, name: str) -> bytes | None:
         return stream.read()
 
 
-def _as_uri(location: str) -> str:
-    if "://" in location:
-        return location
-    return Path(os.path.abspath(location)).as_uri()
-
-
 def checkpoint_state(state: WorkerState, run: StageRun, epoch: int, metrics: dict[str, float]) -> dict:
     """Tensors and plain containers only (read back with ``weights_only=True``)."""
-    return {
+    saved = {
         "model": state.model.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "lr_scheduler": run.lr_scheduler.state_dict(),
@@ -137,3 +135,44 @@ def checkpoint_state(state: WorkerState, run: StageRun, epoch: int, metrics: dic
         "rng": torch.get_rng_state(),
         "metrics": {k: float(v) for k, v in metrics.items()},
     }
+    if state.kept is not None:
+        kept = state.kept
+        saved["kept"] = {"stage_index": kept.stage_index, "objective": kept.objective, "metrics": kept.metrics,
+                         "model": kept.model}
+    return saved
+
+
+def restored_kept_epoch(saved: dict) -> KeptEpoch | None:
+    return KeptEpoch(**saved["kept"]) if "kept" in saved else None
+
+
+def result_weights(saved: dict) -> dict:
+    """The weights a checkpoint hands on as its run's result: the kept epoch's where the stage keeps its best
+    epoch, else the model's as it was at that epoch."""
+    return saved["kept"]["model"] if "kept" in saved else saved["model"]
+
+
+def result_metrics(saved: dict) -> dict[str, float]:
+    """The metrics of the epoch ``result_weights`` come from."""
+    return dict(saved["kept"]["metrics"]) if "kept" in saved else dict(saved["metrics"])
+
+
+class Checkpointer:
+    """A worker's side of its run's ``CheckpointStore``: every rank reads the latest checkpoint to resume from;
+    rank 0 alone writes, at the pace of the job's ``CheckpointPlan`` (or when ``force``d)."""
+
+    def __init__(self, plan: CheckpointPlan, rank: int) -> None:
+        self.plan = plan
+        self.rank = rank
+        self.store = CheckpointStore(plan.run_location, plan.num_to_keep)
+        self.saved_at = time.monotonic()
+
+    def latest(self):
+        return self.store.latest()
+
+    def due(self, epoch: int, force: bool = False) -> bool:
+        return self.rank == 0 and (force or self.plan.due(epoch, time.monotonic() - self.saved_at))
+
+    def save(self, directory: str | Path, global_step: int) -> None:
+        self.store.save(directory, f"step-{global_step:06d}")
+        self.saved_at = time.monotonic()

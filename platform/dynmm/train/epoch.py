@@ -1,5 +1,6 @@
 """One epoch of a stage: a training pass, a validation pass with hard gates and routed execution, and the
-epoch's metrics, summed over all ranks. Plain PyTorch (``torch.distributed`` for the sums)."""
+epoch's metrics, summed over all ranks; in a gate or finetune stage, the epoch kept as the stage's result when
+its validation objective is the best so far. Plain PyTorch (``torch.distributed`` for the sums)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import torch.distributed as dist
 from dynmm.models import FusionDynMM, compute_reduction, resource_aware_loss
 from dynmm.train.batches import batches
 from dynmm.train.expert_cache import split_cached_batch
+from dynmm.train.job import KEPT_STAGES
 from dynmm.train.metrics import EpochSums, finalize, latency_metrics, nonfinite_losses, task_loss
 from dynmm.train.stages import set_training_mode
-from dynmm.train.state import StageRun, WorkerState
+from dynmm.train.state import KeptEpoch, StageRun, WorkerState
 
 
 def run_epoch(state: WorkerState, run: StageRun, epoch: int) -> dict[str, float]:
@@ -34,7 +36,7 @@ def close_epoch(
     metrics = {f"train_{k}": v for k, v in finalize(all_reduce(train_sums, state.device),
                                                      state.costs.static_gflops).items()}
     metrics.update(validation_metrics(state, run, val_sums))
-    metrics.update(loss_cost_reductions(metrics, state.job.loss_flops))
+    metrics.update(loss_cost_reductions(metrics, state.job.costs.loss_flops))
     metrics.update(latency_metrics(metrics, state.costs.path_latency_ms))
     run.lr_scheduler.step()
     state.global_step += 1
@@ -46,7 +48,35 @@ def close_epoch(
         epoch_seconds=seconds, hard_epochs=state.hard_epochs,
         finished=float(last_epoch_of_job and not state.diverged),
     )
+    if run.name in KEPT_STAGES and not state.diverged:
+        keep_if_best(state, run, metrics)
     return metrics
+
+
+def validation_objective(state: WorkerState, run: StageRun, metrics: dict[str, float]) -> float:
+    """What the stage trains on, measured on validation with hard gates: the task loss plus lambda times the
+    expected normalised cost of the routes taken (above the budget, where the stage sets one)."""
+    stage = run.config
+    fractions = torch.tensor([metrics[f"val_path{path}_fraction"] for path in range(len(state.costs.normalised))],
+                             dtype=torch.float64)
+    expected_cost = float((fractions * state.costs.normalised.double().cpu()).sum())
+    if stage.budget is not None:
+        expected_cost = max(expected_cost - stage.budget, 0.0)
+    return metrics["val_loss"] + stage.resource_lambda * expected_cost
+
+
+def keep_if_best(state: WorkerState, run: StageRun, metrics: dict[str, float]) -> None:
+    """Adds ``val_objective`` to the epoch's metrics and, where the stage keeps its best epoch, takes this one (its
+    weights and metrics) when its objective is the lowest of the stage so far; ``kept_epoch`` and ``kept_step``
+    say which epoch the stage would hand on now (its last one, with ``keep: last``)."""
+    metrics["val_objective"] = validation_objective(state, run, metrics)
+    kept = state.kept if state.kept is not None and state.kept.stage_index == run.index else None
+    keeps_best = run.config.keep == "best"
+    if keeps_best and (kept is None or metrics["val_objective"] < kept.objective):
+        weights = {name: value.detach().clone() for name, value in state.model.state_dict().items()}
+        kept = state.kept = KeptEpoch(run.index, metrics["val_objective"], dict(metrics), weights)
+    chosen = kept.metrics if kept is not None and keeps_best else metrics
+    metrics.update(kept_epoch=chosen["epoch"], kept_step=chosen["global_step"])
 
 
 def new_sums(state: WorkerState) -> EpochSums:
@@ -66,7 +96,7 @@ def training_batches(state: WorkerState, run: StageRun, epoch: int):
     of a cohort: the seed depends on the epoch only)."""
     split = "train_experts" if run.name == "experts" else "train_gate"
     job = state.job
-    return batches(split, job.batch_size, state.device, seed=job.seed * 1000 + epoch, cache=state.shards,
+    return batches(state.host, split, job.data.batch_size, seed=job.seed * 1000 + epoch, cache=state.shards,
                    equal_shares=True)
 
 
@@ -107,7 +137,7 @@ def train_step(state: WorkerState, run: StageRun, epoch: int, batch: dict[str, t
 def model_inputs(state: WorkerState, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
     """A gate-stage batch as the model's arguments: the raw inputs, or, over the expert-output cache, the gate's
     raw modalities and the experts' cached outputs (``frozen=``, passed through the DDP wrapper's forward)."""
-    if not state.job.frozen_outputs_cached:
+    if not state.job.data.over_expert_cache:
         return batch, {}
     gate_inputs, frozen = split_cached_batch(batch)
     return gate_inputs, {"frozen": frozen}
@@ -117,7 +147,7 @@ def validate(state: WorkerState, run: StageRun) -> dict:
     """One pass over the validation shard with hard gates and routed execution: its sums (``validation_metrics``
     turns them into metrics)."""
     sums = new_validation_sums(state, run)
-    for batch in batches("valid", state.job.eval_batch_size, state.device, cache=state.shards):
+    for batch in batches(state.host, "valid", state.job.data.eval_batch_size, cache=state.shards):
         validate_batch(state, run, batch, sums)
     return sums
 

@@ -1,12 +1,21 @@
-"""What one training worker needs, as plain picklable values (no spec objects cross into the loop)."""
+"""What one training worker needs, as plain picklable values (no spec objects cross into the loop).
+
+A ``WorkerJob`` says what to train (the model's recipe, the task, the stages, the path costs), how to read the
+data (``DataPlan``) and where and how often to keep checkpoints (``CheckpointPlan``); a cohort's members are
+gate configurations over the same job (``CohortMember``). Test-only fault injection is not part of a job: it
+travels beside it (``dynmm.train.faults``).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, field, replace
+
+from dynmm.models import PathCosts
 
 STAGE_NAMES = ("experts", "gate", "finetune")
+KEPT_STAGES = ("gate", "finetune")  # stages whose result is an epoch chosen on validation (``StageConfig.keep``)
 
 
 @dataclass(frozen=True)
@@ -27,6 +36,7 @@ class StageConfig:
     epoch_ini: int = 0
     gumbel: bool = False
     freeze_experts: bool = True
+    keep: str = "best"  # gate and finetune: hand on the validation-best epoch, or the last (``epoch.keep_if_best``)
 
 
 @dataclass(frozen=True)
@@ -42,6 +52,33 @@ class CohortMember:
 
 
 @dataclass(frozen=True)
+class DataPlan:
+    """How a worker reads its batches."""
+
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    in_memory: bool = False  # small datasets: each worker reads its share once and keeps it
+    over_expert_cache: bool = False  # the gate stage reads the frozen experts' cached outputs instead of running them
+
+
+@dataclass(frozen=True)
+class CheckpointPlan:
+    """Where the run's checkpoints are kept (``run_location``: storage path / run name, any pyarrow filesystem)
+    and how often one is written: every ``every_epochs`` epochs and at most every ``every_seconds`` seconds
+    (either may be None), and always at the end of a stage, when a cohort member ends and when a loss diverges."""
+
+    run_location: str
+    every_epochs: int | None = 1
+    every_seconds: float | None = None
+    num_to_keep: int = 2
+
+    def due(self, epoch: int, seconds_since_last: float) -> bool:
+        by_epochs = self.every_epochs is not None and (epoch + 1) % self.every_epochs == 0
+        by_time = self.every_seconds is not None and seconds_since_last >= self.every_seconds
+        return by_epochs or by_time
+
+
+@dataclass(frozen=True)
 class WorkerJob:
     model_name: str
     model_args: dict
@@ -49,40 +86,17 @@ class WorkerJob:
     num_classes: int
     stages: tuple[StageConfig, ...]
     experts_uri: str
-    batch_size: int = 64
-    eval_batch_size: int = 256
-    seed: int = 0
-    checkpoint_every: int = 1
-    # test-only fault injection (``DYNMM_FAULT_CRASH_AT_GATE_EPOCH`` in the driver): the last rank dies once, hard,
-    # at this gate-stage epoch; the marker file says it happened, so the resumed run does not crash again
-    crash_at_gate_epoch: int | None = None
-    crash_marker: str | None = None
-    cache_shards_in_memory: bool = False
-    # the gate stage reads the frozen experts' outputs from the expert-output cache instead of running them
-    frozen_outputs_cached: bool = False
-    class_weights: tuple[float, ...] = ()  # segmentation: per-class loss weights (empty: unweighted)
-    # FLOPs per sample of the gate and of each expert, counted once by the driver (``worker_job`` sets them)
-    gate_flops: float = 0.0
-    expert_flops: tuple[float, ...] = ()
-    routed_path_flops: tuple[float, ...] = ()  # each path counted whole (``PathCosts.routed_path_flops``)
-    loss_flops: tuple[float, ...] = ()  # the resource loss's costs (``PathCosts.loss_flops``)
-    path_latency_ms: tuple[float, ...] = ()  # median ms per sample of each path (``PathCosts.path_latency_ms``)
+    checkpoints: CheckpointPlan
+    costs: PathCosts  # FLOPs (and measured latency) per path, counted once by the driver
+    data: DataPlan = field(default_factory=DataPlan)
     loss_cost: str = "flops"  # ``model.cost``: what the resource loss weighs, flops or latency
+    class_weights: tuple[float, ...] = ()  # segmentation: per-class loss weights (empty: unweighted)
+    seed: int = 0
     # gate configurations trained together over one pass of the data (``dynmm.train.cohort``); empty: one model
     cohort: tuple[CohortMember, ...] = ()
-    # the MLflow step of the job's first epoch: the epochs an earlier Train run logged to the same MLflow run
+    # the MLflow step of the job's first epoch: the epochs an earlier run logged to the same MLflow run
     # (``dynmm train`` over the expert-output cache: the experts' run, then the gate's)
     first_global_step: int = 0
-
-    def to_config(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_config(cls, config: dict) -> WorkerJob:
-        stages = tuple(StageConfig(**stage) for stage in config["stages"])
-        cohort = tuple(CohortMember(**member) for member in config.get("cohort", ()))
-        fields = {name: value for name, value in config.items() if name in cls.__dataclass_fields__}
-        return cls(**{**fields, "stages": stages, "cohort": cohort})
 
 
 def stable_hash(*parts: object) -> str:

@@ -38,6 +38,7 @@ class PreparedPipeline:
     storage_path: str
     experts_uri: str
     class_weights: tuple[float, ...] = ()
+    fusion_level: bool = False  # a fusion-level net (no separately trained experts), known by the model's type
 
     @property
     def quality_metric(self) -> str:
@@ -78,7 +79,7 @@ def prepare_pipeline(spec: PipelineSpec) -> PreparedPipeline:
     )
     experts_uri = f"{storage_path.rstrip('/')}/experts/{spec.name}-{experts_key}"
     return PreparedPipeline(
-        spec, dataset_dir, meta, path_costs(spec, model), storage_path, experts_uri, class_weights
+        spec, dataset_dir, meta, path_costs(spec, model), storage_path, experts_uri, class_weights, fusion
     )
 
 

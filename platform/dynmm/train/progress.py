@@ -32,18 +32,22 @@ class EpochBoard:
         return self.records[start:]
 
 
+def epoch_record(stages: Sequence[StageConfig], metrics: dict) -> dict:
+    """A report as the record consumers get: the stage's name and length, the epoch and its metrics."""
+    stage = stages[int(metrics["stage_index"])]
+    return {"stage": stage.name, "epoch": int(metrics["epoch"]), "epochs": stage.epochs, "metrics": dict(metrics)}
+
+
 class ForwardEpochs(ray.train.UserCallback):
     """In the controller: rank 0's report of each epoch (all ranks report the same summed metrics) to the board,
     named by stage. Waits until the board holds it, so that nothing is still on its way when the run ends."""
 
     def __init__(self, board, stages: Sequence[StageConfig]) -> None:
         self.board = board
-        self.stages = [(stage.name, stage.epochs) for stage in stages]
+        self.stages = tuple(stages)
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
-        reported = metrics[0]
-        name, epochs = self.stages[int(reported["stage_index"])]
-        record = {"stage": name, "epoch": int(reported["epoch"]), "epochs": epochs, "metrics": dict(reported)}
+        record = epoch_record(self.stages, metrics[0])
         try:
             ray.get(self.board.post.remote(record), timeout=60)
         except Exception:  # noqa: BLE001 - the driver that owned the board is gone: training goes on silently

@@ -2,14 +2,14 @@
 
 A stage that a resumed run finished already is skipped; so is the expert stage once this pipeline's experts
 were trained (they are shared, read from ``job.experts_uri``). A gate over standardised features fits their
-scaling before its stage. The one Ray Train call here is ``prepare_model`` (DDP).
+scaling before its stage. A stage that follows one whose result is its validation-best epoch starts from that
+epoch's weights. The host wraps what a stage trains for DDP (``Host.prepare_model``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-import ray.train.torch
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -37,9 +37,17 @@ def stages_to_run(state: WorkerState) -> Iterator[StageRun]:
 
 def begin_stage(state: WorkerState, index: int) -> StageRun:
     stage = state.job.stages[index]
+    adopt_kept_epoch(state)
     if stage.name == "gate" and isinstance(state.model, ModalityDynMM):
         fit_gate_feature_scaling(state)
     return _stage_run(state, index)
+
+
+def adopt_kept_epoch(state: WorkerState) -> None:
+    """The previous stage's result is the epoch it kept: the next stage starts from its weights."""
+    if state.kept is not None:
+        state.model.load_state_dict(state.kept.model)
+        state.kept = None
 
 
 def resume_stage(state: WorkerState, index: int) -> StageRun:
@@ -53,9 +61,9 @@ def resume_stage(state: WorkerState, index: int) -> StageRun:
 
 def _stage_run(state: WorkerState, index: int, first_epoch: int = 0) -> StageRun:
     stage = state.job.stages[index]
-    if state.job.frozen_outputs_cached and stage.name == "gate":
+    if state.job.data.over_expert_cache and stage.name == "gate":
         state.model.freeze_experts()  # the cache holds what they compute in evaluation mode; they never run here
-    trainable = prepare_stage(state.model, stage)
+    trainable = prepare_stage(state, stage)
     optimizer = build_optimizer(stage, state.model)
     temperature = TemperatureSchedule(stage.tau_start, stage.tau_end, stage.epoch_hard, stage.epoch_ini)
     return StageRun(index, stage, trainable, optimizer, build_lr_scheduler(stage, optimizer), temperature, first_epoch)
@@ -88,9 +96,9 @@ def fit_gate_feature_scaling(state: WorkerState) -> None:
     if not hasattr(gate, "fit_feature_scaling"):
         return
     moments = torch.zeros(1 + 2 * gate.num_features, dtype=torch.float64, device=state.device)
-    for batch in batches("train_gate", state.job.eval_batch_size, state.device, cache=state.shards):
+    for batch in batches(state.host, "train_gate", state.job.data.eval_batch_size, cache=state.shards):
         batch.pop("label")
-        if state.job.frozen_outputs_cached:  # the features were computed once, with the experts' outputs
+        if state.job.data.over_expert_cache:  # the features were computed once, with the experts' outputs
             moments += frozen_feature_moments(split_cached_batch(batch)[1].gate_features)
         else:
             moments += gate.feature_moments(batch)
@@ -110,14 +118,13 @@ class AllExperts(nn.Module):
         return [expert(inputs) for expert in self.experts]
 
 
-def prepare_stage(model, stage: StageConfig) -> nn.Module:
-    """The module this stage trains, wrapped for DDP; parameters not trained are frozen."""
+def prepare_stage(state: WorkerState, stage: StageConfig) -> nn.Module:
+    """The module this stage trains, wrapped for DDP where the host has several workers; parameters not trained
+    are frozen."""
+    model = state.model
     freeze_for_stage(model, stage)
     module = AllExperts(model.experts) if stage.name == "experts" else model
-    # Random-path warm-up and routed groups leave some parameters without gradients in a step.
-    return ray.train.torch.prepare_model(
-        module, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": True}
-    )
+    return state.host.prepare_model(module)
 
 
 def freeze_for_stage(model, stage: StageConfig) -> None:

@@ -1,7 +1,8 @@
 """What one training worker holds while it runs: one typed object the stage functions share.
 
-``WorkerState`` lives for the whole job (model, device, costs, where training stands); ``StageRun`` for one
-stage (the module it trains, its optimiser and schedules). Plain PyTorch: nothing here calls Ray.
+``WorkerState`` lives for the whole job (model, host, costs, where training stands, the epoch kept so far);
+``StageRun`` for one stage (the module it trains, its optimiser and schedules). Plain PyTorch: nothing here
+calls Ray.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from torch import nn
 
 from dynmm.models import PathCosts, TemperatureSchedule, flops_to_gflops
 from dynmm.train.batches import RankShare
+from dynmm.train.faults import FaultPlan
+from dynmm.train.host import Host
 from dynmm.train.job import StageConfig, WorkerJob
 
 
@@ -27,15 +30,11 @@ class CostTensors:
     path_latency_ms: tuple[float, ...] = ()  # measured ms per sample of each path; empty: not measured
 
     @classmethod
-    def of(cls, job: WorkerJob, device) -> CostTensors:
-        costs = PathCosts(
-            job.gate_flops, job.expert_flops, routed_path_flops=job.routed_path_flops, loss_flops=job.loss_flops,
-            path_latency_ms=job.path_latency_ms,
-        )
+    def of(cls, costs: PathCosts, loss_cost: str, device) -> CostTensors:
         return cls(
             path_gflops=torch.tensor(costs.path_gflops, dtype=torch.float64),
             forced_gflops=torch.tensor([flops_to_gflops(flops) for flops in costs.expert_flops], dtype=torch.float64),
-            normalised=torch.tensor(costs.loss_costs(job.loss_cost), dtype=torch.float32, device=device),
+            normalised=torch.tensor(costs.loss_costs(loss_cost), dtype=torch.float32, device=device),
             static_gflops=flops_to_gflops(costs.static_flops),
             path_latency_ms=tuple(costs.path_latency_ms),
         )
@@ -67,12 +66,20 @@ class Resumed:
 
 
 @dataclass
+class KeptEpoch:
+    """The epoch a stage hands on as its result (``CheckpointPlan.keep``): its model weights and metrics."""
+
+    stage_index: int
+    objective: float
+    metrics: dict[str, float]
+    model: dict[str, torch.Tensor]
+
+
+@dataclass
 class WorkerState:
     job: WorkerJob
     model: nn.Module
-    device: torch.device | str
-    rank: int
-    world_size: int
+    host: Host
     costs: CostTensors
     shards: dict[str, RankShare] | None = None  # small datasets: this rank's rows, read once (``batches``)
     global_step: int = -1
@@ -80,11 +87,25 @@ class WorkerState:
     resumed: Resumed | None = None
     diverged: bool = False
     history: list[dict[str, float]] = field(default_factory=list)  # every epoch's metrics so far (checkpointed)
+    kept: KeptEpoch | None = None  # the validation-best epoch of the stage under way, where the job keeps it
+    faults: FaultPlan | None = None  # test-only (``dynmm.train.faults``)
 
     @classmethod
-    def create(cls, job: WorkerJob, model: nn.Module, device="cpu", rank: int = 0, world_size: int = 1) -> WorkerState:
-        return cls(job, model.to(device), device, rank, world_size, CostTensors.of(job, device),
-                   shards={} if job.cache_shards_in_memory else None, global_step=job.first_global_step - 1)
+    def create(cls, job: WorkerJob, model: nn.Module, host: Host, faults: FaultPlan | None = None) -> WorkerState:
+        return cls(job, model.to(host.device), host, CostTensors.of(job.costs, job.loss_cost, host.device),
+                   shards={} if job.data.in_memory else None, global_step=job.first_global_step - 1, faults=faults)
+
+    @property
+    def device(self) -> torch.device:
+        return self.host.device
+
+    @property
+    def rank(self) -> int:
+        return self.host.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.host.world_size
 
 
 @dataclass

@@ -1,9 +1,10 @@
 """The driver's MLflow log of a training run: one step per epoch, fed by what the workers report.
 
 Workers never talk to MLflow. ``EpochLogger`` queues each epoch and sends it from a thread, retrying while the
-server is away; the block waits for the queue to drain before the run is declared done. A resumed run logs
-its checkpointed epochs again first (skipped where MLflow has them already): an epoch reported and
-checkpointed just before a crash may never have reached MLflow, and the resumed run starts after it.
+server is away; the block waits for the queue to drain before the run is declared done. The run's checkpointed
+epochs are logged first (each skipped where MLflow has it already): an epoch checkpointed just before the driver
+was killed may never have reached MLflow, and the resumed run starts after it; ``fit.fit_stages`` hands on the
+epochs a restarted worker group checkpointed but never got to report (a cohort's members: at the block's end).
 """
 
 from __future__ import annotations
@@ -12,11 +13,10 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-import ray.train
-
 from dynmm.track.runs import EpochLogger
 from dynmm.train.checkpoints import read_epoch_history
 from dynmm.train.cohort import member_folder, member_prefix
+from dynmm.train.store import CheckpointStore
 
 CLOSE_AFTER_ERROR_SECONDS = 10.0  # a stopped or failed run waits this long at most for unsent epochs
 
@@ -66,9 +66,13 @@ def member_epoch_logging(
         yield None
         return
     loggers = [EpochLogger(tracking_uri, run_id) for run_id in run_ids]
-    for index, logger in enumerate(loggers):
-        for metrics in checkpointed_epochs(run_path, member_folder(index)):
-            logger.ensure_logged(int(metrics["global_step"]), metrics)
+
+    def catch_up() -> None:
+        for index, logger in enumerate(loggers):
+            for metrics in checkpointed_epochs(run_path, member_folder(index)):
+                logger.ensure_logged(int(metrics["global_step"]), metrics)
+
+    catch_up()
 
     def log(record: dict) -> None:
         for index, logger in enumerate(loggers):
@@ -79,6 +83,7 @@ def member_epoch_logging(
     completed = False
     try:
         yield log
+        catch_up()
         completed = True
     finally:
         for logger in loggers:
@@ -92,18 +97,12 @@ def member_metrics(report: dict, index: int) -> dict[str, float]:
 
 
 def checkpointed_epochs(run_path: str, folder: str = "") -> list[dict[str, float]]:
-    """The metrics of every epoch up to the latest checkpoint Ray Train keeps for ``run_path`` (none for a new
-    run): the checkpoint's epoch history, and the metrics of each checkpoint kept."""
-    try:
-        result = ray.train.Result.from_path(run_path)
-    except RuntimeError:  # no run there yet, or it never registered a checkpoint
+    """The metrics of every epoch up to the latest checkpoint of the run at ``run_path`` (none for a new run), from
+    the checkpoint's epoch history (of a cohort member: its ``folder``'s)."""
+    checkpoint = CheckpointStore(run_path).latest()
+    if checkpoint is None:
         return []
-    epochs = [{k: v for k, v in metrics.items() if isinstance(v, int | float)}
-              for _, metrics in result.best_checkpoints or []]
-    if folder:  # a cohort member: the metrics kept with the run's checkpoints are the cohort's
-        epochs = []
-    if result.checkpoint is not None:
-        with result.checkpoint.as_directory() as directory:
-            epochs += read_epoch_history(Path(directory) / folder)
+    with checkpoint.as_directory() as directory:
+        epochs = read_epoch_history(Path(directory) / folder)
     by_step = {int(metrics["global_step"]): metrics for metrics in epochs if "global_step" in metrics}
     return [by_step[step] for step in sorted(by_step)]

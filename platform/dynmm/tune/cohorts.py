@@ -1,10 +1,11 @@
-"""Cohort trials: a Tune trial that trains several sampled gates together in one Ray Train run, each member its
-own Optuna trial, MLflow child run, MO-ASHA entry and record; and how large a study's cohorts are.
+"""Cohort trials: a Tune trial that trains several sampled gates together in one run, each member its own Optuna
+trial, MLflow child run, MO-ASHA entry and record; and how large a study's cohorts are.
 
 A cohort trial's config is ``{"members": [{"number": n, "params": {...}}, ...]}`` (``CohortSearch``). Its
 epochs reach Tune as the workers report them (cohort-level keys and every member's metrics as
 ``member{i}/<name>``); its last result adds ``members``: per member its final metrics, ``finished``,
-``stopped``, its checkpoint folder and, when it finished, its hard-gate test metrics.
+``stopped``, its checkpoint folder and, when it finished, its hard-gate test metrics; its objective values are
+those of the epoch it kept (``stages.gate.keep``).
 """
 
 from __future__ import annotations
@@ -16,49 +17,34 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import ray
-import ray.train
 import ray.tune
-from ray.tune.integration.ray_train import TuneReportCallback
 
-from dynmm.models import PathCosts
 from dynmm.spec import PipelineSpec
 from dynmm.track import start_job_run
 from dynmm.track.latency import trial_run_params
 from dynmm.track.runs import finish_run, finish_runs_now, log_run_outputs, stopped_status
-from dynmm.train import (
-    CohortMember,
-    ExpertOutputCache,
-    PreparedPipeline,
-    fit_stages,
-    stage_configs,
-    why_no_expert_cache,
-)
+from dynmm.train import CohortMember, FitResult, RunLogging, checkpoint_uri, fit_stages, open_checkpoint
+from dynmm.train.cached_gate import CacheDecision
 from dynmm.train.cohort import member_folder
+from dynmm.train.store import join
 from dynmm.train.tracking import member_metrics
 from dynmm.tune.records import TrialRecord
-from dynmm.tune.trials import (
-    TRIAL_STAGES,
-    evaluate_checkpoint,
-    run_trial,
-    trial_record,
-    trial_spec,
-)
+from dynmm.tune.trials import TrialContext, evaluate_checkpoint, run_trial, trial_record, trial_spec
 
 MAX_AUTO_COHORT_SIZE = 16
 GATE_OVERRIDES = ("resource_lambda", "tau_start", "tau_end", "epoch_hard", "lr", "budget")
 
 
-def cohort_size(spec: PipelineSpec, concurrent_trials: int) -> tuple[int, str | None]:
+def cohort_size(spec: PipelineSpec, concurrent_trials: int, cache: CacheDecision) -> tuple[int, str | None]:
     """Members per cohort trial, and why cohorts are off when the size is 1 for a reason the user should read.
 
     ``search.cohort_size``, else enough that each of the ``concurrent_trials`` Tune trials the cluster runs at
     once trains about two cohorts (a cohort's run costs seconds of start-up whatever its size; two rounds let
     the sampler learn from the first), at most 16. Cohorts train over the expert-output cache only: without it
-    the size is 1 whatever was asked.
+    (``cache``: the study's decision) the size is 1 whatever was asked.
     """
-    reason = why_no_expert_cache(spec)
-    if reason is not None:
-        return 1, reason
+    if not cache.used:
+        return 1, cache.reason
     search = spec.search
     if search.cohort_size is not None:
         return search.cohort_size, None
@@ -77,82 +63,67 @@ def gate_overrides(spec: PipelineSpec) -> dict:
     return {name: getattr(gate, name) for name in GATE_OVERRIDES}
 
 
-def run_cohort(
-    config: dict,
-    *,
-    prepared: PreparedPipeline,
-    datasets: dict,
-    tracking_uri: str,
-    parent_run_id: str,
-    study: str,
-    expert_cache: ExpertOutputCache,
-    rungs=None,
-) -> None:
-    """One Tune trial training a cohort: one MLflow child run per member, one Ray Train run for all, then each
-    finished member evaluated on the test split and its checkpoint logged to its run. ``rungs``: the study's
+def run_cohort(config: dict, context: TrialContext) -> None:
+    """One Tune trial training a cohort: one MLflow child run per member, one run for all, then each finished
+    member evaluated on the test split and its checkpoint logged to its run. ``context.rungs``: the study's
     per-member MO-ASHA actor (``MemberRungs``), or None to train every member to the end."""
     tune_trial_id = ray.tune.get_context().get_trial_id()
     members = config["members"]
-    specs = [trial_spec(prepared.spec, member["params"]) for member in members]
+    specs = [trial_spec(context.prepared.spec, member["params"]) for member in members]
     keys = [member_key(tune_trial_id, index) for index in range(len(members))]
-    run_ids = [start_member_run(tracking_uri, spec, study, key, index, tune_trial_id, member, parent_run_id,
-                                prepared.costs)
+    run_ids = [start_member_run(context, spec, key, index, tune_trial_id, member)
                for index, (spec, key, member) in enumerate(zip(specs, keys, members, strict=True))]
+    cohort = tuple(CohortMember(key, gate_overrides(spec)) for key, spec in zip(keys, specs, strict=True))
     try:
-        result = fit_stages(
-            prepared, stage_configs(prepared.spec, TRIAL_STAGES), f"{study}-{tune_trial_id}",
-            tracking_uri=tracking_uri, member_run_ids=run_ids, rungs=rungs,
-            cohort=tuple(CohortMember(key, gate_overrides(spec)) for key, spec in zip(keys, specs, strict=True)),
-            callbacks=[TuneReportCallback()], datasets=datasets, expert_cache=expert_cache,
-        )
-        last = dict(result.metrics or {})
+        result = fit_stages(context.trial_fit(
+            context.prepared.spec, f"{context.study}-{tune_trial_id}",
+            RunLogging(context.tracking_uri, member_run_ids=tuple(run_ids)), cohort=cohort, rungs=context.rungs))
         evaluation_started = time.monotonic()
-        ended = [member_end(prepared, result, last, index, member, run_id, tracking_uri)
+        ended = [member_end(context, result, index, member, run_id)
                  for index, (member, run_id) in enumerate(zip(members, run_ids, strict=True))]
         evaluation_seconds = time.monotonic() - evaluation_started
     except BaseException as error:  # FAILED on an error, KILLED when Tune stops the trial; the rungs forget them
-        finish_runs_now(tracking_uri, run_ids, stopped_status(error))
-        if rungs is not None:
+        finish_runs_now(context.tracking_uri, run_ids, stopped_status(error))
+        if context.rungs is not None:
             with contextlib.suppress(ray.exceptions.RayError):  # the original error is what the user needs
-                ray.get(rungs.forget.remote(keys), timeout=30)
+                ray.get(context.rungs.forget.remote(keys), timeout=30)
         raise
     for run_id, end in zip(run_ids, ended, strict=True):  # a stopped member's run is KILLED, as a pruned trial's
         status = "FINISHED" if end["finished"] else ("FAILED" if end.get("diverged") else "KILLED")
-        finish_run(tracking_uri, run_id, status)
-    cohort_level = {name: value for name, value in last.items() if not name.startswith("member")}
-    # a cohort restarted after its Train run had finished hands Tune the same final result again
+        finish_run(context.tracking_uri, run_id, status)
+    cohort_level = {name: value for name, value in result.metrics.items() if not name.startswith("member")}
+    # a cohort restarted after its run had finished hands Tune the same final result again
     ray.tune.report({**cohort_level, "members": ended, "evaluation_seconds": evaluation_seconds,
-                     "checkpoint_path": result.checkpoint.path if result.checkpoint else None})
+                     "checkpoint_path": checkpoint_uri(result.checkpoint) if result.checkpoint else None})
 
 
-def start_member_run(tracking_uri: str, spec: PipelineSpec, study: str, key: str, index: int, tune_trial_id: str,
-                     member: dict, parent_run_id: str, costs: PathCosts) -> str:
+def start_member_run(context: TrialContext, spec: PipelineSpec, key: str, index: int, tune_trial_id: str,
+                     member: dict) -> str:
     """A member's MLflow run, a child of the study's, tagged as a single trial's run plus its cohort and its
     Optuna trial number; its params say where the study measured path latencies (``trial_run_params``)."""
     return start_job_run(
-        tracking_uri, spec.tracking.experiment or spec.name, f"{study}-{key}",
-        params=trial_run_params(spec, member["params"], costs),
-        tags={"dynmm.pipeline": spec.name, "dynmm.kind": "trial", "study": study, "trial_id": key,
-              "mlflow.parentRunId": parent_run_id, "cohort": tune_trial_id, "cohort_member": str(index),
+        context.tracking_uri, spec.tracking.experiment or spec.name, f"{context.study}-{key}",
+        params=trial_run_params(spec, member["params"], context.prepared.costs),
+        tags={"dynmm.pipeline": spec.name, "dynmm.kind": "trial", "study": context.study, "trial_id": key,
+              "mlflow.parentRunId": context.parent_run_id, "cohort": tune_trial_id, "cohort_member": str(index),
               "optuna_trial_number": str(member["number"])},
     )
 
 
-def member_end(prepared: PreparedPipeline, result: ray.train.Result, last: dict, index: int, member: dict,
-               run_id: str, tracking_uri: str) -> dict:
-    """How member ``index`` ended (its metrics in the cohort's last report); a finished member's checkpoint
-    folder is evaluated on the test split and logged to its run."""
-    metrics = member_metrics(last, index)
+def member_end(context: TrialContext, result: FitResult, index: int, member: dict, run_id: str) -> dict:
+    """How member ``index`` ended (its metrics in the cohort's last report, its objective values those of the
+    epoch it kept); a finished member's checkpoint folder is evaluated on the test split and logged to its run."""
+    metrics = member_metrics(result.metrics, index)
+    kept = {name.removeprefix("kept_"): value for name, value in metrics.items() if name.startswith("kept_val_")}
     finished = bool(metrics.get("finished")) and not metrics.get("stopped") and not metrics.get("diverged")
-    end = {**metrics, "index": index, "number": member["number"], "finished": float(finished),
+    end = {**metrics, **kept, "index": index, "number": member["number"], "finished": float(finished),
            "stopped": float(bool(metrics.get("stopped"))), "checkpoint_path": None}
     if finished and result.checkpoint is not None:
-        folder = ray.train.Checkpoint(f"{result.checkpoint.path.rstrip('/')}/{member_folder(index)}",
-                                      filesystem=result.checkpoint.filesystem)
-        end["checkpoint_path"] = folder.path
-        test_metrics = evaluate_checkpoint(prepared, member["params"], folder.path, "test")
-        with folder.as_directory() as directory:
-            log_run_outputs(tracking_uri, run_id, metrics=test_metrics, artifact_dirs={"checkpoint": directory})
+        folder = join(checkpoint_uri(result.checkpoint), member_folder(index))
+        end["checkpoint_path"] = folder
+        test_metrics = evaluate_checkpoint(context.prepared, member["params"], folder, "test")
+        with open_checkpoint(folder).as_directory() as directory:
+            log_run_outputs(context.tracking_uri, run_id, metrics=test_metrics, artifact_dirs={"checkpoint": directory})
         end.update(test_metrics)
     return end
 
@@ -189,10 +160,10 @@ def member_record(trial_id: str, params: dict, end: dict, error, objective_metri
     )
 
 
-def study_trial(config: dict, *, rungs=None, **context) -> None:
+def study_trial(config: dict, context: TrialContext) -> None:
     """A study's Tune trial: a cohort when its searcher (``CohortSearch``) handed it members, else one gate
     (``run_trial``). One trainable for both, so a study resumes whichever way it started."""
     if "members" in config:
-        run_cohort(config, rungs=rungs, **context)
+        run_cohort(config, context)
     else:
-        run_trial(config, **context)
+        run_trial(config, context)

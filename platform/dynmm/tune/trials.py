@@ -1,17 +1,15 @@
-"""What runs inside a study: the experts trained once, then one Tune trial per sampled gate, each a full
-multi-worker Ray Train run whose per-epoch results reach Tune through ``TuneReportCallback``; and the typed
-record of how each trial ended."""
+"""What runs inside a study: the experts trained once, then one Tune trial per sampled gate, each a training run
+(in the trial's own process for one worker, a Ray Train worker group for several) whose epochs reach Tune as
+they end; what every trial needs (``TrialContext``); and the typed record of how each trial ended."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-import ray
 import ray.tune
-from ray.tune.integration.ray_train import TuneReportCallback
 
 from dynmm.errors import UserError
 from dynmm.spec import PipelineSpec
@@ -20,10 +18,14 @@ from dynmm.track.latency import trial_run_params
 from dynmm.track.runs import closing_run, log_run_outputs
 from dynmm.train import (
     ExpertOutputCache,
+    Fit,
     PreparedPipeline,
+    RunLogging,
+    checkpoint_uri,
     evaluate_split,
     fit_stages,
     load_model_from_checkpoint,
+    open_checkpoint,
     read_experts,
     read_experts_metrics,
     stage_configs,
@@ -51,8 +53,29 @@ def trained_gate(spec: PipelineSpec, params: dict) -> dict[str, float]:
     return {"lambda": gate.resource_lambda, "tau_start": gate.tau_start, "tau_end": gate.tau_end}
 
 
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial of a study needs, built once by the study: the prepared pipeline, the datasets (over the
+    expert-output cache when ``expert_cache`` is given), where runs are logged, the study's name, and the
+    per-member MO-ASHA actor of cohort trials (``rungs``)."""
+
+    prepared: PreparedPipeline
+    datasets: dict
+    tracking_uri: str
+    parent_run_id: str
+    study: str
+    expert_cache: ExpertOutputCache | None = None
+    rungs: object | None = None
+
+    def trial_fit(self, spec: PipelineSpec, run_name: str, logging: RunLogging, **cohort) -> Fit:
+        """A trial's run: its gate (and finetune) stages over the study's datasets, reporting to Tune."""
+        prepared = replace(self.prepared, spec=spec)
+        return Fit(prepared, stage_configs(spec, TRIAL_STAGES), run_name, logging, report_to_tune=True,
+                   datasets=self.datasets, expert_cache=self.expert_cache, **cohort)
+
+
 def ensure_experts(prepared: PreparedPipeline, tracking_uri: str, show: Callable[[dict], None]) -> dict:
-    """Train the experts once (their own Ray Train run and MLflow run); later calls reuse them."""
+    """Train the experts once (their own run and MLflow run); later calls reuse them."""
     if read_experts(prepared.experts_uri) is None:
         spec = prepared.spec
         run_name = f"{spec.name}-experts-{prepared.experts_uri.rsplit('-', 1)[-1]}"
@@ -63,65 +86,62 @@ def ensure_experts(prepared: PreparedPipeline, tracking_uri: str, show: Callable
             tags={"dynmm.pipeline": spec.name, "dynmm.kind": "experts"},
         )
         with closing_run(tracking_uri, run_id):
-            fit_stages(prepared, stage_configs(spec, ("experts",)), run_name, tracking_uri=tracking_uri,
-                       mlflow_run_id=run_id, show=show)
+            fit_stages(Fit(prepared, stage_configs(spec, ("experts",)), run_name, RunLogging(tracking_uri, run_id),
+                           show))
     metrics = read_experts_metrics(prepared.experts_uri)
     if metrics is None:
         raise UserError(f"the experts stage at {prepared.experts_uri} did not finish")
     return metrics
 
 
-def run_trial(
-    config: dict,
-    *,
-    prepared: PreparedPipeline,
-    datasets: dict,
-    tracking_uri: str,
-    parent_run_id: str,
-    study: str,
-    expert_cache: ExpertOutputCache | None = None,
-) -> None:
-    """One Tune trial: a full multi-worker Ray Train run of the gate (and finetune) stages, on the datasets
-    the study built once (over the experts' cached outputs when ``expert_cache`` is given)."""
+def run_trial(config: dict, context: TrialContext) -> None:
+    """One Tune trial: one gate configuration's run of the gate (and finetune) stages, on the datasets the study
+    built once; its point is the epoch the run kept (``stages.gate.keep``)."""
     trial_id = ray.tune.get_context().get_trial_id()
-    spec = trial_spec(prepared.spec, config)
-    trial_prepared = replace(prepared, spec=spec)
-    run_name = f"{study}-{trial_id}"
+    spec = trial_spec(context.prepared.spec, config)
     run_id = start_job_run(
-        tracking_uri, spec.tracking.experiment or spec.name, run_name,
-        params=trial_run_params(spec, config, prepared.costs),
-        tags={"dynmm.pipeline": spec.name, "dynmm.kind": "trial", "study": study, "trial_id": trial_id,
-              "mlflow.parentRunId": parent_run_id},
+        context.tracking_uri, spec.tracking.experiment or spec.name, f"{context.study}-{trial_id}",
+        params=trial_run_params(spec, config, context.prepared.costs),
+        tags={"dynmm.pipeline": spec.name, "dynmm.kind": "trial", "study": context.study, "trial_id": trial_id,
+              "mlflow.parentRunId": context.parent_run_id},
     )
-    with closing_run(tracking_uri, run_id):  # FINISHED; FAILED on any error; KILLED when Tune stops the trial
-        result = fit_stages(trial_prepared, stage_configs(spec, TRIAL_STAGES), run_name, tracking_uri=tracking_uri,
-                            mlflow_run_id=run_id, callbacks=[TuneReportCallback()], datasets=datasets,
-                            expert_cache=expert_cache)
+    with closing_run(context.tracking_uri, run_id):  # FINISHED; FAILED on any error; KILLED when Tune stops it
+        result = fit_stages(context.trial_fit(spec, f"{context.study}-{trial_id}",
+                                              RunLogging(context.tracking_uri, run_id)))
         # a diverged loss raised above: the trial errors with the message; the study goes on
-        # A trial restarted after its Train run had already finished reports nothing new: hand Tune the
-        # final result again so the searcher and the front still see it (a repeat changes no decision).
-        final = dict(result.metrics or {})
+        # A trial restarted after its run had already finished reports nothing new: hand Tune the final result
+        # again so the searcher and the front still see it (a repeat changes no decision).
+        final = {**result.metrics, **kept_point(result.result_metrics)}
         if result.checkpoint is not None:
-            final["checkpoint_path"] = result.checkpoint.path
+            final["checkpoint_path"] = checkpoint_uri(result.checkpoint)
             if final.get("finished"):
                 evaluation_started = time.monotonic()
-                final.update(record_finished_trial(prepared, config, result.checkpoint, tracking_uri, run_id))
+                final.update(record_finished_trial(context, config, final["checkpoint_path"], run_id))
                 final["evaluation_seconds"] = time.monotonic() - evaluation_started
         ray.tune.report(final)
 
 
-def record_finished_trial(prepared: PreparedPipeline, config: dict, checkpoint, tracking_uri: str, run_id: str) -> dict:
-    """A completed trial's run gets its final checkpoint as artifacts and its hard-gate test metrics."""
-    test_metrics = evaluate_checkpoint(prepared, config, checkpoint.path, "test")
-    with checkpoint.as_directory() as directory:
-        log_run_outputs(tracking_uri, run_id, metrics=test_metrics, artifact_dirs={"checkpoint": directory})
+def kept_point(kept: dict[str, float]) -> dict[str, float]:
+    """A trial's point on the front: the validation metrics of the epoch its run kept, and which epoch that is."""
+    point = {name: value for name, value in kept.items() if name.startswith("val_")}
+    point.update(kept_epoch=kept.get("epoch", -1), kept_step=kept.get("global_step", -1))
+    return point
+
+
+def record_finished_trial(context: TrialContext, config: dict, checkpoint: str, run_id: str) -> dict:
+    """A completed trial's run gets its final checkpoint as artifacts, its hard-gate test metrics and its kept
+    epoch."""
+    test_metrics = evaluate_checkpoint(context.prepared, config, checkpoint, "test")
+    with open_checkpoint(checkpoint).as_directory() as directory:
+        log_run_outputs(context.tracking_uri, run_id, metrics=test_metrics, artifact_dirs={"checkpoint": directory})
     return test_metrics
 
 
-def evaluate_checkpoint(prepared: PreparedPipeline, params: dict, checkpoint_path: str, split: str) -> dict:
-    """Hard-gate metrics of a trial's checkpoint on ``split``, named ``test_*``."""
+def evaluate_checkpoint(prepared: PreparedPipeline, params: dict, checkpoint: str, split: str) -> dict:
+    """Hard-gate metrics on ``split`` of the model a trial's checkpoint (a path or URI) hands on, named
+    ``test_*``."""
     spec = trial_spec(prepared.spec, params)
-    model = load_model_from_checkpoint(spec, ray.train.Checkpoint(checkpoint_path))
+    model = load_model_from_checkpoint(spec, open_checkpoint(checkpoint))
     metrics = evaluate_split(
         model, prepared.dataset_dir, split, prepared.meta.task, prepared.meta.num_classes or 0, prepared.costs,
         batch_size=spec.data.eval_batch_size,
