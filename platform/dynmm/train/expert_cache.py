@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -186,10 +187,8 @@ class _ActorOptions:
 
 
 class _FrozenOutputsOfRows:
-    """A Ray actor holding the model with its trained experts frozen, in evaluation mode (as at inference and as in
-    the gate stage): turns a batch of dataset rows into the cache's rows. Its constructor takes only names and a
-    path and reads the weights from the experts' storage itself, so a restarted actor (a lost node, a killed
-    process) builds the same state again from what its creation task carries inline."""
+    """A Ray actor holding the model with its trained experts (read from their storage) frozen, in evaluation mode
+    (as at inference and in the gate stage): turns a batch of dataset rows into the cache's rows."""
 
     def __init__(self, model_name: str, model_args: dict, experts_uri: str, use_gpu: bool) -> None:
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
@@ -211,8 +210,6 @@ class _FrozenOutputsOfRows:
 def _build(target: Path, identity: dict, dataset_dir: str | Path, meta: DatasetMeta, model_name: str,
            model_args: dict, experts_uri: str, splits: Sequence[str], options: _ActorOptions) -> None:
     """Compute every split into a staging folder beside ``target``, then move it into place whole."""
-    import ray
-
     if not ray.is_initialized():
         raise RuntimeError("building the expert-output cache needs a connected Ray (dynmm.runtime.connect_ray)")
     model = (model_name, model_args, experts_uri)
@@ -235,8 +232,6 @@ def _write_frozen_outputs(folder: Path, dataset_dir: str | Path, meta: DatasetMe
                           model: tuple, options: _ActorOptions) -> None:
     """One distributed pass over every split (one pool of actors, each loading the experts once): rows of split
     ``s`` land in ``folder/split=s/``, named by write task."""
-    import ray
-
     from dynmm.data.readers import ray_dataset
 
     columns = [*meta.modalities, LABEL, SAMPLE_ID]
@@ -249,35 +244,26 @@ def _write_frozen_outputs(folder: Path, dataset_dir: str | Path, meta: DatasetMe
     rows.context.execution_options.preserve_order = True
     experts = _start_expert_actors(model, options)
     try:
-        outputs = rows.map_batches(
-            _frozen_outputs_from, fn_kwargs={"experts": experts}, batch_format="pyarrow",
-            batch_size=options.batch_size, num_cpus=CACHE_TASK_CPUS)
-        outputs.write_parquet(str(folder), partition_cols=[SPLIT], filename_provider=_TaskOrderNames(),
-                              compression="lz4", ray_remote_args={"num_cpus": CACHE_TASK_CPUS})
+        rows.map_batches(_frozen_outputs_from, fn_kwargs={"experts": experts}, batch_format="pyarrow",
+                         batch_size=options.batch_size, num_cpus=CACHE_TASK_CPUS).write_parquet(
+            str(folder), partition_cols=[SPLIT], filename_provider=_TaskOrderNames(), compression="lz4",
+            ray_remote_args={"num_cpus": CACHE_TASK_CPUS})
     finally:
         for actor in experts:
             ray.kill(actor)
 
 
 def _start_expert_actors(model: tuple, options: _ActorOptions) -> list:
-    """``options.concurrency`` actors holding the experts, started here rather than by Ray Data's actor pool: Ray
-    Data passes its own state to a pool's actors through the object store, and Ray cannot promise to restart an
-    actor whose constructor arguments live there (it says so at error level, ray-project/ray#53727). These take
-    their arguments inline and read the weights from storage, so Ray restarts one that dies and retries its
-    batch."""
-    import ray
-
-    model_name, model_args, experts_uri = model
+    """The experts' actors. Not Ray Data's actor pool: it gives its actors Ray Data's state through the object store,
+    where Ray cannot promise a restart (ray-project/ray#53727, logged at error level); these take inline arguments."""
     actor = ray.remote(_FrozenOutputsOfRows).options(
         num_cpus=options.cpus_per_actor, num_gpus=options.gpus_per_actor if options.use_gpu else 0,
         max_restarts=-1, max_task_retries=-1)
-    return [actor.remote(model_name, model_args, experts_uri, options.use_gpu) for _ in range(options.concurrency)]
+    return [actor.remote(*model, options.use_gpu) for _ in range(options.concurrency)]
 
 
 def _frozen_outputs_from(table: pa.Table, experts: list) -> pa.Table:
     """A Ray Data task's batch, computed by one of the experts' actors (any: they hold the same model)."""
-    import ray
-
     return ray.get(random.choice(experts).__call__.remote(table))
 
 
