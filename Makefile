@@ -11,9 +11,11 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# torch first, pinned, so pip takes the local CPU wheel instead of resolving a multi-GB CUDA build.
+# torch first, pinned to 2.13.0, so that where pip's configuration offers the CPU wheel (torch-2.13.0+cpu in the
+# local wheel folder of this project's machines) pip takes it instead of resolving a multi-GB CUDA build. A torch
+# already in .venv is kept: install your own build there first (a CUDA one; pyproject.toml asks for torch>=2.4).
 $(INSTALLED): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -c 'import torch' 2>/dev/null || $(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e ".[dev,hdf5]"
 	touch $@
 

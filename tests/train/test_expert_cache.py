@@ -4,15 +4,18 @@ changed, and a damaged file is an error that names it."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 
-from dynmm.data.format import read_meta
+from dynmm.data.format import read_meta, split_files
 from dynmm.data.readers import load_split, resolve_dataset
 from dynmm.errors import DatasetError
 from dynmm.models import build_model
@@ -20,6 +23,9 @@ from dynmm.train.checkpoints import write_experts
 from dynmm.train.expert_cache import (
     MANIFEST_FILE,
     ExpertOutputCache,
+    _ActorOptions,
+    _start_expert_actors,
+    _tag_split,
     cache_ray_dataset,
     ensure_expert_cache,
     read_cache_split,
@@ -130,3 +136,17 @@ def test_a_damaged_cache_file_is_an_error_naming_it_not_a_wrong_result(built, tm
     (cache_dir / MANIFEST_FILE).write_text("{not json")
     with pytest.raises(DatasetError, match=f"{cache_dir / MANIFEST_FILE}: damaged expert-output cache manifest"):
         _ensure(built, experts_uri, [])
+
+
+def test_an_experts_actor_that_dies_is_restarted_with_the_experts_read_again_and_answers_the_same(built):
+    table = _tag_split(pq.read_table(split_files(built.dataset, "valid")[0]), split="valid")
+    options = _ActorOptions(use_gpu=False, concurrency=1, gpus_per_actor=0, batch_size=1024, cpus_per_actor=0.1)
+    (actor,) = _start_expert_actors(("digits", MODEL_ARGS, str(built.experts_uri)), options)
+    try:
+        before, pid = ray.get([actor.__call__.remote(table), actor.__ray_call__.remote(lambda _: os.getpid())])
+        ray.kill(actor, no_restart=False)  # as a lost node or a killed process would
+        after, restarted_pid = ray.get([actor.__call__.remote(table), actor.__ray_call__.remote(lambda _: os.getpid())])
+    finally:
+        ray.kill(actor)
+    assert restarted_pid != pid
+    assert after.equals(before) and after.num_rows == table.num_rows

@@ -64,6 +64,7 @@ class ResumedStudy:
     results_dir: Path
     before: list
     stdout: str
+    output: str  # everything both drivers printed, stdout and stderr (the first up to its kill), as a user reads it
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +93,8 @@ def resumed_study(mlflow_server, ray_session, tmp_path_factory) -> ResumedStudy:
     before = optuna.load_study(study_name=name, storage=open_study_storage(results_dir)).get_trials()
     second = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    return ResumedStudy(mlflow_server, name, results_dir, before, second.stdout)
+    return ResumedStudy(mlflow_server, name, results_dir, before, second.stdout,
+                        "".join(seen) + second.stdout + second.stderr)
 
 
 def first_cohort_ended(line: str) -> bool:
@@ -143,6 +145,20 @@ def test_killed_study_resumes_without_rerunning_finished_trials_and_writes_its_f
     assert re.search(r"trials: \d done, 0 running, \d pruned", resumed_study.stdout)
     assert " trials/min " in resumed_study.stdout
     assert re.search(r"time spent on +experts \d+ s .*training \d+ s .*evaluation \d+ s", resumed_study.stdout)
+
+
+# A line a user reads as a failure: Ray's C++ log at error or fatal level ("[2026-12-07 15:34:14,284 E 7058 7058]
+# core_worker.cc:..."), Python logging at ERROR or CRITICAL ("2026-12-07 15:33:32,080\tERROR file.py:85 --"), from the
+# driver itself or forwarded from Ray's processes ("(raylet) ...", "(MapWorker pid=...) ...").
+ERROR_LEVEL_LINE = re.compile(r"\[\d{4}-\d\d-\d\d [\d:,]+ [EF] \d+ \d+\]|\d{4}-\d\d-\d\d [\d:,]+\s+(ERROR|CRITICAL)\s")
+
+
+def test_a_healthy_study_prints_no_line_at_error_level(resumed_study):
+    """The first driver trained the experts and built the expert-output cache (Ray Data), the second trained the
+    rest; a newcomer reads an error-level line as a failure, so a run that went well prints none."""
+    assert "expert-output cache" in resumed_study.output and "built for split(s) train, valid" in resumed_study.output
+    errors = [line for line in resumed_study.output.splitlines() if ERROR_LEVEL_LINE.search(line)]
+    assert errors == []
 
 
 def member_runs(resumed_study) -> list:

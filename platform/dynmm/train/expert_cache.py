@@ -13,14 +13,15 @@ Columns: ``sample_id``, ``label`` and the raw modalities the gate reads, as in t
 ``fixed_shape_tensor``. The key hashes the experts' weights file, the dataset's version (its files' SHA-256)
 and the model: a cache of other experts or another dataset version is never read, a new one is built (and
 said so) and the stale one removed. Every file is checked against the manifest before it is read; a damaged
-one is a ``DatasetError`` naming it. Built by one Ray Data pass (``map_batches`` with the experts, in
-evaluation mode, on GPU actors when asked); nothing here depends on the training loop.
+one is a ``DatasetError`` naming it. Built by one Ray Data pass whose tasks hand each batch to actors holding the
+experts (in evaluation mode, on GPUs when asked); nothing here depends on the training loop.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import sys
@@ -35,6 +36,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -185,13 +187,13 @@ class _ActorOptions:
 
 
 class _FrozenOutputsOfRows:
-    """A Ray Data actor holding the model with its trained experts frozen, in evaluation mode (as at inference
-    and as in the gate stage): turns a batch of dataset rows into the cache's rows."""
+    """A Ray actor holding the model with its trained experts (read from their storage) frozen, in evaluation mode
+    (as at inference and in the gate stage): turns a batch of dataset rows into the cache's rows."""
 
     def __init__(self, model_name: str, model_args: dict, experts_uri: str, use_gpu: bool) -> None:
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         model = build_model(model_name, **model_args)
-        model.experts.load_state_dict(read_experts(experts_uri))  # read here: no weights in the object store
+        model.experts.load_state_dict(read_experts(experts_uri))
         self.model = model.freeze_experts().eval().to(self.device)
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -208,8 +210,6 @@ class _FrozenOutputsOfRows:
 def _build(target: Path, identity: dict, dataset_dir: str | Path, meta: DatasetMeta, model_name: str,
            model_args: dict, experts_uri: str, splits: Sequence[str], options: _ActorOptions) -> None:
     """Compute every split into a staging folder beside ``target``, then move it into place whole."""
-    import ray
-
     if not ray.is_initialized():
         raise RuntimeError("building the expert-output cache needs a connected Ray (dynmm.runtime.connect_ray)")
     model = (model_name, model_args, experts_uri)
@@ -232,8 +232,6 @@ def _write_frozen_outputs(folder: Path, dataset_dir: str | Path, meta: DatasetMe
                           model: tuple, options: _ActorOptions) -> None:
     """One distributed pass over every split (one pool of actors, each loading the experts once): rows of split
     ``s`` land in ``folder/split=s/``, named by write task."""
-    import ray.data
-
     from dynmm.data.readers import ray_dataset
 
     columns = [*meta.modalities, LABEL, SAMPLE_ID]
@@ -244,19 +242,29 @@ def _write_frozen_outputs(folder: Path, dataset_dir: str | Path, meta: DatasetMe
         _tag_split, fn_kwargs={"split": split}, batch_format="pyarrow", num_cpus=CACHE_TASK_CPUS) for split in splits]
     rows = tagged[0].union(*tagged[1:]) if len(tagged) > 1 else tagged[0]
     rows.context.execution_options.preserve_order = True
-    model_name, model_args, experts_uri = model
-    outputs = rows.map_batches(
-        _FrozenOutputsOfRows,
-        fn_constructor_kwargs={"model_name": model_name, "model_args": model_args, "experts_uri": experts_uri,
-                               "use_gpu": options.use_gpu},
-        batch_format="pyarrow",
-        batch_size=options.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=options.concurrency),
-        num_gpus=options.gpus_per_actor if options.use_gpu else 0,
-        num_cpus=options.cpus_per_actor,
-    )
-    outputs.write_parquet(str(folder), partition_cols=[SPLIT], filename_provider=_TaskOrderNames(),
-                          compression="lz4", ray_remote_args={"num_cpus": CACHE_TASK_CPUS})
+    experts = _start_expert_actors(model, options)
+    try:
+        rows.map_batches(_frozen_outputs_from, fn_kwargs={"experts": experts}, batch_format="pyarrow",
+                         batch_size=options.batch_size, num_cpus=CACHE_TASK_CPUS).write_parquet(
+            str(folder), partition_cols=[SPLIT], filename_provider=_TaskOrderNames(), compression="lz4",
+            ray_remote_args={"num_cpus": CACHE_TASK_CPUS})
+    finally:
+        for actor in experts:
+            ray.kill(actor)
+
+
+def _start_expert_actors(model: tuple, options: _ActorOptions) -> list:
+    """The experts' actors. Not Ray Data's actor pool: it gives its actors Ray Data's state through the object store,
+    where Ray cannot promise a restart (ray-project/ray#53727, logged at error level); these take inline arguments."""
+    actor = ray.remote(_FrozenOutputsOfRows).options(
+        num_cpus=options.cpus_per_actor, num_gpus=options.gpus_per_actor if options.use_gpu else 0,
+        max_restarts=-1, max_task_retries=-1)
+    return [actor.remote(*model, options.use_gpu) for _ in range(options.concurrency)]
+
+
+def _frozen_outputs_from(table: pa.Table, experts: list) -> pa.Table:
+    """A Ray Data task's batch, computed by one of the experts' actors (any: they hold the same model)."""
+    return ray.get(random.choice(experts).__call__.remote(table))
 
 
 def _tag_split(table: pa.Table, split: str) -> pa.Table:
