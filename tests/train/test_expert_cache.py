@@ -15,7 +15,7 @@ import torch
 from dynmm.data.format import read_meta
 from dynmm.data.readers import load_split, resolve_dataset
 from dynmm.errors import DatasetError
-from dynmm.models import build_model
+from dynmm.models import ModelRecipe, build_model
 from dynmm.train.checkpoints import write_experts
 from dynmm.train.expert_cache import (
     MANIFEST_FILE,
@@ -50,8 +50,8 @@ def _trained_looking_experts(seed: int) -> torch.nn.Module:
 
 
 def _ensure(built: Built, experts_uri: Path, messages: list[str], splits=("train", "valid")) -> ExpertOutputCache:
-    return ensure_expert_cache(built.dataset, read_meta(built.dataset), "digits", MODEL_ARGS, str(experts_uri),
-                               splits, say=messages.append)
+    return ensure_expert_cache(built.dataset, read_meta(built.dataset), ModelRecipe("digits", MODEL_ARGS),
+                               str(experts_uri), splits, say=messages.append)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def built(ray_session, tmp_path_factory) -> Built:
     write_experts(str(experts_uri), model.experts.state_dict(), {})
     messages: list[str] = []
     started = time.perf_counter()
-    cache = ensure_expert_cache(dataset, read_meta(dataset), "digits", MODEL_ARGS, str(experts_uri),
+    cache = ensure_expert_cache(dataset, read_meta(dataset), ModelRecipe("digits", MODEL_ARGS), str(experts_uri),
                                 say=messages.append)
     return Built(dataset, experts_uri, model, cache, messages, time.perf_counter() - started)
 

@@ -1,5 +1,6 @@
 """What a job ships to the cluster: the working directory (code, pipelines) without what does not belong
-there, the ``dynmm`` package this command runs, and the environment variables the job needs.
+there, the ``dynmm`` package this command runs, a user's own model builder, and the environment variables the job
+needs.
 
 Sizes are checked before anything is uploaded: Ray refuses a package at its gRPC message limit
 (``RAY_max_grpc_message_size``, 512 MiB by default) only after zipping and sending it.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import dynmm
@@ -48,15 +50,17 @@ def dynmm_package_dir() -> Path:
     return Path(dynmm.__file__).resolve().parent
 
 
-def job_runtime_env(working_dir: Path, tracking_uri: str | None = None) -> dict:
+def job_runtime_env(working_dir: Path, tracking_uri: str | None = None, builder_files: Sequence[str] = ()) -> dict:
     """The job's ``runtime_env``. The auth token is deliberately not in it: a runtime env is stored with
-    the job and shown by ``ray job list`` and the dashboard; the job inherits the token from its node."""
+    the job and shown by ``ray job list`` and the dashboard; the job inherits the token from its node.
+    ``builder_files``: a user's builder module (``dynmm.builder_source.builder_files``), shipped as ``py_modules`` so
+    that the job's driver and every worker it starts, on any node, import it by its own name."""
     env_vars = {"PYTHONUNBUFFERED": "1"}
     if tracking_uri:
         env_vars["MLFLOW_TRACKING_URI"] = tracking_uri
     return {
         "working_dir": str(working_dir),
-        "py_modules": [str(dynmm_package_dir())],
+        "py_modules": [str(dynmm_package_dir()), *(str(path) for path in builder_files)],
         "excludes": upload_excludes(working_dir),
         "env_vars": env_vars,
     }

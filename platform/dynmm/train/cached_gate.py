@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from dynmm.models import FUSION_MODEL_NAMES
 from dynmm.train.datasets import keeps_data_in_memory
 from dynmm.train.expert_cache import ExpertOutputCache, ensure_expert_cache
 
@@ -25,11 +24,10 @@ TRAIN_SWITCH = "run.expert_cache"
 
 def why_no_expert_cache(spec: PipelineSpec, switch: str = STUDY_SWITCH) -> str | None:
     """Why the gate stage of this pipeline cannot train over the experts' cached outputs; None when it can.
-    ``switch``: the setting that turns the cache off where it is used (``STUDY_SWITCH`` or ``TRAIN_SWITCH``)."""
-    if spec.model.name in FUSION_MODEL_NAMES:
-        return "the fusion-level model has no separately trained experts"
+    ``switch``: the setting that turns the cache off where it is used (``STUDY_SWITCH`` or ``TRAIN_SWITCH``).
+    A fusion-level model is one of these: ``prepare_pipeline`` makes it train whole (``freeze_experts: false``)."""
     if not spec.stages.gate.freeze_experts:
-        return "stages.gate.freeze_experts is false (the experts train with the gate)"
+        return "stages.gate.freeze_experts is false (the experts train with the gate, as a fusion-level model's do)"
     if spec.stages.finetune.enabled:
         return "stages.finetune is enabled (it trains the experts on the raw inputs)"
     storage = spec.run.storage_path or ""
@@ -48,7 +46,7 @@ def trains_over_expert_cache(prepared: PreparedPipeline, show_line: Callable[[st
     only for a dataset the workers stream from disk: one kept in their memory costs a gate epoch little more than
     the experts' forward passes, less than the cache's extra Ray Train run and build would."""
     spec = prepared.spec
-    if not spec.stages.gate.enabled or spec.model.name in FUSION_MODEL_NAMES:
+    if not spec.stages.gate.enabled or prepared.fusion_level:
         return False
     if spec.run.expert_cache == "auto" and keeps_data_in_memory(prepared):
         return False
@@ -72,8 +70,7 @@ def expert_cache_for(
     return ensure_expert_cache(
         prepared.dataset_dir,
         prepared.meta,
-        spec.model.name,
-        dict(spec.model.args),
+        prepared.model,
         prepared.experts_uri,
         # on GPUs one actor per worker's GPU; on CPUs one actor, leaving CPUs to Ray Data's reads and writes
         use_gpu=spec.scaling.use_gpu,

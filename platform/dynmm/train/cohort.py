@@ -29,7 +29,6 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from dynmm.models import build_model
 from dynmm.train.batches import batches
 from dynmm.train.checkpoints import (
     checkpoint_state,
@@ -111,7 +110,7 @@ def _build_member(job: WorkerJob, index: int, device, rank: int, world_size: int
     stages = tuple(member.stage(stage) if stage.name == "gate" else stage for stage in job.stages)
     member_job = replace(job, stages=stages, cohort=())
     torch.manual_seed(job.seed + rank)
-    model = build_model(job.model_name, **job.model_args)
+    model = job.model.build()
     state = WorkerState.create(member_job, model, device, rank, world_size)
     return Member(index, member.key, state, rng=rng_state(device))
 

@@ -6,6 +6,8 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, replace
 
+from dynmm.models.recipe import ModelRecipe
+
 STAGE_NAMES = ("experts", "gate", "finetune")
 
 
@@ -43,8 +45,7 @@ class CohortMember:
 
 @dataclass(frozen=True)
 class WorkerJob:
-    model_name: str
-    model_args: dict
+    model: ModelRecipe  # how the worker builds the model the driver checked (``ModelRecipe.build``)
     task: str
     num_classes: int
     stages: tuple[StageConfig, ...]
@@ -82,7 +83,7 @@ class WorkerJob:
         stages = tuple(StageConfig(**stage) for stage in config["stages"])
         cohort = tuple(CohortMember(**member) for member in config.get("cohort", ()))
         fields = {name: value for name, value in config.items() if name in cls.__dataclass_fields__}
-        return cls(**{**fields, "stages": stages, "cohort": cohort})
+        return cls(**{**fields, "model": ModelRecipe.from_json(config["model"]), "stages": stages, "cohort": cohort})
 
 
 def stable_hash(*parts: object) -> str:

@@ -20,7 +20,6 @@ import ray.train
 import ray.train.torch
 import torch
 
-from dynmm.models import build_model
 from dynmm.train.checkpoints import (
     checkpoint_state,
     load_state,
@@ -45,7 +44,7 @@ def train_loop_per_worker(config: dict) -> None:
                      context.get_world_size(), ray.train.get_checkpoint())
         return
     torch.manual_seed(job.seed + context.get_world_rank())
-    model = build_model(job.model_name, **job.model_args)
+    model = job.model.build()
     state = WorkerState.create(
         job, model, ray.train.torch.get_device(), context.get_world_rank(), context.get_world_size()
     )

@@ -21,12 +21,13 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from dynmm.errors import UserError
-from dynmm.models import PathCosts, build_model
+from dynmm.models import ModelRecipe, PathCosts
 from dynmm.models.export import FlatInputDynMM
 from dynmm.runtime import connect_ray, quiet_libraries
 from dynmm.spec import PipelineSpec
 from dynmm.track import resolve_tracking_uri, start_job_run
 from dynmm.track.latency import log_latency_table
+from dynmm.track.lineage import dataset_inputs
 from dynmm.track.runs import check_tracking_reachable, closing_run, log_final_model
 from dynmm.train.cached_gate import TRAIN_SWITCH, expert_cache_for, trains_over_expert_cache
 from dynmm.train.checkpoints import STATE_FILE, load_state, read_experts
@@ -41,7 +42,7 @@ from dynmm.train.expert_cache import ExpertOutputCache
 from dynmm.train.faults import CRASH_AT_GATE_EPOCH_VARIABLE
 from dynmm.train.job import CohortMember, StageConfig, WorkerJob, stable_hash
 from dynmm.train.loop import train_loop_per_worker
-from dynmm.train.prepare import PreparedPipeline, prepare_pipeline, stage_configs
+from dynmm.train.prepare import PreparedPipeline, pipeline_model, prepare_pipeline, stage_configs
 from dynmm.train.progress import EpochFeed
 from dynmm.train.rendezvous import process_group_config
 from dynmm.train.tracking import checkpointed_epochs, epoch_logging, log_checkpointed_epochs, member_epoch_logging
@@ -91,8 +92,7 @@ def worker_job(
     spec = prepared.spec
     crash_at = os.environ.get(CRASH_AT_GATE_EPOCH_VARIABLE)
     return WorkerJob(
-        model_name=spec.model.name,
-        model_args=dict(spec.model.args),
+        model=prepared.model,
         task=prepared.meta.task,
         num_classes=prepared.meta.num_classes or 0,
         stages=stages,
@@ -151,11 +151,12 @@ def run_training(
     prepared = prepare_pipeline(spec)
     tracking_uri = resolve_tracking_uri(spec.tracking.uri)
     check_tracking_reachable(tracking_uri)
-    connect_ray(address, verbose)
+    connect_ray(address, verbose, py_modules=prepared.model.shipped_paths())
     run_name = job_run_name(spec)
     run_id = start_job_run(
         tracking_uri, spec.tracking.experiment or spec.name, run_name,
         params=spec.model_dump(mode="json", by_alias=True), tags={"dynmm.pipeline": spec.name, "dynmm.kind": "train"},
+        inputs=dataset_inputs(prepared.dataset_dir, prepared.meta),
     )
     log_latency_table(tracking_uri, run_id, prepared.costs)  # latency.json where model.latency was measured
     with closing_run(tracking_uri, run_id):  # FINISHED, or FAILED / KILLED however the block is left
@@ -167,9 +168,10 @@ def run_training(
                                 mlflow_run_id=run_id, show=show)
             history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
         if result.checkpoint is not None:
-            model = load_model_from_checkpoint(spec, result.checkpoint)
+            model = load_model_from_checkpoint(spec, result.checkpoint, prepared.model)
             example = FlatInputDynMM(model).flatten(model.example_inputs(2)).numpy()
-            log_final_model(tracking_uri, run_id, FlatInputDynMM(model), example)
+            log_final_model(tracking_uri, run_id, FlatInputDynMM(model), example,
+                            code_paths=prepared.model.shipped_paths())
     return TrainResult(
         run_name, tracking_uri, run_id, prepared.quality_metric, prepared.costs, dict(result.metrics or {}),
         history, result.checkpoint.path if result.checkpoint else None, str(cache.directory) if cache else None,
@@ -247,9 +249,12 @@ def fit_stages(
     return result
 
 
-def load_model_from_checkpoint(spec: PipelineSpec, checkpoint: ray.train.Checkpoint):
-    """The pipeline's model with a checkpoint's weights; a checkpoint of another model is one ``UserError``."""
-    model = build_model(spec.model.name, **spec.model.args)
+def load_model_from_checkpoint(spec: PipelineSpec, checkpoint: ray.train.Checkpoint,
+                               recipe: ModelRecipe | None = None):
+    """The pipeline's model with a checkpoint's weights; a checkpoint of another model is one ``UserError``.
+    ``recipe``: the prepared pipeline's (``PreparedPipeline.model``), where this process may not see the pipeline's
+    folder (a Tune trial on another node); default: read from the spec."""
+    model = (recipe or pipeline_model(spec)).build()
     with checkpoint.as_directory() as directory:
         try:
             model.load_state_dict(load_state(directory)["model"])

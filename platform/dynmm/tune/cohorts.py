@@ -24,6 +24,7 @@ from dynmm.models import PathCosts
 from dynmm.spec import PipelineSpec
 from dynmm.track import start_job_run
 from dynmm.track.latency import trial_run_params
+from dynmm.track.lineage import dataset_inputs
 from dynmm.track.runs import finish_run, finish_runs_now, log_run_outputs, stopped_status
 from dynmm.train import (
     CohortMember,
@@ -95,8 +96,9 @@ def run_cohort(
     members = config["members"]
     specs = [trial_spec(prepared.spec, member["params"]) for member in members]
     keys = [member_key(tune_trial_id, index) for index in range(len(members))]
+    inputs = dataset_inputs(prepared.dataset_dir, prepared.meta)
     run_ids = [start_member_run(tracking_uri, spec, study, key, index, tune_trial_id, member, parent_run_id,
-                                prepared.costs)
+                                prepared.costs, inputs=inputs)
                for index, (spec, key, member) in enumerate(zip(specs, keys, members, strict=True))]
     try:
         result = fit_stages(
@@ -126,15 +128,17 @@ def run_cohort(
 
 
 def start_member_run(tracking_uri: str, spec: PipelineSpec, study: str, key: str, index: int, tune_trial_id: str,
-                     member: dict, parent_run_id: str, costs: PathCosts) -> str:
+                     member: dict, parent_run_id: str, costs: PathCosts, inputs: Sequence = ()) -> str:
     """A member's MLflow run, a child of the study's, tagged as a single trial's run plus its cohort and its
-    Optuna trial number; its params say where the study measured path latencies (``trial_run_params``)."""
+    Optuna trial number; its params say where the study measured path latencies (``trial_run_params``), its
+    ``inputs`` which dataset version it read (``dynmm.track.lineage.dataset_inputs``)."""
     return start_job_run(
         tracking_uri, spec.tracking.experiment or spec.name, f"{study}-{key}",
         params=trial_run_params(spec, member["params"], costs),
         tags={"dynmm.pipeline": spec.name, "dynmm.kind": "trial", "study": study, "trial_id": key,
               "mlflow.parentRunId": parent_run_id, "cohort": tune_trial_id, "cohort_member": str(index),
               "optuna_trial_number": str(member["number"])},
+        inputs=inputs,
     )
 
 

@@ -29,6 +29,7 @@ from dynmm.runtime import connect_ray, quiet_libraries
 from dynmm.spec import PipelineSpec
 from dynmm.track import resolve_tracking_uri, start_job_run
 from dynmm.track.latency import log_latency_table
+from dynmm.track.lineage import dataset_inputs
 from dynmm.track.runs import (
     check_tracking_reachable,
     closing_run,
@@ -150,7 +151,7 @@ def run_study(
     # Ctrl-C is a KeyboardInterrupt (runs marked KILLED, exit 130); Tune's own handler would end the study
     # quietly and go on to report a partial front. --resume continues from Tune's last snapshot either way.
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
-    connect_ray(address, verbose)
+    connect_ray(address, verbose, py_modules=prepared.model.shipped_paths())
     experts_started = time.monotonic()
     experts_metrics = ensure_experts(prepared, tracking_uri, show_epoch)
     experts_seconds = time.monotonic() - experts_started
@@ -158,6 +159,7 @@ def run_study(
         tracking_uri, spec.tracking.experiment or spec.name, name,
         params=spec.model_dump(mode="json", by_alias=True), tags={"dynmm.pipeline": spec.name, "dynmm.kind": "study",
                                                                   "study": name},
+        inputs=dataset_inputs(prepared.dataset_dir, prepared.meta),
     )
     log_latency_table(tracking_uri, parent_run_id, prepared.costs)  # latency.json where model.latency was measured
     cache_started = time.monotonic()

@@ -17,6 +17,7 @@ from dynmm.errors import UserError
 from dynmm.spec import PipelineSpec
 from dynmm.track import start_job_run
 from dynmm.track.latency import trial_run_params
+from dynmm.track.lineage import dataset_inputs
 from dynmm.track.runs import closing_run, log_run_outputs
 from dynmm.train import (
     ExpertOutputCache,
@@ -61,6 +62,7 @@ def ensure_experts(prepared: PreparedPipeline, tracking_uri: str, show: Callable
             params=spec.model_dump(mode="json", by_alias=True, include={"data", "model", "seed"})
             | {"stages": {"experts": spec.stages.experts.model_dump(mode="json")}},
             tags={"dynmm.pipeline": spec.name, "dynmm.kind": "experts"},
+            inputs=dataset_inputs(prepared.dataset_dir, prepared.meta),
         )
         with closing_run(tracking_uri, run_id):
             fit_stages(prepared, stage_configs(spec, ("experts",)), run_name, tracking_uri=tracking_uri,
@@ -92,6 +94,7 @@ def run_trial(
         params=trial_run_params(spec, config, prepared.costs),
         tags={"dynmm.pipeline": spec.name, "dynmm.kind": "trial", "study": study, "trial_id": trial_id,
               "mlflow.parentRunId": parent_run_id},
+        inputs=dataset_inputs(prepared.dataset_dir, prepared.meta),
     )
     with closing_run(tracking_uri, run_id):  # FINISHED; FAILED on any error; KILLED when Tune stops the trial
         result = fit_stages(trial_prepared, stage_configs(spec, TRIAL_STAGES), run_name, tracking_uri=tracking_uri,
@@ -121,7 +124,7 @@ def record_finished_trial(prepared: PreparedPipeline, config: dict, checkpoint, 
 def evaluate_checkpoint(prepared: PreparedPipeline, params: dict, checkpoint_path: str, split: str) -> dict:
     """Hard-gate metrics of a trial's checkpoint on ``split``, named ``test_*``."""
     spec = trial_spec(prepared.spec, params)
-    model = load_model_from_checkpoint(spec, ray.train.Checkpoint(checkpoint_path))
+    model = load_model_from_checkpoint(spec, ray.train.Checkpoint(checkpoint_path), prepared.model)
     metrics = evaluate_split(
         model, prepared.dataset_dir, split, prepared.meta.task, prepared.meta.num_classes or 0, prepared.costs,
         batch_size=spec.data.eval_batch_size,
