@@ -107,18 +107,20 @@ def import_builder(source: BuilderSource, folder: str | Path | None) -> Callable
     digest); the folder is appended to ``sys.path`` where no copy of the module is importable yet."""
     if source.distribution is not None:
         return _load_entry_point(source)
+    importlib.invalidate_caches()  # a module written after this process listed its folder
     found = _find_top_level(source)
-    if found is None:
-        if source.path is None:
-            raise SpecError(
-                f"model.name {source.name!r}: module {source.top_level!r} is not importable in this process: the "
-                f"pipeline's folder {folder} is not on this machine and the runtime environment did not ship it")
-        if str(Path(source.path).parent) not in sys.path:
-            sys.path.append(str(Path(source.path).parent))
-    elif _digest_or_none(found) != source.digest:
+    if found is None and source.path is None:
         raise SpecError(
-            f"model.name {source.name!r}: the module {source.top_level!r} that Python would import is {found}, not "
-            f"the one in the pipeline's folder ({source.path or folder}); rename the builder's module")
+            f"model.name {source.name!r}: module {source.top_level!r} is not importable in this process: the "
+            f"pipeline's folder {folder} is not on this machine and the runtime environment did not ship it")
+    if _digest_or_none(found or Path(source.path)) != source.digest:
+        raise SpecError(
+            f"model.name {source.name!r}: the module {source.top_level!r} that Python would import is "
+            f"{found or source.path}, which is not the code of {source.path or folder} this pipeline was read with "
+            "(a module of that name installed or elsewhere on sys.path, another pipeline's folder this process read "
+            "included, or the file changed since); rename the builder's module")
+    if found is None and str(Path(source.path).parent) not in sys.path:
+        sys.path.append(str(Path(source.path).parent))
     try:
         module = importlib.import_module(source.module)
     except Exception as error:  # noqa: BLE001 - the user's module: any failure is theirs to fix, in one line

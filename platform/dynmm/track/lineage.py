@@ -3,10 +3,10 @@
 Every job, study and trial run logs its dataset as three MLflow dataset inputs (``dataset_inputs``, logged by
 ``start_job_run`` with ``MlflowClient.log_inputs``, what ``mlflow.log_input`` calls), one per split:
 ``<dataset>/train`` in context ``training``, ``<dataset>/valid`` in ``validation``, ``<dataset>/test`` in ``test``,
-each with a digest of that split's files (their SHA-256 as ``dataset.json`` records them) and the dataset's folder as
-its source (credentials in a URI masked). The MLflow UI's Dataset column then names what each run read, and two runs
-with the same digest read the same bytes. A registered version carries the whole dataset's digest as a tag
-(``dataset_tags``).
+each with a digest of that split's files (their SHA-256 as ``dataset.json`` records them), the dataset's folder as
+its source and what it was prepared from in its profile (credentials in a URI masked). The MLflow UI's Dataset
+column then names what each run read, and two runs with the same digest read the same bytes. A registered version
+carries the whole dataset's digest as a tag (``dataset_tags``).
 
 Cheap by design, as a study creates a run per trial: the digests are computed once per process from the records
 (a dataset written before records were kept has its files hashed, once), and MLflow stores each (name, digest)
@@ -41,6 +41,7 @@ class DatasetLineage:
     digest: str
     split_digests: dict[str, str]
     split_rows: dict[str, int]
+    prepared_from: str = ""  # what the dataset was prepared from (``DatasetMeta.source``), credentials masked
 
 
 def dataset_lineage(dataset_dir: str | Path, meta: DatasetMeta) -> DatasetLineage:
@@ -57,7 +58,8 @@ def _lineage(dataset_dir: str, meta_json: str) -> DatasetLineage:
                  for file in split_files(dataset_dir, split)}
     split_digests = {split: _digest({name: sha for name, sha in files.items() if name.startswith(f"{split}/")})
                      for split in SPLITS if split in meta.splits}
-    return DatasetLineage(meta.name, redact_credentials(dataset_dir), _digest(files), split_digests, dict(meta.splits))
+    return DatasetLineage(meta.name, redact_credentials(dataset_dir), _digest(files), split_digests, dict(meta.splits),
+                          redact_credentials(meta.source))
 
 
 def dataset_inputs(dataset_dir: str | Path, meta: DatasetMeta) -> list[DatasetInput]:
@@ -67,8 +69,8 @@ def dataset_inputs(dataset_dir: str | Path, meta: DatasetMeta) -> list[DatasetIn
         DatasetInput(
             Dataset(name=f"{lineage.name}/{split}", digest=digest, source_type=SOURCE_TYPE,
                     source=json.dumps({"uri": lineage.source}),
-                    profile=json.dumps({"num_rows": lineage.split_rows.get(split, 0),
-                                        "dataset_digest": lineage.digest})),
+                    profile=json.dumps({"num_rows": lineage.split_rows.get(split, 0), "dataset_digest": lineage.digest,
+                                        "prepared_from": lineage.prepared_from})),
             tags=[InputTag(MLFLOW_DATASET_CONTEXT, CONTEXTS[split])],
         )
         for split, digest in lineage.split_digests.items()

@@ -38,7 +38,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -50,9 +50,6 @@ from mlflow.types.schema import AnyType
 
 from dynmm.models.recipe import ModelRecipe
 from dynmm.track.requests import MISSING_MARKER, per_feature, read_request, source_columns_of
-
-if TYPE_CHECKING:
-    from dynmm.data.format import InputTransform
 
 WEIGHTS = "weights"
 CONFIG = "config"
@@ -198,12 +195,12 @@ def signature(input_shapes: Mapping[str, list[int]], data: ServedData) -> ModelS
 
 @dataclass(frozen=True)
 class ServedData:
-    """What serving needs of the model's dataset: its task, the input transforms (``DatasetMeta.input_transforms``:
-    source values to what the model reads), each modality's columns in the user's table (``source_columns``) and
-    the user's label of each class index (``label_names``)."""
+    """What serving needs of the model's dataset: its task, the input transforms as plain values
+    (``DatasetMeta.input_transforms``, dumped: source values to what the model reads), each modality's columns in the
+    user's table (``source_columns``) and the user's label of each class index (``label_names``)."""
 
     task: str
-    input_transforms: Mapping[str, InputTransform] = field(default_factory=dict)
+    input_transforms: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     source_columns: Mapping[str, Sequence[str]] = field(default_factory=dict)
     label_names: Sequence | None = None
 
@@ -211,12 +208,12 @@ class ServedData:
     def of(cls, meta: Any) -> ServedData:
         """From a dataset's metadata (``dynmm.data.DatasetMeta``)."""
         label_names = getattr(meta, "label_names", None)
-        return cls(meta.task, dict(meta.input_transforms), source_columns_of(meta),
-                   list(label_names) if label_names is not None else None)
+        transforms = {name: transform.model_dump() for name, transform in meta.input_transforms.items()}
+        return cls(meta.task, transforms, source_columns_of(meta), None if label_names is None else list(label_names))
 
 
 def source_example(
-    model_inputs: Mapping[str, torch.Tensor], input_transforms: Mapping[str, InputTransform],
+    model_inputs: Mapping[str, torch.Tensor], input_transforms: Mapping[str, Mapping[str, Any]],
 ) -> dict[str, np.ndarray]:
     """The model's example inputs as source values: mapped back through each transform, inside its range."""
     example = {}
@@ -224,9 +221,10 @@ def source_example(
         source, transform = tensor.numpy().astype(np.float64), input_transforms.get(name)
         if transform is not None:
             shape = source.shape[1:]
-            source = (source - per_feature(transform.offset, shape)) / per_feature(transform.scale, shape)
-            if transform.source_range is not None:
-                source = np.clip(source, *transform.source_range)
+            offset = per_feature(transform.get("offset", 0.0), shape)
+            source = (source - offset) / per_feature(transform.get("scale", 1.0), shape)
+            if transform.get("source_range") is not None:
+                source = np.clip(source, *transform["source_range"])
         example[name] = source.astype(np.float32)
     return example
 
@@ -245,7 +243,7 @@ def write_model_files(
         "input_shapes": {name: list(shape) for name, shape in model.input_shapes.items()},
         "path_names": list(getattr(model, "expert_names", [f"path{i}" for i in range(len(path_gflops))])),
         "path_gflops": list(path_gflops),
-        "input_transforms": {name: transform.model_dump() for name, transform in data.input_transforms.items()},
+        "input_transforms": {name: dict(transform) for name, transform in data.input_transforms.items()},
         "source_columns": {name: list(columns) for name, columns in data.source_columns.items()},
         "label_names": None if data.label_names is None else list(data.label_names),
         "expert_validation_quality": None if expert_validation_quality is None else [
