@@ -4,6 +4,7 @@ pipeline that names it, all in folders of the test's choosing."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -113,11 +114,20 @@ def write_pipeline(folder: Path, dataset: Path, model: dict, name: str = "acme",
         "stages": {"experts": {"epochs": 4, "lr": 0.01},
                    "gate": {"epochs": 2, "lr": 0.05, "lambda": 0.5, "epoch_hard": 1, "holdout_fraction": 0.3}},
         "scaling": {"num_workers": 1, "cpus_per_worker": 0.5},
-        "search": {"num_trials": 2, "cohort_size": 2, "sampler": "grid", "grid": {"lambda": [0.1, 1.0]},
-                   "max_concurrent_trials": 1, "scheduler": {"kind": "moasha", "grace_period": 1}},
+        "search": {"num_trials": 2, "cohort_size": 2, "sampler": "random", "parameters": {"lambda": {"low": 0.1,
+                   "high": 1.0}}, "max_concurrent_trials": 1, "scheduler": {"kind": "moasha", "grace_period": 1}},
         **sections,
     }
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(pipeline, sort_keys=False))
     return path
+
+
+def forget_modules_under(folder: Path) -> None:
+    """Forget the builder modules imported from ``folder`` and the ``sys.path`` entries in it, as a new process would
+    not know them (a later test's module of the same name in another folder is then not refused as a stranger)."""
+    sys.path[:] = [entry for entry in sys.path if not entry.startswith(str(folder))]
+    for name, module in list(sys.modules.items()):
+        if str(getattr(module, "__file__", None) or "").startswith(str(folder)):
+            del sys.modules[name]

@@ -17,7 +17,14 @@ from dynmm.errors import SpecError
 from dynmm.models import DatasetInfo, ModalityDynMM, ModelRecipe, model_recipe
 from dynmm.spec import load_pipeline
 from dynmm.track.pyfunc import requirements
-from own_models import BUILDER_SOURCE, table_meta, write_builder, write_pipeline, write_table_dataset
+from own_models import (
+    BUILDER_SOURCE,
+    forget_modules_under,
+    table_meta,
+    write_builder,
+    write_pipeline,
+    write_table_dataset,
+)
 
 MARKER_SOURCE = '''\
 from pathlib import Path
@@ -30,15 +37,12 @@ def build(meta, **args):
 
 
 @pytest.fixture(autouse=True)
-def own_imports_forgotten(tmp_path):
-    """Each test imports its own builder modules: the folders they were found in and the modules themselves are
-    forgotten afterwards, as a new process would not know them."""
-    path = list(sys.path)
+def own_imports_forgotten(tmp_path_factory):
+    """Each test imports its own builder modules, as a new process would: those of earlier tests (their folders on
+    sys.path, the modules) are forgotten before and after it."""
+    forget_modules_under(tmp_path_factory.getbasetemp())
     yield
-    sys.path[:] = path
-    for name, module in list(sys.modules.items()):
-        if str(tmp_path) in str(getattr(module, "__file__", None) or ""):
-            del sys.modules[name]
+    forget_modules_under(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="module")
