@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import json
 import shlex
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 import yaml
 from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
 
+from dynmm.builder_source import source_digest
 from dynmm.cli import main
 from dynmm.cluster import prepare_submission
-from dynmm.cluster.runtime_env import dynmm_package_dir
+from dynmm.cluster.runtime_env import builder_wheel, dynmm_package_dir
 from dynmm.errors import SpecError
 from dynmm.runtime import shipped_modules_env
 from own_models import write_builder, write_pipeline
@@ -30,11 +34,37 @@ def project(tmp_path, monkeypatch) -> Path:
     return root
 
 
-def test_submit_ships_the_builder_module_to_the_jobs_driver_and_every_worker(project):
+def test_submit_ships_the_builder_module_as_a_wheel_pip_installs_as_the_same_file(project, tmp_path):
     submission = prepare_submission(project / "pipelines" / "acme.yaml", working_dir=project)
-    builder = str((project / "pipelines" / "acme_experts.py").resolve())
-    assert submission.runtime_env["py_modules"] == [str(dynmm_package_dir()), builder]
+    dynmm_package, wheel = submission.runtime_env["py_modules"]
+    assert dynmm_package == str(dynmm_package_dir()) and wheel.endswith("-py3-none-any.whl")
     assert shlex.split(submission.entrypoint) == ["dynmm", "train", "pipelines/acme.yaml"]
+    installed = tmp_path / "installed"
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--target", str(installed),
+                          wheel], capture_output=True, text=True, timeout=120)
+    assert pip.returncode == 0, pip.stderr
+    builder = project / "pipelines" / "acme_experts.py"
+    assert (installed / "acme_experts.py").read_bytes() == builder.read_bytes()
+    assert source_digest(installed / "acme_experts.py") == source_digest(builder)
+
+
+def test_the_wheel_is_built_once_per_version_of_the_module(project, tmp_path):
+    builder = project / "pipelines" / "acme_experts.py"
+    first = builder_wheel(builder, tmp_path)
+    assert builder_wheel(builder, tmp_path) == first
+    builder.write_text(builder.read_text() + "\n# changed\n")
+    assert builder_wheel(builder, tmp_path) != first
+
+
+def test_a_package_builder_is_shipped_whole(project, tmp_path):
+    package = project / "pipelines" / "acme_pkg"
+    (package / "layers").mkdir(parents=True)
+    (package / "__init__.py").write_text("from acme_pkg.layers.blocks import build\n")
+    (package / "layers" / "__init__.py").write_text("")
+    (package / "layers" / "blocks.py").write_text("def build(meta):\n    return None\n")
+    with zipfile.ZipFile(builder_wheel(package, tmp_path)) as archive:
+        names = set(archive.namelist())
+    assert {"acme_pkg/__init__.py", "acme_pkg/layers/__init__.py", "acme_pkg/layers/blocks.py"} <= names
 
 
 def test_submit_refuses_a_forbidden_builder_before_contacting_any_cluster(project, monkeypatch, capsys):
