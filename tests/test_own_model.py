@@ -1,8 +1,8 @@
 """A user's own builder everywhere the built-in models go, on a real local Ray and a real MLflow store: ``dynmm
 train`` run from another folder, ``dynmm evaluate --drop-modality`` and ``dynmm profile``, a cohort study under
 MO-ASHA run as its own driver (the processes it starts import the module its runtime environment shipped them) whose
-front is registered, and the registered model loaded in a fresh process in a third folder after the builder's folder
-was deleted.
+front is registered, the study resumed, and the registered model loaded in a fresh process in a third folder after
+the builder's folder was deleted.
 
 The builder appends "pid path-of-its-module" to a log at every build, so the tests see which copy of the module
 each process imported."""
@@ -129,6 +129,16 @@ def test_a_cohort_study_ships_the_builder_and_registers_its_front_with_its_datas
     digest = dataset_lineage(project.dataset, read_meta(project.dataset)).digest
     assert versions and all(version.tags["dataset_digest"] == digest for version in versions)
     assert "knee" in client.get_registered_model("acme-dynmm").aliases
+
+
+def test_resuming_the_study_rebuilds_the_builder_and_keeps_its_registered_versions(project, studied):
+    assert studied.returncode == 0
+    client = MlflowClient(project.tracking_uri)
+    before = sorted(version.version for version in client.search_model_versions("name = 'acme-dynmm'"))
+    resumed = project.run("tune", str(project.pipeline), "--resume", "--address", project.address,
+                          cwd=project.base / "elsewhere")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert sorted(version.version for version in client.search_model_versions("name = 'acme-dynmm'")) == before
 
 
 def test_the_registered_model_serves_in_a_fresh_process_after_the_builders_folder_is_gone(project, studied, tmp_path):
