@@ -9,7 +9,7 @@ import shutil
 import sqlite3
 
 import pytest
-from track_store import sqlite_store
+from mlflow.tracking import MlflowClient
 
 from dynmm.data.format import read_meta
 from dynmm.track.lineage import dataset_inputs, dataset_lineage, dataset_tags
@@ -27,12 +27,11 @@ def datasets(tmp_path_factory):
     return first, copy, other
 
 
-def test_a_run_shows_each_split_it_read_with_its_context_and_digest(datasets, tmp_path):
-    store = sqlite_store(tmp_path)
+def test_a_run_shows_each_split_it_read_with_its_context_and_digest(datasets, mlflow_db):
     first = datasets[0]
     meta = read_meta(first)
-    run_id = start_job_run(store.uri, "digits", "job-a", params={}, inputs=dataset_inputs(first, meta))
-    inputs = store.client.get_run(run_id).inputs.dataset_inputs
+    run_id = start_job_run(mlflow_db, "digits", "job-a", params={}, inputs=dataset_inputs(first, meta))
+    inputs = MlflowClient(mlflow_db).get_run(run_id).inputs.dataset_inputs
     lineage = dataset_lineage(first, meta)
     shown = {item.dataset.name: (item.tags[0].value, item.dataset.digest) for item in inputs}
     assert shown == {"acme-table/train": ("training", lineage.split_digests["train"]),
@@ -52,25 +51,23 @@ def test_the_digest_follows_the_files_bytes_not_the_folder(datasets):
         first.split_digests[split] != other.split_digests[split] for split in ("train", "valid", "test"))
 
 
-def test_many_runs_share_one_dataset_entity_per_split(datasets, tmp_path):
-    store = sqlite_store(tmp_path)
+def test_many_runs_share_one_dataset_entity_per_split(datasets, mlflow_db, tmp_path):
     first = datasets[0]
     inputs = dataset_inputs(first, read_meta(first))
     for job in range(5):
-        start_job_run(store.uri, "digits", f"trial-{job}", params={}, inputs=inputs)
+        start_job_run(mlflow_db, "digits", f"trial-{job}", params={}, inputs=inputs)
     with sqlite3.connect(tmp_path / "mlflow.db") as database:
         entities = database.execute("select count(*) from datasets").fetchone()[0]
         links = database.execute("select count(*) from inputs where source_type = 'DATASET'").fetchone()[0]
     assert (entities, links) == (3, 15)
 
 
-def test_a_resumed_run_is_not_linked_twice(datasets, tmp_path):
-    store = sqlite_store(tmp_path)
+def test_a_resumed_run_is_not_linked_twice(datasets, mlflow_db):
     first = datasets[0]
     inputs = dataset_inputs(first, read_meta(first))
-    run_id = start_job_run(store.uri, "digits", "job-b", params={}, inputs=inputs)
-    assert start_job_run(store.uri, "digits", "job-b", params={}, inputs=inputs) == run_id
-    assert len(store.client.get_run(run_id).inputs.dataset_inputs) == 3
+    run_id = start_job_run(mlflow_db, "digits", "job-b", params={}, inputs=inputs)
+    assert start_job_run(mlflow_db, "digits", "job-b", params={}, inputs=inputs) == run_id
+    assert len(MlflowClient(mlflow_db).get_run(run_id).inputs.dataset_inputs) == 3
 
 
 def test_what_a_dataset_was_prepared_from_is_shown_without_its_credentials(datasets):

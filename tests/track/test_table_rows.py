@@ -5,13 +5,14 @@ labels; one array per modality still works. Real MLflow SQLite store, no Ray."""
 from __future__ import annotations
 
 import math
+import shutil
 
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from track_store import sqlite_store
+from mlflow.tracking import MlflowClient
 
 from dynmm.models import DatasetInfo, ModelRecipe, measure_path_costs
 from dynmm.track.pyfunc import ServedData, log_pyfunc_model
@@ -27,16 +28,20 @@ DATASET = {"name": "pets", "task": "multiclass", "num_classes": 3,
 
 
 @pytest.fixture(scope="module")
-def logged(tmp_path_factory):
+def logged(tmp_path_factory, empty_mlflow_db):
     """A late-fusion model over the pets table, logged with its source columns, transform and label names."""
-    store = sqlite_store(tmp_path_factory.mktemp("mlflow"))
+    root = tmp_path_factory.mktemp("mlflow")
+    shutil.copyfile(empty_mlflow_db, root / "mlflow.db")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("pets", artifact_location=(root / "artifacts").as_uri())
     torch.manual_seed(0)
     recipe = ModelRecipe("late-fusion", {"paths": [["profile"], ["profile", "signal"]], "hidden": 8}, None, DATASET)
     model = recipe.build().eval()
     data = ServedData("multiclass", TRANSFORMS, {"profile": PROFILE_COLUMNS, "signal": [SIGNAL_COLUMN]}, LABELS)
-    run_id = store.client.create_run(store.experiment_id).info.run_id
-    mlflow.set_tracking_uri(store.uri)
-    uri = log_pyfunc_model(run_id, model, recipe, data, measure_path_costs(model).path_gflops, store.root / "work")
+    run_id = client.create_run(experiment).info.run_id
+    mlflow.set_tracking_uri(uri)
+    uri = log_pyfunc_model(run_id, model, recipe, data, measure_path_costs(model).path_gflops, root / "work")
     return model, mlflow.pyfunc.load_model(uri)
 
 
