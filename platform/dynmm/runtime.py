@@ -6,15 +6,17 @@ Must not import dynmm.train, dynmm.tune or dynmm.cluster.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import ray
 import ray._private.ray_constants as ray_constants
+from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
 from ray._private.state import state as global_state
 from ray.core.generated.gcs_pb2 import PlacementGroupTableData
 from ray.util.placement_group import PlacementGroup, remove_placement_group
@@ -99,12 +101,17 @@ def _loopback_node_ip() -> Iterator[None]:
         ray_constants.ENABLE_RAY_CLUSTER = previous_flag
 
 
-def connect_ray(address: str | None = None, verbose: bool = False) -> None:
+def connect_ray(address: str | None = None, verbose: bool = False, py_modules: Sequence[str] = ()) -> None:
     """Use the cluster named by ``address`` or ``RAY_ADDRESS``; else start a local Ray of our own that
-    listens on 127.0.0.1 only (never the cluster ``ray start`` last started on this machine)."""
+    listens on 127.0.0.1 only (never the cluster ``ray start`` last started on this machine). ``py_modules``:
+    a user's builder module (its ``.py`` file or package folder) that every worker of this driver imports
+    (``shipped_modules_env``)."""
     if ray.is_initialized():
         return
     options = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
+    runtime_env = shipped_modules_env(py_modules)
+    if runtime_env:
+        options["runtime_env"] = runtime_env
     address = address or os.environ.get("RAY_ADDRESS")
     # Ray Train V2's controller collects reports on its health-check tick (2 s by default), which
     # dominates an epoch of a small model; a local Ray started here inherits this environment.
@@ -126,6 +133,26 @@ def connect_ray(address: str | None = None, verbose: bool = False) -> None:
             print(f"removed {len(removed)} placement group(s) that ended Ray jobs had left holding resources: "
                   f"{', '.join(removed)}", file=sys.stderr)
     ray.data.DataContext.get_current().enable_progress_bars = verbose
+
+
+def shipped_modules_env(py_modules: Sequence[str]) -> dict:
+    """The driver's runtime environment that ships ``py_modules`` to every worker it starts, on this node or any
+    other: Ray uploads each file or folder once and puts it on the workers' ``PYTHONPATH`` (Ray 2.60 takes a single
+    ``.py`` file as well as a package folder). Empty inside a Ray job whose runtime environment has ``py_modules``
+    of its own: that one ships them (``dynmm submit`` adds them there), and Ray refuses a driver's ``py_modules``
+    beside the job's."""
+    if not py_modules or "py_modules" in _job_runtime_env():
+        return {}
+    return {"py_modules": [str(path) for path in py_modules]}
+
+
+def _job_runtime_env() -> dict:
+    """The runtime environment of the Ray job this process is the driver of (empty outside a job)."""
+    try:
+        config = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR) or "{}")
+    except json.JSONDecodeError:
+        return {}
+    return config.get("runtime_env") or {}
 
 
 def remove_orphaned_placement_groups() -> list[str]:

@@ -28,6 +28,7 @@ import requests
 from mlflow.tracking import MlflowClient
 
 from dynmm.cli import main
+from own_models import write_builder, write_pipeline, write_table_dataset
 
 REPO = Path(__file__).parents[2]
 pytestmark = pytest.mark.integration
@@ -206,6 +207,39 @@ def test_digits_trains_on_both_nodes_and_lands_in_mlflow(two_node_cluster, tmp_p
     assert code == 0 and re.search(r"^status\s+SUCCEEDED$", capsys.readouterr().out, re.MULTILINE)
     code = main(["jobs", "stop", job_id, "--address", two_node_cluster.address])
     assert code == 0 and capsys.readouterr().out.strip() == f"{job_id} had already ended"
+
+
+def test_a_pipeline_with_its_own_builder_is_shipped_with_the_job_to_both_nodes(two_node_cluster, tmp_path, mlflow_db,
+                                                                              monkeypatch, capsys):
+    """Submitted from the user's project folder (not the folder the cluster was started from): the job's runtime
+    environment carries the builder module, so the driver on the head and the training workers on each node (each
+    node with its own temp dir, as on another machine) import their own node's copy of it."""
+    project = tmp_path / "project"
+    imports = tmp_path / "imports.log"
+    dataset = write_table_dataset(tmp_path / "data" / "acme-table")
+    write_builder(project / "pipelines")
+    write_pipeline(project / "pipelines", dataset, {"name": "acme_experts:build", "args": {"import_log": str(imports)}},
+                   run={"storage_path": str(tmp_path / "runs")})
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", two_node_cluster.token)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_db)
+
+    code = main(["submit", "pipelines/acme.yaml", "--address", two_node_cluster.address, "--set",
+                 "scaling.num_workers=2", "--set", f"scaling.resources_per_worker={{{WORKER_SLOT}: 1}}"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.out + printed.err[-3000:]
+    job_id = re.search(r"^submitted (\S+)$", printed.out, re.MULTILINE).group(1)
+    code = main(["jobs", "logs", job_id, "--follow", "--address", two_node_cluster.address])
+    logs = capsys.readouterr()
+    assert code == 0 and f"job {job_id} SUCCEEDED" in logs.err, logs.out[-3000:] + logs.err[-3000:]
+
+    shipped = {path for path in (line.split(" ", 1)[1] for line in imports.read_text().splitlines())
+               if "runtime_resources/py_modules_files/" in path}
+    assert {"head" if "/head/" in path else "second" if "/second/" in path else path for path in shipped} == {
+        "head", "second"}, "each node imports the copy the job shipped to it"
+    client = MlflowClient(mlflow_db)
+    (run,) = client.search_runs([client.get_experiment_by_name("acme").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["model.name"] == "acme_experts:build"
 
 
 def run_cli(capsys, *arguments: str) -> tuple[int, str]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from ray import cloudpickle
 
-from dynmm.models import PathCosts, build_model, measure_path_costs
+from dynmm.models import ModelRecipe, PathCosts, build_model, measure_path_costs
 from dynmm.models.latency import with_path_latency
 from dynmm.train.job import CheckpointPlan, StageConfig, WorkerJob
 from dynmm.train.state import CostTensors
@@ -37,7 +37,7 @@ def test_with_path_latency_adds_one_positive_latency_per_path_and_keeps_the_flop
 
 def _job(loss_cost: str, path_latency_ms: tuple[float, ...]) -> WorkerJob:
     return WorkerJob(
-        model_name="digits", model_args={}, task="multiclass", num_classes=10,
+        model=ModelRecipe("digits"), task="multiclass", num_classes=10,
         stages=(StageConfig(name="gate", epochs=1, lr=1e-3),), experts_uri="/unused",
         checkpoints=CheckpointPlan("/unused"),
         costs=PathCosts(1.0, (3.0, 9.0), path_latency_ms=path_latency_ms), loss_cost=loss_cost,

@@ -22,8 +22,8 @@ from sklearn.datasets import load_digits
 from track_store import sqlite_store
 
 from dynmm.data.digits import PIXEL_MAX, digits_meta
-from dynmm.models import build_model, measure_path_costs
-from dynmm.track.pyfunc import DynMMPyfunc, log_pyfunc_model, write_model_files
+from dynmm.models import ModelRecipe, build_model, measure_path_costs
+from dynmm.track.pyfunc import DynMMPyfunc, ServedData, log_pyfunc_model, write_model_files
 from server_process import BIN, free_port, wait_for_http
 
 COLUMNS = ["prediction", "path", "path_name", "gflops", "degraded", "missing_modalities", "error"]
@@ -38,8 +38,8 @@ def logged(tmp_path_factory):
     torch.manual_seed(0)
     model = build_model("digits").eval()
     mlflow.set_tracking_uri(uri)
-    model_uri = log_pyfunc_model(run_id, model, "digits", {}, "multiclass", measure_path_costs(model).path_gflops,
-                                 root / "work", input_transforms=digits_meta(seed=0).input_transforms)
+    model_uri = log_pyfunc_model(run_id, model, ModelRecipe("digits"), ServedData.of(digits_meta(seed=0)),
+                                 measure_path_costs(model).path_gflops, root / "work")
     return model, model_uri, uri
 
 
@@ -112,7 +112,7 @@ def test_values_the_model_cannot_read_are_refused_naming_the_modality(served, ba
 
 
 def test_a_model_without_a_source_range_still_refuses_overflowing_values():
-    from dynmm.track.pyfunc import read_request
+    from dynmm.track.requests import read_request
 
     shapes = {"top": [4, 8]}
     huge = np.full((1, 4, 8), 1e39)  # finite as float64, inf as the float32 the model reads
@@ -137,7 +137,7 @@ def test_a_sources_missing_value_marker_becomes_what_the_dataset_stored():
     from pathlib import Path
 
     from dynmm.data.convert import mosei_meta
-    from dynmm.track.pyfunc import read_request
+    from dynmm.track.requests import read_request
 
     transform = mosei_meta(Path("mosei.pkl")).input_transforms["audio"]
     audio = np.array([[[-np.inf, 1.5]]])
@@ -162,8 +162,8 @@ def test_a_served_confidence_gate_model_routes_as_logged_and_charges_the_cheap_p
     experiment = client.create_experiment("digits", artifact_location=(tmp_path / "artifacts").as_uri())
     run_id = client.create_run(experiment).info.run_id
     mlflow.set_tracking_uri(uri)
-    model_uri = log_pyfunc_model(run_id, model, "digits", {"gate": "confidence"}, "multiclass", costs.path_gflops,
-                                 tmp_path / "work", input_transforms=digits_meta(seed=0).input_transforms)
+    model_uri = log_pyfunc_model(run_id, model, ModelRecipe("digits", {"gate": "confidence"}),
+                                 ServedData.of(digits_meta(seed=0)), costs.path_gflops, tmp_path / "work")
 
     result = mlflow.pyfunc.load_model(model_uri).predict(raw)
     assert 0 < int((expected.paths == 0).sum()) < len(expected.paths)
@@ -219,8 +219,8 @@ def test_a_sample_the_gate_cannot_read_takes_the_best_path_on_validation_and_pay
     torch.manual_seed(0)
     model = build_model("digits", gate_modalities=("top", "bottom")).eval()  # the gate needs both views
     costs = measure_path_costs(model)
-    artifacts = write_model_files(model, "digits", {"gate_modalities": ["top", "bottom"]}, "multiclass",
-                                  costs.path_gflops, tmp_path, digits_meta(seed=0).input_transforms,
+    artifacts = write_model_files(model, ModelRecipe("digits", {"gate_modalities": ["top", "bottom"]}),
+                                  ServedData.of(digits_meta(seed=0)), costs.path_gflops, tmp_path,
                                   expert_validation_quality=[0.81, 0.93])
     served = DynMMPyfunc()  # as MLflow loads it, without logging it once more (the fixtures above do)
     served.load_context(SimpleNamespace(artifacts=artifacts))

@@ -14,8 +14,8 @@ from track_store import sqlite_store
 
 from dynmm.cli import main
 from dynmm.errors import UserError
-from dynmm.models import build_model, measure_path_costs
-from dynmm.track.pyfunc import log_pyfunc_model
+from dynmm.models import ModelRecipe, build_model, measure_path_costs
+from dynmm.track.pyfunc import ServedData, log_pyfunc_model
 from dynmm.track.registry import FrontModel, Version, choose_aliases, pick, register_front
 from dynmm.track.runs import flatten_params, redact_credentials
 
@@ -45,7 +45,7 @@ def logger_into(uri: str, root: Path, logged: list[str]):
         logged.append(front_model.trial_id)
         model = digits_model(seed=len(logged))
         mlflow.set_tracking_uri(uri)
-        return log_pyfunc_model(front_model.run_id, model, "digits", {}, "multiclass",
+        return log_pyfunc_model(front_model.run_id, model, ModelRecipe("digits"), ServedData("multiclass"),
                                 measure_path_costs(model).path_gflops, root / front_model.trial_id)
     return log_model
 

@@ -18,7 +18,7 @@ import torch
 from dynmm.data.format import read_meta, split_files
 from dynmm.data.readers import load_split, resolve_dataset
 from dynmm.errors import DatasetError
-from dynmm.models import build_model
+from dynmm.models import ModelRecipe, build_model
 from dynmm.train.checkpoints import write_experts
 from dynmm.train.expert_cache import (
     MANIFEST_FILE,
@@ -56,8 +56,8 @@ def _trained_looking_experts(seed: int) -> torch.nn.Module:
 
 
 def _ensure(built: Built, experts_uri: Path, messages: list[str], splits=("train", "valid")) -> ExpertOutputCache:
-    return ensure_expert_cache(built.dataset, read_meta(built.dataset), "digits", MODEL_ARGS, str(experts_uri),
-                               splits, say=messages.append)
+    return ensure_expert_cache(built.dataset, read_meta(built.dataset), ModelRecipe("digits", MODEL_ARGS),
+                               str(experts_uri), splits, say=messages.append)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def built(ray_session, tmp_path_factory) -> Built:
     write_experts(str(experts_uri), model.experts.state_dict(), {})
     messages: list[str] = []
     started = time.perf_counter()
-    cache = ensure_expert_cache(dataset, read_meta(dataset), "digits", MODEL_ARGS, str(experts_uri),
+    cache = ensure_expert_cache(dataset, read_meta(dataset), ModelRecipe("digits", MODEL_ARGS), str(experts_uri),
                                 say=messages.append)
     return Built(dataset, experts_uri, model, cache, messages, time.perf_counter() - started)
 
@@ -141,7 +141,7 @@ def test_a_damaged_cache_file_is_an_error_naming_it_not_a_wrong_result(built, tm
 def test_an_experts_actor_that_dies_is_restarted_with_the_experts_read_again_and_answers_the_same(built):
     table = _tag_split(pq.read_table(split_files(built.dataset, "valid")[0]), split="valid")
     options = _ActorOptions(use_gpu=False, concurrency=1, gpus_per_actor=0, batch_size=1024, cpus_per_actor=0.1)
-    (actor,) = _start_expert_actors(("digits", MODEL_ARGS, str(built.experts_uri)), options)
+    (actor,) = _start_expert_actors((ModelRecipe("digits", MODEL_ARGS), str(built.experts_uri)), options)
     try:
         before, pid = ray.get([actor.__call__.remote(table), actor.__ray_call__.remote(lambda _: os.getpid())])
         ray.kill(actor, no_restart=False)  # as a lost node or a killed process would

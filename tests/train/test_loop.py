@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dynmm.errors import UserError
-from dynmm.models import TemperatureSchedule, build_model, measure_path_costs
+from dynmm.models import ModelRecipe, TemperatureSchedule, build_model, measure_path_costs
 from dynmm.spec import load_pipeline
 from dynmm.train.batches import RankShare, batches
 from dynmm.train.endings import raise_if_loss_diverged
@@ -72,7 +72,7 @@ def gate_weights_after_one_soft_epoch(gumbel_override: str) -> torch.Tensor:
 
 def worker_job(model, stage: StageConfig, **fields) -> WorkerJob:
     """A job for the digits model with the FLOPs the driver would count for it, its rows kept in memory."""
-    return WorkerJob("digits", {"gate": "mlp"}, "multiclass", 10, (stage,), experts_uri="",
+    return WorkerJob(ModelRecipe("digits", {"gate": "mlp"}), "multiclass", 10, (stage,), experts_uri="",
                      checkpoints=CheckpointPlan(""), costs=measure_path_costs(model),
                      data=DataPlan(in_memory=True, **fields))
 

@@ -15,7 +15,7 @@ from dynmm.data.format import read_meta
 from dynmm.data.nyuv2 import convert_nyuv2
 from dynmm.data.readers import resolve_dataset
 from dynmm.data.synthetic import write_depth_labelled_nyuv2
-from dynmm.models import TemperatureSchedule, build_model, depth_encoder_flops, measure_path_costs
+from dynmm.models import ModelRecipe, TemperatureSchedule, build_model, depth_encoder_flops, measure_path_costs
 from dynmm.spec import load_pipeline
 from dynmm.train.batches import RankShare
 from dynmm.train.checkpoints import save_state
@@ -189,7 +189,7 @@ def one_gate_epoch(static: bool, resource_lambda: float) -> dict[str, float]:
     costs = measure_path_costs(model)
     stage = StageConfig("gate", epochs=1, lr=0.01, optimizer="sgd", resource_lambda=resource_lambda, epoch_ini=1,
                         freeze_experts=False)
-    job = WorkerJob("nyuv2", TINY_3_CLASSES, "segmentation", 3, (stage,), experts_uri="",
+    job = WorkerJob(ModelRecipe("nyuv2", TINY_3_CLASSES), "segmentation", 3, (stage,), experts_uri="",
                     checkpoints=CheckpointPlan(""), costs=costs, data=DataPlan(batch_size=4, in_memory=True))
     generator = torch.Generator().manual_seed(0)
     columns = {"rgb": 255 * torch.rand((8, 3, 48, 64), generator=generator),

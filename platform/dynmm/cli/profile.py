@@ -43,8 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from dynmm.models import build_model
     from dynmm.models.latency import measure_path_latency, resolve_device
+    from dynmm.train.prepare import build_checked_model, pipeline_model
 
     batch_sizes = tuple(args.batch_sizes or DEFAULT_BATCH_SIZES)
     _check_counts(batch_sizes, args)
@@ -55,9 +55,9 @@ def run(args: argparse.Namespace) -> int:
     spec = load_pipeline(args.pipeline, args.overrides)
     torch.manual_seed(args.seed)
     try:
-        model = build_model(spec.model.name, **spec.model.args)
-    except (ValueError, TypeError) as error:
-        raise SpecError(f"{args.pipeline}: model: {error}") from None
+        model = build_checked_model(pipeline_model(spec))
+    except SpecError as error:
+        raise SpecError(f"{args.pipeline}: {error}") from None
     rows = measure_path_latency(model, batch_sizes, device=device, threads=args.threads,
                                 warmup_rounds=args.warmup, repeats=args.repeats, seed=args.seed)
     print(f"{spec.name}: model {spec.model.name}, {model.num_paths} paths, on {device} with {rows[0].threads} "

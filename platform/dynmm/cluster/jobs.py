@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from dynmm.builder_source import builder_files
 from dynmm.cluster.auth import TOKEN_PATH_VARIABLE, TOKEN_VARIABLE, AuthToken, default_token_path, find_token
 from dynmm.cluster.errors import ClusterAuthError, ClusterError, ClusterUnreachableError, JobNotFoundError
 from dynmm.cluster.runtime_env import check_upload_size, dynmm_package_dir, job_runtime_env
@@ -77,7 +78,7 @@ def prepare_submission(
             f"{pipeline}: the pipeline must lie inside the working directory {working_dir}, which is what the "
             "job uploads; run dynmm submit from a folder that contains it"
         )
-    runtime_env = job_runtime_env(working_dir, tracking_uri)
+    runtime_env = job_runtime_env(working_dir, tracking_uri, builder_files(spec.model.name, spec.source_dir))
     size = check_upload_size(working_dir, runtime_env["excludes"])
     size += check_upload_size(dynmm_package_dir(), runtime_env["excludes"])
     command = ["dynmm", kind, pipeline.relative_to(working_dir).as_posix()]

@@ -1,6 +1,7 @@
 """The same job as ``dynmm submit``, as Kubernetes manifests for KubeRay (>= 1.5.1): a ConfigMap holding the
-pipeline YAML and a ``RayJob`` that starts a cluster with token authentication (``authOptions``), mounts the
-pipeline on the head, runs ``dynmm train|tune`` there and deletes the cluster when the job ends.
+pipeline YAML (and a user's single-file model builder) and a ``RayJob`` that starts a cluster with token
+authentication (``authOptions``), mounts the pipeline on the head, runs ``dynmm train|tune`` there and deletes the
+cluster when the job ends.
 
 The image must contain this project (e.g. ``FROM rayproject/ray:<ray version>-py311-gpu`` + ``pip install``).
 """
@@ -14,7 +15,9 @@ from pathlib import Path
 
 import yaml
 
+from dynmm.builder_source import builder_files
 from dynmm.cluster.jobs import KINDS, submission_id
+from dynmm.errors import SpecError
 from dynmm.spec import load_pipeline
 
 PIPELINE_MOUNT = "/home/ray/dynmm/pipelines"
@@ -47,7 +50,7 @@ def rayjob_manifests(
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {"name": f"{name}-pipeline"},
-        "data": {pipeline_file: Path(pipeline).read_text()},
+        "data": {pipeline_file: Path(pipeline).read_text(), **_builder_module(spec.model.name, spec.source_dir)},
     }
     env = [{"name": "MLFLOW_TRACKING_URI", "value": tracking_uri}] if tracking_uri else []
     head = _container("ray-head", image, {"cpu": "4", "memory": "16Gi"}, env)
@@ -86,6 +89,16 @@ def rayjob_manifests(
         },
     }
     return [config_map, rayjob]
+
+
+def _builder_module(model_name: str, folder: str | None) -> dict[str, str]:
+    """A user's single-file builder, mounted beside the pipeline (the job's driver ships it on to the workers); a
+    package is refused: a ConfigMap holds flat files, so a package builder belongs in the image (an entry point)."""
+    files = [Path(path) for path in builder_files(model_name, folder)]
+    if any(path.is_dir() for path in files):
+        raise SpecError(f"model.name {model_name!r}: --kuberay mounts a single-file builder (a .py module) beside the "
+                        "pipeline; install a package builder in the image as a dynmm.models entry point")
+    return {path.name: path.read_text() for path in files}
 
 
 def _container(name: str, image: str, resources: dict[str, str], env: list[dict]) -> dict:

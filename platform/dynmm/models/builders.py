@@ -2,7 +2,8 @@
 
 Owns the wiring of each built-in task's experts and gate (sizes as keyword arguments, reference
 sizes as defaults), the fusion-level RGB-D net (``nyuv2``) and the checks on the name and the keyword
-arguments. Imports torch only.
+arguments. ``late-fusion`` and a user's own builder are built from a ``dynmm.models.recipe.ModelRecipe``.
+Imports torch only.
 """
 
 import inspect
@@ -197,9 +198,8 @@ MODEL_BUILDERS: dict[str, Callable[..., ModalityDynMM | FusionDynMM]] = {
     "avmnist": build_avmnist_model,
     "nyuv2": build_nyuv2_model,
 }
-FUSION_MODEL_NAMES: tuple[str, ...] = ("nyuv2",)
-# the modality-level tasks (two experts and a gate); the fusion-level ones are listed apart
-MODEL_NAMES: tuple[str, ...] = tuple(name for name in MODEL_BUILDERS if name not in FUSION_MODEL_NAMES)
+# the built-in modality-level tasks (two experts and a gate); code tells a model's kind by its type, not its name
+MODEL_NAMES: tuple[str, ...] = ("digits", "mosei", "mmimdb", "avmnist")
 
 
 def build_model(name: str, **kwargs: object) -> ModalityDynMM | FusionDynMM:

@@ -46,9 +46,10 @@ class ConcatMLP(nn.Module):
 
 
 class ConfidenceGate(nn.Module):
-    """A gate that routes by how sure one expert is: the expert's class log-probabilities are summarised as
-    three confidence features (log-odds of the top class, log-ratio of the top class to the second, log of
-    the entropy), standardised, and a linear head turns them into path logits.
+    """A gate that routes by how sure one expert is: the expert's class log-probabilities (a binary expert's one
+    logit read as two classes) are summarised as three confidence features (log-odds of the top class, log-ratio
+    of the top class to the second, log of the entropy), standardised, and a linear head turns them into path
+    logits.
 
     The ``body`` is expert ``source_expert`` itself (the same module, not a copy), so the gate always reads
     the expert as trained, and ``ModalityDynMM`` takes that path's output from the gate's forward
@@ -88,7 +89,10 @@ class ConfidenceGate(nn.Module):
         return self._features_of(self.body(inputs))
 
     def _features_of(self, body_output: Tensor) -> Tensor:
-        log_probabilities = torch.log_softmax(body_output.detach().float(), dim=-1)
+        scores = body_output.detach().float()
+        if scores.shape[-1] == 1:  # a binary expert's one logit z: the two classes score 0 and z
+            scores = torch.cat([torch.zeros_like(scores), scores], dim=-1)
+        log_probabilities = torch.log_softmax(scores, dim=-1)
         top_two, top_index = log_probabilities.topk(2, dim=-1)
         others = log_probabilities.scatter(-1, top_index[:, :1], float("-inf")).logsumexp(dim=-1)
         log_odds = top_two[:, 0] - others

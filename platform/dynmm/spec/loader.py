@@ -19,7 +19,8 @@ MAX_ERRORS_SHOWN = 5
 
 
 def load_pipeline(path: str | Path, overrides: Iterable[str] = ()) -> PipelineSpec:
-    """Read, override and validate a pipeline YAML file; every failure is a SpecError naming ``path``."""
+    """Read, override and validate a pipeline YAML file; every failure is a SpecError naming ``path``. The spec
+    knows the file's folder (``PipelineSpec.source_dir``): a ``module:function`` model builder is looked for there."""
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"{path}: pipeline file not found")
@@ -37,7 +38,7 @@ def load_pipeline(path: str | Path, overrides: Iterable[str] = ()) -> PipelineSp
         raise SpecError(f"{path}: not valid YAML: nested too deeply") from None
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: expected a mapping of pipeline fields at the top level")
-    return parse_pipeline(apply_overrides(raw, overrides, source=path), source=path)
+    return parse_pipeline(apply_overrides(raw, overrides, source=path), source=path).located_in(path.parent)
 
 
 def parse_pipeline(raw: Mapping[str, Any], source: str | Path = "<pipeline>") -> PipelineSpec:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 Optimizer = Literal["adamw", "adam", "sgd"]
 LrSchedule = Literal["constant", "cosine", "onecycle"]
@@ -54,7 +55,12 @@ class LatencySpec(_Frozen):
 
 
 class ModelSpec(_Frozen):
-    name: str = Field(description="builder name: digits, mosei, mmimdb, avmnist")
+    name: str = Field(
+        description="a built-in builder (digits, mosei, mmimdb, avmnist, nyuv2), late-fusion (built from the dataset's "
+        "metadata), module:function (a builder in a .py file or package beside the pipeline file, called as "
+        "function(meta, **args)) or the name of an installed dynmm.models entry point",
+        min_length=1,
+    )
     args: dict[str, object] = Field(default_factory=dict, description="keyword arguments of the builder")
     cost: Literal["flops", "latency"] = Field(
         "flops",
@@ -288,6 +294,19 @@ class PipelineSpec(_Frozen):
     run: RunSpec = Field(default_factory=RunSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     search: SearchSpec | None = None
+    # the folder of the pipeline file this spec was read from (``load_pipeline`` sets it; None for a spec built in
+    # code): where a ``module:function`` builder is looked for. Not a field: no YAML sets it, no run name holds it.
+    _source_dir: str | None = PrivateAttr(None)
+
+    @property
+    def source_dir(self) -> str | None:
+        return self._source_dir
+
+    def located_in(self, folder: str | Path) -> PipelineSpec:
+        """This spec as read from a pipeline file in ``folder`` (an absolute path is kept)."""
+        located = self.model_copy()
+        located._source_dir = str(Path(folder).resolve())
+        return located
 
     def identity(self, exclude: dict | set) -> dict:
         """The spec as JSON for naming its runs and studies (same identity, same name: a re-run resumes).

@@ -1,10 +1,12 @@
 """A trained DynMM model as an MLflow pyfunc: routed inference (only the chosen path runs per sample).
 
 ``mlflow.pyfunc.load_model("models:/digits-dynmm@knee").predict(inputs)`` takes a dict of modality
-arrays (``{"top": float32 (N, 4, 8), ...}``) or a pandas DataFrame with one column per modality whose
-cells are arrays, and returns one row per sample, in request order:
+arrays (``{"top": float32 (N, 4, 8), ...}``), a pandas DataFrame with one column per modality whose
+cells are arrays, or, for a dataset prepared from the user's own table, that table's rows with their original
+column names (``dynmm.track.requests``), and returns one row per sample, in request order:
 
-- ``prediction`` (null where refused), ``path`` and ``path_name`` (the path taken; null where refused),
+- ``prediction`` (null where refused; the user's own label where the dataset recorded label names), ``path``
+  and ``path_name`` (the path taken; null where refused),
   ``gflops`` (what the sample cost: its path and the gate; the expert alone where the gate could not read
   the sample; 0 where refused);
 - ``degraded`` (the sample lacked a modality), ``missing_modalities`` (comma-separated, empty if none);
@@ -15,8 +17,11 @@ A modality may be missing (key or column absent, null, a null cell, or named in 
 by the gate where the gate can read the sample, else the best such path on validation (``dynmm.models.
 degraded``). A sample that no path can serve is refused in its row; the rest of the batch is answered.
 
-The model is rebuilt from its builder name and arguments plus a state dict (no pickled module), and the
-``dynmm`` package travels with it, so serving needs only torch and MLflow.
+The model is rebuilt from its recipe (``dynmm.models.recipe.ModelRecipe``: builder name and arguments, the
+dataset's metadata, a user's builder's digest) plus a state dict (no pickled module); the ``dynmm`` package and a
+user's builder module travel with it as MLflow ``code_paths`` (MLflow puts them on ``sys.path`` when it loads the
+model, so the builder is found in a fresh process after the user's folder is gone), so serving needs only torch
+and MLflow (and an entry point's distribution, named in the requirements).
 
 Inputs are values as the dataset's source provides them (digits: pixels 0..16): the dataset's input
 transforms (``DatasetMeta.input_transforms``, e.g. pixel / 16) travel in the model's config and are applied
@@ -28,12 +33,12 @@ and predict on them silently); an empty batch gives an empty result.
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -43,12 +48,11 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 from mlflow.types.schema import AnyType
 
-if TYPE_CHECKING:
-    from dynmm.data.format import InputTransform
+from dynmm.models.recipe import ModelRecipe
+from dynmm.track.requests import MISSING_MARKER, per_feature, read_request, source_columns_of
 
 WEIGHTS = "weights"
 CONFIG = "config"
-MISSING_MARKER = "missing_modalities"  # the optional per-row input (and output) naming a sample's missing modalities
 # nullable dtypes: a refused sample has no prediction and no path (else: per-row lists, None when refused)
 PREDICTION_DTYPES = {"multiclass": "Int64", "binary": "Int64", "regression": "Float64"}
 COLUMNS = ("prediction", "path", "path_name", "gflops", "degraded", MISSING_MARKER, "error")
@@ -64,11 +68,10 @@ with warnings.catch_warnings(record=True):
         that lacks a modality among the paths that do not read it (``dynmm.models.degraded``)."""
 
         def load_context(self, context) -> None:
-            from dynmm.models import build_model
             from dynmm.models.degraded import fallback_order
 
             self.config = json.loads(Path(context.artifacts[CONFIG]).read_text())
-            model = build_model(self.config["model_name"], **self.config["model_args"])
+            model = recipe_of(self.config).build()
             model.load_state_dict(torch.load(context.artifacts[WEIGHTS], map_location="cpu", weights_only=True))
             self.model = model.eval()
             self.fallback = fallback_order(self.config["path_gflops"], self.config.get("expert_validation_quality"))
@@ -78,7 +81,8 @@ with warnings.catch_warnings(record=True):
             from dynmm.models.degraded import route_with_missing
 
             config = self.config
-            request = read_request(model_input, config["input_shapes"], config.get("input_transforms", {}))
+            request = read_request(model_input, config["input_shapes"], config.get("input_transforms", {}),
+                                   config.get("source_columns", {}))
             if request.size == 0:
                 return result_frame(config, [], np.zeros(0, dtype=np.int64), np.zeros(0), request.missing, ())
             missing = {name: torch.from_numpy(rows) for name, rows in request.missing.items() if rows.any()}
@@ -88,7 +92,7 @@ with warnings.catch_warnings(record=True):
             per_row: list = [None] * request.size
             if answered.any():
                 refuse_nonfinite_outputs(routed.output[answered], torch.nonzero(answered).squeeze(1))
-                predicted = iter(predictions(config["task"], routed.output[answered]))
+                predicted = iter(predictions(config["task"], routed.output[answered], label_names_of(config)))
                 per_row = [next(predicted) if row_answered else None for row_answered in answered.tolist()]
             paths = routed.paths.numpy()
             return result_frame(config, per_row, paths, self._row_gflops(paths, routed.gate_ran.numpy()),
@@ -120,8 +124,9 @@ def result_frame(
     answered = paths >= 0
     names = list(config["input_shapes"])
     missing_per_row = [",".join(name for name in names if missing[name][row]) for row in range(len(paths))]
+    labelled = label_names_of(config) is not None
     return pd.DataFrame({
-        "prediction": pd.Series(predicted, dtype=PREDICTION_DTYPES.get(config["task"], object)),
+        "prediction": pd.Series(predicted, dtype=object if labelled else PREDICTION_DTYPES.get(config["task"], object)),
         "path": pd.Series(np.where(answered, paths, 0), dtype="Int64").mask(~answered),
         "path_name": pd.Series([config["path_names"][p] if p >= 0 else None for p in paths], dtype=object),
         "gflops": np.asarray(gflops, dtype=np.float64),
@@ -138,194 +143,109 @@ def refuse_nonfinite_outputs(output: torch.Tensor, rows: torch.Tensor) -> None:
         raise ValueError(f"the model's output for sample {sample} is not finite: inputs far beyond its training data?")
 
 
-@dataclass
-class Request:
-    """A request read into what the model takes: ``inputs`` holds every modality for every sample (zeros where
-    missing), ``missing`` a (N,) bool mask per modality of the samples without it."""
-
-    inputs: dict[str, torch.Tensor]
-    missing: dict[str, np.ndarray]
-
-    @property
-    def size(self) -> int:
-        return len(next(iter(self.missing.values())))
-
-
-def read_request(
-    model_input, input_shapes: Mapping[str, list[int]], input_transforms: Mapping[str, Mapping] | None = None,
-) -> Request:
-    """Dict of arrays or DataFrame of array cells (source values) -> float32 tensors of what the model reads,
-    checked against the model's shapes and the source's ranges and transformed.
-
-    A modality is missing for a sample when its key or column is absent or null, its cell is null, or the
-    sample's ``missing_modalities`` entry names it (comma-separated; then its cell is not read)."""
-    columns = _columns(model_input)
-    given = {name: _read_column(name, columns[name], shape)
-             for name, shape in input_shapes.items() if columns.get(name) is not None}
-    if not given:
-        raise ValueError(f"the request holds none of the model's modalities ({', '.join(input_shapes)})")
-    sizes = {len(present) for _, present in given.values()}
-    if len(sizes) > 1:
-        raise ValueError(f"modalities have different numbers of samples: {sorted(sizes)}")
-    size = sizes.pop()
-    marked = _marked_missing(columns.get(MISSING_MARKER), list(input_shapes), size)
-    inputs, missing = {}, {}
-    for name, shape in input_shapes.items():
-        values = np.zeros((size, *shape), dtype=np.float32)
-        present = np.zeros(size, dtype=bool)
-        if name in given:
-            source, non_null = given[name]
-            rows = np.flatnonzero(non_null)
-            kept = ~marked[name][rows]
-            rows = rows[kept]
-            values[rows] = model_values(name, source[kept], (input_transforms or {}).get(name, {}), rows)
-            present[rows] = True
-        inputs[name], missing[name] = torch.from_numpy(values), ~present
-    return Request(inputs, missing)
-
-
-def _columns(model_input) -> dict[str, Any]:
-    if isinstance(model_input, pd.DataFrame):
-        return {name: model_input[name].tolist() for name in model_input.columns}
-    if isinstance(model_input, Mapping):
-        return dict(model_input)
-    raise TypeError(f"expected a dict of modality arrays or a pandas DataFrame, got {type(model_input).__name__}")
-
-
-def _read_column(name: str, column, shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """The source values of a modality's non-null samples, shaped (n, *shape), and the (N,) non-null mask."""
-    non_null = None
-    if not (isinstance(column, np.ndarray) and column.dtype != object):
-        cells = list(column)
-        non_null = np.asarray([not _is_null(cell) for cell in cells], dtype=bool)
-        column = [cell for cell, kept in zip(cells, non_null, strict=True) if kept]
-    try:
-        array = np.asarray(column, dtype=np.float64)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"modality {name}: expected numbers shaped (N, {_dims(shape)}): {error}") from None
-    if array.size == 0:  # no sample (an empty DataFrame column has no sample shape)
-        array = array.reshape(0, *shape)
-    if array.shape == tuple(shape):  # one sample without its batch axis
-        array = array[None]
-        non_null = np.ones(1, dtype=bool)
-    elif array.ndim == 2 and len(shape) > 1 and array.shape[1] == math.prod(shape):  # flattened samples
-        array = array.reshape(len(array), *shape)
-    if tuple(array.shape[1:]) != tuple(shape):
-        raise ValueError(f"modality {name}: expected shape (N, {_dims(shape)}), got {tuple(array.shape)}")
-    return array, np.ones(len(array), dtype=bool) if non_null is None else non_null
-
-
-def _is_null(cell) -> bool:
-    return cell is None or cell is pd.NA or (isinstance(cell, float | np.floating) and math.isnan(cell))
-
-
-def _marked_missing(column, names: list[str], size: int) -> dict[str, np.ndarray]:
-    """(N,) masks of the samples whose ``missing_modalities`` entry names each modality; one string (or
-    list) for the whole batch works too."""
-    marked = {name: np.zeros(size, dtype=bool) for name in names}
-    if column is None or isinstance(column, str):
-        column = [column] * size
-    entries = list(column)
-    if len(entries) != size:
-        raise ValueError(f"{MISSING_MARKER} has {len(entries)} entries for {size} samples")
-    for row, entry in enumerate(entries):
-        listed = [] if _is_null(entry) else entry.split(",") if isinstance(entry, str) else list(entry)
-        for name in (str(item).strip() for item in listed):
-            if name and name not in marked:
-                raise ValueError(f"{MISSING_MARKER} of sample {row} names {name!r}; the model takes "
-                                 f"{', '.join(names)}")
-            if name:
-                marked[name][row] = True
-    return marked
-
-
-def model_values(
-    name: str, source: np.ndarray, transform: Mapping[str, Any], sample_numbers: np.ndarray | None = None,
-) -> np.ndarray:
-    """Source values -> the float32 values the model was trained on (``source * scale + offset``, see
-    ``dynmm.data.format.InputTransform``); NaN, inf and values outside the source's range are refused, naming
-    the sample by its number in the request (``sample_numbers``, one per row of ``source``; default its row)."""
-    numbers = np.arange(len(source)) if sample_numbers is None else sample_numbers
-    if transform.get("neginf_as") is not None:  # the source's marker for a missing value
-        source = np.where(np.isneginf(source), transform["neginf_as"], source)
-    _refuse(name, ~np.isfinite(source), source, numbers, "NaN or infinite values; the model takes finite numbers")
-    if transform.get("source_range") is not None:
-        low, high = transform["source_range"]
-        _refuse(name, (source < low) | (source > high), source, numbers,
-                f"values outside [{low:g}, {high:g}], the range of the source's values")
-    with np.errstate(over="ignore"):  # an overflow becomes inf, refused next
-        values = (source * transform.get("scale", 1.0) + transform.get("offset", 0.0)).astype(np.float32)
-    _refuse(name, ~np.isfinite(values), source, numbers, "values beyond float32's range")
-    return values
-
-
-def _refuse(name: str, bad: np.ndarray, source: np.ndarray, numbers: np.ndarray, what: str) -> None:
-    if bad.any():
-        row = int(np.flatnonzero(bad.reshape(len(bad), -1).any(axis=1))[0])
-        first = source[row][bad[row]].flat[0]
-        raise ValueError(f"modality {name}: {int(bad.sum())} {what} (first: {first:g} in sample {int(numbers[row])})")
-
-
-def predictions(task: str, output: torch.Tensor) -> list:
+def predictions(task: str, output: torch.Tensor, label_names: Sequence | None = None) -> list:
+    """The model's answer per sample: a class index (binary, multiclass), 0/1 per class (multilabel) or a number;
+    with ``label_names`` the user's own label (multilabel: the list of labels predicted present)."""
     if task == "multiclass":
-        return output.argmax(dim=1).tolist()
-    if task == "binary":
-        return (output.reshape(-1) > 0).long().tolist()
-    if task == "multilabel":
-        return (output > 0).long().tolist()
-    return output.reshape(-1).tolist()
+        indices = output.argmax(dim=1).tolist()
+    elif task == "binary":
+        indices = (output.reshape(-1) > 0).long().tolist()
+    elif task == "multilabel":
+        present = (output > 0).long().tolist()
+        if label_names is None:
+            return present
+        return [[label_names[index] for index, flag in enumerate(row) if flag] for row in present]
+    else:
+        return output.reshape(-1).tolist()
+    return indices if label_names is None else [label_names[index] for index in indices]
 
 
-def _dims(shape) -> str:
-    return ", ".join(str(d) for d in shape)
+def label_names_of(config: Mapping[str, Any]) -> list | None:
+    """The user's label of each class index, where the model's dataset recorded them."""
+    return config.get("label_names")
 
 
-def signature(input_shapes: Mapping[str, list[int]], task: str) -> ModelSignature:
-    """One optional input per modality (a request may lack any of them) plus the optional per-row
-    ``missing_modalities``; one output row per sample.
+def recipe_of(config: Mapping[str, Any]) -> ModelRecipe:
+    """The recipe a model's config holds (one written before recipes existed: its builder name and arguments)."""
+    if "model" in config:
+        return ModelRecipe.from_json(config["model"])
+    return ModelRecipe(config["model_name"], dict(config["model_args"]))
+
+
+
+def signature(input_shapes: Mapping[str, list[int]], data: ServedData) -> ModelSignature:
+    """One optional input per modality (a request may lack any of them), per column of the user's table the dataset
+    was prepared from (``source_columns``), plus the optional per-row ``missing_modalities``; one output row per
+    sample.
 
     The inputs are declared without a type: MLflow has no optional tensor, and a typed array column would be
     checked element by element in Python. ``read_request`` checks shapes, values and ranges instead, naming
     the modality."""
-    inputs = Schema([ColSpec(AnyType(), name, required=False) for name in [*input_shapes, MISSING_MARKER]])
-    prediction = {"multiclass": "long", "binary": "long", "regression": "double"}.get(task)
-    outputs = [ColSpec(prediction, "prediction", required=False)] if prediction else []
+    sources = [column for columns in data.source_columns.values() for column in columns if column not in input_shapes]
+    names = list(dict.fromkeys([*input_shapes, *sources, MISSING_MARKER]))
+    inputs = Schema([ColSpec(AnyType(), name, required=False) for name in names])
+    prediction = {"multiclass": "long", "binary": "long", "regression": "double"}.get(data.task)
+    outputs = [ColSpec(AnyType() if data.label_names else prediction, "prediction", required=False)] if prediction \
+        else []
     outputs += [ColSpec("long", "path", required=False), ColSpec("string", "path_name", required=False),
                 ColSpec("double", "gflops"), ColSpec("boolean", "degraded"), ColSpec("string", MISSING_MARKER),
                 ColSpec("string", "error", required=False)]
     return ModelSignature(inputs=inputs, outputs=Schema(outputs))
 
 
+@dataclass(frozen=True)
+class ServedData:
+    """What serving needs of the model's dataset: its task, the input transforms as plain values
+    (``DatasetMeta.input_transforms``, dumped: source values to what the model reads), each modality's columns in the
+    user's table (``source_columns``) and the user's label of each class index (``label_names``)."""
+
+    task: str
+    input_transforms: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    source_columns: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    label_names: Sequence | None = None
+
+    @classmethod
+    def of(cls, meta: Any) -> ServedData:
+        """From a dataset's metadata (``dynmm.data.DatasetMeta``)."""
+        label_names = getattr(meta, "label_names", None)
+        transforms = {name: transform.model_dump() for name, transform in meta.input_transforms.items()}
+        return cls(meta.task, transforms, source_columns_of(meta), None if label_names is None else list(label_names))
+
+
 def source_example(
-    model_inputs: Mapping[str, torch.Tensor], input_transforms: Mapping[str, InputTransform],
+    model_inputs: Mapping[str, torch.Tensor], input_transforms: Mapping[str, Mapping[str, Any]],
 ) -> dict[str, np.ndarray]:
     """The model's example inputs as source values: mapped back through each transform, inside its range."""
     example = {}
     for name, tensor in model_inputs.items():
         source, transform = tensor.numpy().astype(np.float64), input_transforms.get(name)
         if transform is not None:
-            source = (source - transform.offset) / transform.scale
-            if transform.source_range is not None:
-                source = np.clip(source, *transform.source_range)
+            shape = source.shape[1:]
+            offset = per_feature(transform.get("offset", 0.0), shape)
+            source = (source - offset) / per_feature(transform.get("scale", 1.0), shape)
+            if transform.get("source_range") is not None:
+                source = np.clip(source, *transform["source_range"])
         example[name] = source.astype(np.float32)
     return example
 
 
 def write_model_files(
-    model: torch.nn.Module, model_name: str, model_args: Mapping[str, Any], task: str, path_gflops: Sequence[float],
-    workdir: Path, input_transforms: Mapping[str, InputTransform] | None = None,
+    model: torch.nn.Module, recipe: ModelRecipe, data: ServedData, path_gflops: Sequence[float], workdir: Path,
     expert_validation_quality: Sequence[float | None] | None = None,
 ) -> dict[str, str]:
-    """The pyfunc's artifacts (weights and builder config) written into ``workdir``: ``{artifact: path}``."""
+    """The pyfunc's artifacts (weights and config: the model's recipe, shapes, paths and what serving needs of the
+    dataset) written into ``workdir``: ``{artifact: path}``."""
     workdir.mkdir(parents=True, exist_ok=True)
     weights, config = workdir / "weights.pt", workdir / "config.json"
     torch.save(model.state_dict(), weights)
     config.write_text(json.dumps({
-        "model_name": model_name, "model_args": dict(model_args), "task": task,
+        "model": recipe.to_json(), "task": data.task,
         "input_shapes": {name: list(shape) for name, shape in model.input_shapes.items()},
         "path_names": list(getattr(model, "expert_names", [f"path{i}" for i in range(len(path_gflops))])),
         "path_gflops": list(path_gflops),
-        "input_transforms": {name: transform.model_dump() for name, transform in (input_transforms or {}).items()},
+        "input_transforms": {name: dict(transform) for name, transform in data.input_transforms.items()},
+        "source_columns": {name: list(columns) for name, columns in data.source_columns.items()},
+        "label_names": None if data.label_names is None else list(data.label_names),
         "expert_validation_quality": None if expert_validation_quality is None else [
             None if quality is None else float(quality) for quality in expert_validation_quality],
     }, indent=1))
@@ -333,33 +253,42 @@ def write_model_files(
 
 
 def log_pyfunc_model(
-    run_id: str, model: torch.nn.Module, model_name: str, model_args: Mapping[str, Any], task: str,
-    path_gflops: list[float], workdir: Path, artifact_name: str = "model",
-    input_transforms: Mapping[str, InputTransform] | None = None,
-    expert_validation_quality: Sequence[float | None] | None = None,
+    run_id: str, model: torch.nn.Module, recipe: ModelRecipe, data: ServedData, path_gflops: Sequence[float],
+    workdir: Path, artifact_name: str = "model", expert_validation_quality: Sequence[float | None] | None = None,
 ) -> str:
-    """Log ``model`` into the run as a pyfunc (weights + builder config + the dynmm code); its model URI.
+    """Log ``model`` into the run as a pyfunc (weights + recipe + the dynmm code and a user's builder module as
+    ``code_paths``); its model URI.
 
-    ``input_transforms`` (the dataset's ``DatasetMeta.input_transforms``) map source values to what the
-    model reads; the pyfunc applies them, and its input example shows source values.
-    ``expert_validation_quality`` (one per path: each expert alone on the validation split, the experts
-    stage's ``val_expert{i}_<quality metric>``) picks the path of a sample that lacks a modality the gate
-    reads: the best allowed one; without it (or with a None in it), the cheapest allowed one."""
+    ``data.input_transforms`` map source values to what the model reads; the pyfunc applies them, and its input
+    example shows source values. ``expert_validation_quality`` (one per path: each expert alone on the validation
+    split, the experts stage's ``val_expert{i}_<quality metric>``) picks the path of a sample that lacks a modality
+    the gate reads: the best allowed one; without it (or with a None in it), the cheapest allowed one."""
     import dynmm
 
-    artifacts = write_model_files(model, model_name, model_args, task, path_gflops, workdir, input_transforms,
-                                  expert_validation_quality)
+    artifacts = write_model_files(model, recipe, data, path_gflops, workdir, expert_validation_quality)
     input_shapes = {name: list(shape) for name, shape in model.input_shapes.items()}
-    example = source_example(model.example_inputs(2), input_transforms or {})
-    torch_floor = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    example = source_example(model.example_inputs(2), data.input_transforms)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name=artifact_name,
             python_model=DynMMPyfunc(),
             artifacts=artifacts,
-            code_paths=[str(Path(dynmm.__file__).parent)],
-            signature=signature(input_shapes, task),
+            code_paths=[str(Path(dynmm.__file__).parent), *recipe.shipped_paths()],
+            signature=signature(input_shapes, data),
             input_example=example,
-            pip_requirements=[f"torch>={torch_floor}", f"mlflow>={mlflow.__version__}", "numpy", "pandas"],
+            pip_requirements=requirements(recipe),
         )
     return info.model_uri
+
+
+def requirements(recipe: ModelRecipe) -> list[str]:
+    """What serving installs: torch, MLflow, numpy, pandas, and the distribution of an entry-point builder."""
+    torch_floor = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    needed = [f"torch>={torch_floor}", f"mlflow>={mlflow.__version__}", "numpy", "pandas"]
+    source = recipe.source()
+    if source is not None and source.distribution is not None:
+        try:
+            needed.append(f"{source.distribution}=={version(source.distribution)}")
+        except PackageNotFoundError:
+            needed.append(source.distribution)
+    return needed

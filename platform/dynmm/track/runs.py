@@ -7,13 +7,13 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import mlflow
 import tenacity
-from mlflow.entities import Metric, Param
+from mlflow.entities import DatasetInput, Metric, Param
 from mlflow.tracking import MlflowClient
 
 from dynmm.envvars import temporary_environment
@@ -57,9 +57,11 @@ def ensure_experiment(client: MlflowClient, tracking_uri: str, name: str) -> str
 
 
 def start_job_run(
-    tracking_uri: str, experiment: str, job_name: str, params: Mapping[str, Any], tags: Mapping[str, str] = {}
+    tracking_uri: str, experiment: str, job_name: str, params: Mapping[str, Any], tags: Mapping[str, str] = {},
+    inputs: Sequence[DatasetInput] = (),
 ) -> str:
-    """The run of ``job_name``: an unfinished one is continued (resume), else a new one is created."""
+    """The run of ``job_name``: an unfinished one is continued (resume), else a new one is created with its
+    ``params`` and its dataset ``inputs`` (``dynmm.track.lineage.dataset_inputs``: what the run reads)."""
     client = MlflowClient(tracking_uri)
     experiment_id = ensure_experiment(client, tracking_uri, experiment)
     existing = client.search_runs(
@@ -75,6 +77,8 @@ def start_job_run(
     items = [Param(key, value) for key, value in flat.items()]
     for start in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=items[start : start + 100])
+    if inputs:
+        client.log_inputs(run.info.run_id, datasets=list(inputs))
     return run.info.run_id
 
 
@@ -182,15 +186,17 @@ class EpochLogger:
         return self._logged_steps
 
 
-def log_final_model(tracking_uri: str, run_id: str, model, input_example, artifact_path: str = "model") -> None:
+def log_final_model(tracking_uri: str, run_id: str, model, input_example, artifact_path: str = "model",
+                    code_paths: Sequence[str] = ()) -> None:
     """Log the final model with ``mlflow.pytorch.log_model`` (signature inferred from the example).
 
     Pickled, not exported: routed execution groups samples by a data-dependent choice, which
-    ``torch.export`` cannot trace."""
+    ``torch.export`` cannot trace. ``code_paths``: a user's builder module, whose classes the pickle names."""
     mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run(run_id=run_id):
         mlflow.pytorch.log_model(
-            model, name=artifact_path, input_example=input_example, serialization_format="pickle"
+            model, name=artifact_path, input_example=input_example, serialization_format="pickle",
+            code_paths=list(code_paths) or None,
         )
 
 

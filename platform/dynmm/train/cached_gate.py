@@ -59,8 +59,7 @@ def expert_cache_for(prepared: PreparedPipeline, say: Callable[[str], None]) -> 
     return ensure_expert_cache(
         prepared.dataset_dir,
         prepared.meta,
-        spec.model.name,
-        dict(spec.model.args),
+        prepared.model,
         prepared.experts_uri,
         # on GPUs one actor per worker's GPU; on CPUs one actor, leaving CPUs to Ray Data's reads and writes
         use_gpu=spec.scaling.use_gpu,

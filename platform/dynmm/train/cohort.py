@@ -28,7 +28,6 @@ import ray
 import torch
 import torch.distributed as dist
 
-from dynmm.models import build_model
 from dynmm.train.batches import batches
 from dynmm.train.checkpoints import (
     STATE_FILE,
@@ -123,7 +122,7 @@ def _build_member(job: WorkerJob, index: int, host: Host) -> Member:
     stages = tuple(member.stage(stage) if stage.name == "gate" else stage for stage in job.stages)
     member_job = replace(job, stages=stages, cohort=())
     torch.manual_seed(job.seed + host.rank)
-    model = build_model(job.model_name, **job.model_args)
+    model = job.model.build()
     state = WorkerState.create(member_job, model, host)
     return Member(index, member.key, state, rng=rng_state(host.device))
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -22,12 +22,12 @@ from dynmm.data.format import read_meta
 from dynmm.data.readers import iter_batches, resolve_dataset
 from dynmm.errors import UserError
 from dynmm.home import default_datasets_root
-from dynmm.models import FusionDynMM, PathCosts, build_model, flops_to_gflops, measure_path_costs
-from dynmm.models.builders import FUSION_MODEL_NAMES
+from dynmm.models import FusionDynMM, PathCosts, flops_to_gflops, measure_path_costs
 from dynmm.models.degraded import allowed_paths, fallback_order, gate_modalities, path_modalities, route_with_missing
 from dynmm.spec import PipelineSpec
-from dynmm.train.checkpoints import STATE_FILE, load_state
+from dynmm.train.checkpoints import STATE_FILE, load_state, result_weights
 from dynmm.train.metrics import QUALITY_METRIC, EpochSums, finalize, task_loss
+from dynmm.train.prepare import pipeline_model
 
 EITHER = "either"
 NOISE_PROBABILITY = 0.33
@@ -182,16 +182,18 @@ class EvaluationReport:
 
 
 def load_checkpoint_model(spec: PipelineSpec, checkpoint_dir: str | Path, device: str = "cpu"):
-    """The pipeline's model with the weights of a training checkpoint folder (one holding state.pt); a
-    fusion-level checkpoint without gate weights is the static net (``model.args.static: true``)."""
+    """The pipeline's model with the result weights of a training checkpoint folder (one holding state.pt: its
+    stage's kept epoch, where it kept one); a fusion-level checkpoint without gate weights is the static net
+    (``model.args.static: true``)."""
     path = Path(checkpoint_dir).expanduser()
     if not (path / STATE_FILE).is_file():
-        raise UserError(f"{path}: no {STATE_FILE}; pass a checkpoint folder (checkpoint_*) of a training run")
-    state = load_state(path)["model"]
-    args = dict(spec.model.args)
-    if spec.model.name in FUSION_MODEL_NAMES and not any(key.startswith("gate.") for key in state):
-        args["static"] = True
-    model = build_model(spec.model.name, **args)
+        raise UserError(f"{path}: no {STATE_FILE}; pass a checkpoint folder of a training run "
+                        "(<run>/checkpoints/step-*)")
+    state = result_weights(load_state(path))  # a stage's kept epoch, where it kept one
+    recipe = pipeline_model(spec)
+    model = recipe.build()
+    if isinstance(model, FusionDynMM) and model.gate is not None and not any(key.startswith("gate.") for key in state):
+        model = replace(recipe, args={**recipe.args, "static": True}).build()
     try:
         model.load_state_dict(state)
     except RuntimeError as error:

@@ -44,7 +44,7 @@ from dynmm.data.format import LABEL, SAMPLE_ID, DatasetMeta, FileRecord, file_sh
 from dynmm.data.readers import arrow_to_torch
 from dynmm.errors import DatasetError, UserError
 from dynmm.files import write_text_atomically
-from dynmm.models import build_model
+from dynmm.models import ModelRecipe
 from dynmm.models.dynmm import FrozenOutputs
 from dynmm.train.checkpoints import EXPERTS_FILE, read_experts
 from dynmm.train.job import stable_hash
@@ -97,8 +97,7 @@ class ExpertOutputCache:
 def ensure_expert_cache(
     dataset_dir: str | Path,
     meta: DatasetMeta,
-    model_name: str,
-    model_args: dict,
+    model: ModelRecipe,
     experts_uri: str,
     splits: Sequence[str] = GATE_STAGE_SPLITS,
     *,
@@ -114,7 +113,7 @@ def ensure_expert_cache(
     process is connected to (``concurrency`` actors of ``cpus_per_actor`` CPUs, and ``gpus_per_actor`` GPUs each when
     ``use_gpu``; leave CPUs to Ray Data's read and write tasks, or the pass waits on itself). ``say``
     gets one line when a cache is built, saying why."""
-    identity = cache_identity(dataset_dir, meta, model_name, model_args, experts_uri)
+    identity = cache_identity(dataset_dir, meta, model, experts_uri)
     root = cache_root(experts_uri)
     target = root / stable_hash(identity)
     if (target / MANIFEST_FILE).is_file():
@@ -132,7 +131,7 @@ def ensure_expert_cache(
         say(f"expert-output cache {entry}: stale (the experts or the dataset changed since it was built), not used; "
             f"building {target.name} instead")
     started = time.perf_counter()
-    _build(target, identity, dataset_dir, meta, model_name, model_args, experts_uri, splits,
+    _build(target, identity, dataset_dir, meta, model, experts_uri, splits,
            _ActorOptions(use_gpu, concurrency, gpus_per_actor, batch_size, cpus_per_actor))
     for entry in stale:
         shutil.rmtree(entry, ignore_errors=True)
@@ -141,23 +140,23 @@ def ensure_expert_cache(
     return open_expert_cache(target)
 
 
-def cache_identity(dataset_dir: str | Path, meta: DatasetMeta, model_name: str, model_args: dict,
-                   experts_uri: str) -> dict[str, Any]:
+def cache_identity(dataset_dir: str | Path, meta: DatasetMeta, model: ModelRecipe, experts_uri: str) -> dict[str, Any]:
     """What a cache's contents are a function of: the experts' weights file (SHA-256 of its bytes), the dataset's
     version (its files' SHA-256: recorded in dataset.json, or computed for a dataset written without records),
-    the model (name and arguments), and whether the gate has frozen features."""
+    the model (name, arguments and a user's builder code), and whether the gate has frozen features."""
     dataset_files = {name: record.sha256 for name, record in sorted(meta.files.items())}
     if not dataset_files:
         dataset_files = {f"{split}/{file.name}": file_sha256(file) for split in meta.splits
                          for file in split_files(dataset_dir, split)}
-    model = build_model(model_name, **model_args)
+    built = model.build()
     return {
         "format_version": CACHE_FORMAT_VERSION,
         "experts_sha256": _experts_sha256(experts_uri),
         "dataset_files": dataset_files,
-        "model_name": model_name,
-        "model_args": json.loads(json.dumps(model_args, sort_keys=True, default=str)),
-        "gate_features": getattr(model.gate, "source_expert", None) is not None,
+        "model_name": model.name,
+        "model_args": json.loads(json.dumps(model.args, sort_keys=True, default=str)),
+        **({"model_code_sha256": model.digest} if model.digest else {}),
+        "gate_features": getattr(built.gate, "source_expert", None) is not None,
     }
 
 
@@ -190,9 +189,9 @@ class _FrozenOutputsOfRows:
     """A Ray actor holding the model with its trained experts (read from their storage) frozen, in evaluation mode
     (as at inference and in the gate stage): turns a batch of dataset rows into the cache's rows."""
 
-    def __init__(self, model_name: str, model_args: dict, experts_uri: str, use_gpu: bool) -> None:
+    def __init__(self, model: dict, experts_uri: str, use_gpu: bool) -> None:
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        model = build_model(model_name, **model_args)
+        model = ModelRecipe.from_json(model).build()
         model.experts.load_state_dict(read_experts(experts_uri))
         self.model = model.freeze_experts().eval().to(self.device)
 
@@ -207,20 +206,19 @@ class _FrozenOutputsOfRows:
         return pa.table(columns)
 
 
-def _build(target: Path, identity: dict, dataset_dir: str | Path, meta: DatasetMeta, model_name: str,
-           model_args: dict, experts_uri: str, splits: Sequence[str], options: _ActorOptions) -> None:
+def _build(target: Path, identity: dict, dataset_dir: str | Path, meta: DatasetMeta, model: ModelRecipe,
+           experts_uri: str, splits: Sequence[str], options: _ActorOptions) -> None:
     """Compute every split into a staging folder beside ``target``, then move it into place whole."""
     if not ray.is_initialized():
         raise RuntimeError("building the expert-output cache needs a connected Ray (dynmm.runtime.connect_ray)")
-    model = (model_name, model_args, experts_uri)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        _write_frozen_outputs(staging / ".written", dataset_dir, meta, splits, model, options)
+        _write_frozen_outputs(staging / ".written", dataset_dir, meta, splits, (model, experts_uri), options)
         records = {split: _name_in_row_order(staging / ".written" / f"{SPLIT}={split}", staging / split,
                                              dataset_dir, split) for split in splits}
         manifest = CacheManifest(format_version=CACHE_FORMAT_VERSION, identity=identity, splits=records,
-                                 gate_modalities=build_model(model_name, **model_args).gate_input_modalities)
+                                 gate_modalities=model.build().gate_input_modalities)
         write_text_atomically(staging / MANIFEST_FILE, manifest.model_dump_json(indent=1) + "\n")
         shutil.rmtree(staging / ".written")
         _move_into_place(staging, target)
@@ -259,7 +257,8 @@ def _start_expert_actors(model: tuple, options: _ActorOptions) -> list:
     actor = ray.remote(_FrozenOutputsOfRows).options(
         num_cpus=options.cpus_per_actor, num_gpus=options.gpus_per_actor if options.use_gpu else 0,
         max_restarts=-1, max_task_retries=-1)
-    return [actor.remote(*model, options.use_gpu) for _ in range(options.concurrency)]
+    recipe, experts_uri = model
+    return [actor.remote(recipe.to_json(), experts_uri, options.use_gpu) for _ in range(options.concurrency)]
 
 
 def _frozen_outputs_from(table: pa.Table, experts: list) -> pa.Table:

@@ -140,8 +140,7 @@ def worker_job(fit: Fit) -> WorkerJob:
     checkpoint = spec.checkpoint
     in_memory = cache_in_memory(fit.expert_cache) if fit.expert_cache else keeps_data_in_memory(prepared)
     return WorkerJob(
-        model_name=spec.model.name,
-        model_args=dict(spec.model.args),
+        model=prepared.model,
         task=prepared.meta.task,
         num_classes=prepared.meta.num_classes or 0,
         stages=fit.stages,

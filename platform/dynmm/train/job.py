@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field, replace
 
 from dynmm.models import PathCosts
+from dynmm.models.recipe import ModelRecipe
 
 STAGE_NAMES = ("experts", "gate", "finetune")
 KEPT_STAGES = ("gate", "finetune")  # stages whose result is an epoch chosen on validation (``StageConfig.keep``)
@@ -80,8 +81,7 @@ class CheckpointPlan:
 
 @dataclass(frozen=True)
 class WorkerJob:
-    model_name: str
-    model_args: dict
+    model: ModelRecipe  # how the worker builds the model the driver checked (``ModelRecipe.build``)
     task: str
     num_classes: int
     stages: tuple[StageConfig, ...]

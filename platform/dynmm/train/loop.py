@@ -18,7 +18,6 @@ import tempfile
 
 import torch
 
-from dynmm.models import build_model
 from dynmm.train.checkpoints import (
     Checkpointer,
     checkpoint_state,
@@ -51,7 +50,7 @@ def run_job(job: WorkerJob, host: Host, rungs=None, faults: FaultPlan | None = N
         train_cohort(job, host, checkpointer, rungs, faults)
         return
     torch.manual_seed(job.seed + host.rank)
-    state = WorkerState.create(job, build_model(job.model_name, **job.model_args), host, faults)
+    state = WorkerState.create(job, job.model.build(), host, faults)
     restore(state, checkpointer.latest())
     for run in stages_to_run(state):
         for epoch in run.epochs:

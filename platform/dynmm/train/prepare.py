@@ -17,7 +17,7 @@ from dynmm.data.format import DatasetMeta, read_meta, verify_dataset
 from dynmm.data.readers import iter_batches, locate_dataset, resolve_dataset
 from dynmm.errors import DatasetError, SpecError
 from dynmm.home import default_datasets_root, default_storage_path
-from dynmm.models import FusionDynMM, PathCosts, build_model, measure_path_costs
+from dynmm.models import FusionDynMM, ModelRecipe, PathCosts, check_model_contract, measure_path_costs, model_recipe
 from dynmm.models.latency import with_path_latency
 from dynmm.spec import PipelineSpec
 from dynmm.train.job import StageConfig, stable_hash
@@ -38,7 +38,9 @@ class PreparedPipeline:
     storage_path: str
     experts_uri: str
     class_weights: tuple[float, ...] = ()
-    fusion_level: bool = False  # a fusion-level net (no separately trained experts), known by the model's type
+    # how every process builds the model (a user's builder located and its code's digest recorded)
+    model: ModelRecipe | None = None
+    fusion_level: bool = False  # the model is a FusionDynMM (told by its type): it trains whole, no experts apart
 
     @property
     def quality_metric(self) -> str:
@@ -48,15 +50,13 @@ class PreparedPipeline:
 def prepare_pipeline(spec: PipelineSpec) -> PreparedPipeline:
     """Build the model once and check it against the dataset's metadata before a built-in dataset is
     written, then verify the dataset's files; user mistakes and damaged files become one UserError."""
-    try:
-        model = build_model(spec.model.name, **spec.model.args)
-    except (ValueError, TypeError) as error:
-        raise SpecError(f"model: {error}") from None
     data_root = spec.data.root or default_datasets_root()
     try:
         dataset_dir, meta = locate_dataset(spec.data.dataset, data_root)
     except DatasetError as error:
         raise DatasetError(f"data.dataset: {error}") from None
+    recipe = model_recipe(spec.model.name, spec.model.args, spec.source_dir, meta)
+    model = build_checked_model(recipe)
     if meta.task not in TASK_OF_DATASET:
         raise SpecError(f"data.dataset: task {meta.task!r} of {dataset_dir} is not trained by DynMM")
     _check_model_fits_data(model.input_shapes, meta, dataset_dir)
@@ -76,11 +76,38 @@ def prepare_pipeline(spec: PipelineSpec) -> PreparedPipeline:
         str(dataset_dir.resolve()), meta.model_dump(mode="json"),
         spec.model.model_dump(mode="json", exclude={"cost", "latency"}),
         spec.stages.experts.model_dump(mode="json"), holdout_fraction(spec), spec.seed,
+        *([recipe.digest] if recipe.digest else []),  # a user's builder: its code trains other experts when it changes
     )
     experts_uri = f"{storage_path.rstrip('/')}/experts/{spec.name}-{experts_key}"
     return PreparedPipeline(
-        spec, dataset_dir, meta, path_costs(spec, model), storage_path, experts_uri, class_weights, fusion
+        spec, dataset_dir, meta, path_costs(spec, model), storage_path, experts_uri, class_weights, recipe,
+        isinstance(model, FusionDynMM),
     )
+
+
+def build_checked_model(recipe: ModelRecipe):
+    """The model a recipe builds, its arguments' mistakes one ``SpecError``; a user's model is also run once on two
+    random samples against the model API (``check_model_contract``)."""
+    try:
+        model = recipe.build()
+    except (ValueError, TypeError) as error:
+        raise SpecError(f"model: {error}") from None
+    if recipe.own_builder:
+        check_model_contract(recipe.name, model)
+    return model
+
+
+def pipeline_model(spec: PipelineSpec) -> ModelRecipe:
+    """The recipe of a pipeline's model outside a training run (evaluation, profiling, loading a checkpoint): for a
+    model built from the dataset's metadata, that is read (a built-in dataset's planned one where it is not
+    prepared yet); nothing is written."""
+    if not ModelRecipe(spec.model.name).reads_dataset:
+        return ModelRecipe(spec.model.name, dict(spec.model.args), spec.source_dir)
+    try:
+        _, meta = locate_dataset(spec.data.dataset, spec.data.root or default_datasets_root())
+    except DatasetError as error:
+        raise DatasetError(f"data.dataset: {error}") from None
+    return model_recipe(spec.model.name, spec.model.args, spec.source_dir, meta)
 
 
 def wants_latency(spec: PipelineSpec) -> bool:

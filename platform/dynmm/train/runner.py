@@ -17,18 +17,19 @@ from pathlib import Path
 import ray.train
 
 from dynmm.errors import UserError
-from dynmm.models import PathCosts, build_model
+from dynmm.models import ModelRecipe, PathCosts
 from dynmm.models.export import FlatInputDynMM
 from dynmm.runtime import connect_ray, quiet_libraries
 from dynmm.spec import PipelineSpec
 from dynmm.track import resolve_tracking_uri, start_job_run
 from dynmm.track.latency import log_latency_table
+from dynmm.track.lineage import dataset_inputs
 from dynmm.track.runs import check_tracking_reachable, closing_run, log_final_model, log_run_outputs
 from dynmm.train.cached_gate import expert_cache_decision, expert_cache_for
 from dynmm.train.checkpoints import STATE_FILE, load_state, read_experts, result_weights
 from dynmm.train.fit import Fit, FitResult, RunLogging, fit_stages
 from dynmm.train.job import stable_hash
-from dynmm.train.prepare import PreparedPipeline, prepare_pipeline, stage_configs
+from dynmm.train.prepare import PreparedPipeline, pipeline_model, prepare_pipeline, stage_configs
 from dynmm.train.store import checkpoint_uri, join
 from dynmm.train.tracking import checkpointed_epochs, log_checkpointed_epochs
 
@@ -69,11 +70,12 @@ def run_training(
     prepared = prepare_pipeline(spec)
     tracking_uri = resolve_tracking_uri(spec.tracking.uri)
     check_tracking_reachable(tracking_uri)
-    connect_ray(address, verbose)
+    connect_ray(address, verbose, py_modules=prepared.model.shipped_paths())
     run_name = job_run_name(spec)
     run_id = start_job_run(
         tracking_uri, spec.tracking.experiment or spec.name, run_name,
         params=spec.model_dump(mode="json", by_alias=True), tags={"dynmm.pipeline": spec.name, "dynmm.kind": "train"},
+        inputs=dataset_inputs(prepared.dataset_dir, prepared.meta),
     )
     log_latency_table(tracking_uri, run_id, prepared.costs)  # latency.json where model.latency was measured
     logging = RunLogging(tracking_uri, run_id)
@@ -86,21 +88,22 @@ def run_training(
         else:
             result = fit_stages(Fit(prepared, stage_configs(spec), run_name, logging, show))
             history, cache_folder = checkpointed_epochs(join(prepared.storage_path, run_name)), None
-        kept = log_final_result(spec, result, logging)
+        kept = log_final_result(prepared, result, logging)
     return TrainResult(
         run_name, tracking_uri, run_id, prepared.quality_metric, prepared.costs, result.metrics, history,
         checkpoint_uri(result.checkpoint) if result.checkpoint else None, cache_folder, kept,
     )
 
 
-def log_final_result(spec: PipelineSpec, result: FitResult, logging: RunLogging) -> dict | None:
-    """The run's result as its MLflow model, and which epoch it is (``kept_epoch``, ``kept_step`` and the kept
-    epoch's validation metrics as ``kept_val_*``)."""
+def log_final_result(prepared: PreparedPipeline, result: FitResult, logging: RunLogging) -> dict | None:
+    """The run's result as its MLflow model (a user's builder in its code paths), and which epoch it is
+    (``kept_epoch``, ``kept_step`` and the kept epoch's validation metrics as ``kept_val_*``)."""
     if result.checkpoint is None:
         return None
-    model = load_model_from_checkpoint(spec, result.checkpoint)
+    model = load_model_from_checkpoint(prepared.spec, result.checkpoint, prepared.model)
     example = FlatInputDynMM(model).flatten(model.example_inputs(2)).numpy()
-    log_final_model(logging.tracking_uri, logging.run_id, FlatInputDynMM(model), example)
+    log_final_model(logging.tracking_uri, logging.run_id, FlatInputDynMM(model), example,
+                    code_paths=prepared.model.shipped_paths())
     kept = result.result_metrics
     summary = {f"kept_{name}": value for name, value in kept.items() if name.startswith("val_")}
     summary.update(kept_epoch=kept.get("epoch", -1), kept_step=kept.get("global_step", -1))
@@ -135,10 +138,13 @@ def fit_over_expert_cache(
     return result, str(cache.directory), expert_epochs + checkpointed_epochs(join(prepared.storage_path, run_name))
 
 
-def load_model_from_checkpoint(spec: PipelineSpec, checkpoint: ray.train.Checkpoint):
+def load_model_from_checkpoint(spec: PipelineSpec, checkpoint: ray.train.Checkpoint,
+                               recipe: ModelRecipe | None = None):
     """The pipeline's model with a checkpoint's result weights (its kept epoch's, where the stage kept one); a
-    checkpoint of another model is one ``UserError``."""
-    model = build_model(spec.model.name, **spec.model.args)
+    checkpoint of another model is one ``UserError``. ``recipe``: the prepared pipeline's
+    (``PreparedPipeline.model``), where this process may not see the pipeline's folder (a Tune trial on another
+    node); default: read from the spec."""
+    model = (recipe or pipeline_model(spec)).build()
     with checkpoint.as_directory() as directory:
         try:
             model.load_state_dict(result_weights(load_state(directory)))

@@ -71,7 +71,8 @@ def run_cohort(config: dict, context: TrialContext) -> None:
     members = config["members"]
     specs = [trial_spec(context.prepared.spec, member["params"]) for member in members]
     keys = [member_key(tune_trial_id, index) for index in range(len(members))]
-    run_ids = [start_member_run(context, spec, key, index, tune_trial_id, member)
+    inputs = context.dataset_inputs()
+    run_ids = [start_member_run(context, spec, key, index, tune_trial_id, member, inputs)
                for index, (spec, key, member) in enumerate(zip(specs, keys, members, strict=True))]
     cohort = tuple(CohortMember(key, gate_overrides(spec)) for key, spec in zip(keys, specs, strict=True))
     try:
@@ -98,15 +99,17 @@ def run_cohort(config: dict, context: TrialContext) -> None:
 
 
 def start_member_run(context: TrialContext, spec: PipelineSpec, key: str, index: int, tune_trial_id: str,
-                     member: dict) -> str:
+                     member: dict, inputs: Sequence = ()) -> str:
     """A member's MLflow run, a child of the study's, tagged as a single trial's run plus its cohort and its
-    Optuna trial number; its params say where the study measured path latencies (``trial_run_params``)."""
+    Optuna trial number; its params say where the study measured path latencies (``trial_run_params``), its
+    ``inputs`` which dataset version it read (``dynmm.track.lineage.dataset_inputs``)."""
     return start_job_run(
         context.tracking_uri, spec.tracking.experiment or spec.name, f"{context.study}-{key}",
         params=trial_run_params(spec, member["params"], context.prepared.costs),
         tags={"dynmm.pipeline": spec.name, "dynmm.kind": "trial", "study": context.study, "trial_id": key,
               "mlflow.parentRunId": context.parent_run_id, "cohort": tune_trial_id, "cohort_member": str(index),
               "optuna_trial_number": str(member["number"])},
+        inputs=inputs,
     )
 
 

@@ -8,15 +8,14 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import ray.train
-
 from dynmm.errors import UserError
 from dynmm.models import flops_to_gflops
 from dynmm.spec.models import LatencySpec
-from dynmm.track.pyfunc import log_pyfunc_model
+from dynmm.track.lineage import dataset_lineage, dataset_tags
+from dynmm.track.pyfunc import ServedData, log_pyfunc_model
 from dynmm.track.registry import FrontModel, register_front, registered_name
 from dynmm.track.runs import find_runs, redact_credentials
-from dynmm.train import load_model_from_checkpoint
+from dynmm.train import load_model_from_checkpoint, open_checkpoint
 from dynmm.train.metrics import LATENCY_METRIC
 from dynmm.tune.front import FrontReport
 from dynmm.tune.records import FrontMember
@@ -38,12 +37,11 @@ def register_study_front(run: StudyRun, report: FrontReport) -> dict[str, str]:
     def log_model(model_entry: FrontModel) -> str:
         member = by_trial[model_entry.trial_id]
         spec = trial_spec(prepared.spec, member.trial.params)
-        model = load_model_from_checkpoint(spec, ray.train.Checkpoint(member.trial.checkpoint))
+        model = load_model_from_checkpoint(spec, open_checkpoint(member.trial.checkpoint), prepared.model)
         with tempfile.TemporaryDirectory() as workdir:
             return log_pyfunc_model(
-                model_entry.run_id, model, spec.model.name, spec.model.args, prepared.meta.task,
-                prepared.costs.path_gflops, Path(workdir), input_transforms=prepared.meta.input_transforms,
-                expert_validation_quality=expert_validation_quality,
+                model_entry.run_id, model, prepared.model, ServedData.of(prepared.meta), prepared.costs.path_gflops,
+                Path(workdir), expert_validation_quality=expert_validation_quality,
             )
 
     return register_front(
@@ -54,7 +52,7 @@ def register_study_front(run: StudyRun, report: FrontReport) -> dict[str, str]:
 
 def front_model(run: StudyRun, report: FrontReport, member: FrontMember) -> FrontModel:
     """A member as the registry sees it: quality, GFLOPs, saving over static fusion, and its tags (lambda, tau,
-    test quality, gain over random routing)."""
+    test quality, gain over random routing, the dataset version it trained on)."""
     prepared = run.prepared
     trial = member.trial
     cost = report.gflops_of(member)
@@ -70,6 +68,7 @@ def front_model(run: StudyRun, report: FrontReport, member: FrontMember) -> Fron
     if report.hypervolume_beyond_random is not None:
         tags["study_hypervolume_beyond_random"] = f"{report.hypervolume_beyond_random:.6g}"
     tags.update(latency_tags(trial.metrics, prepared.spec.model.latency))
+    tags.update(dataset_tags(dataset_lineage(prepared.dataset_dir, prepared.meta)))
     return FrontModel(
         trial_id=trial.trial_id, run_id=trial_run_id(run, trial.trial_id), quality=trial.values[0], gflops=cost,
         reduction=1 - cost / flops_to_gflops(prepared.costs.static_flops), tags=tags,

@@ -26,6 +26,7 @@ from dynmm.runtime import connect_ray, quiet_libraries
 from dynmm.spec import PipelineSpec
 from dynmm.track import resolve_tracking_uri, start_job_run
 from dynmm.track.latency import log_latency_table
+from dynmm.track.lineage import dataset_inputs
 from dynmm.track.runs import (
     check_tracking_reachable,
     closing_run,
@@ -124,7 +125,7 @@ def run_study(
     if not verbose:
         quiet_libraries()
     plan = plan_study(spec, resume, verbose)
-    connect_ray(address, verbose)
+    connect_ray(address, verbose, py_modules=plan.prepared.model.shipped_paths())
     setup = set_up_trials(plan, show_epoch, show_line)
     progress = StudyProgress(plan.objectives, setup.experts_metrics, plan.prepared, plan.tracking_uri,
                              setup.context.parent_run_id, show_line, started)
@@ -168,6 +169,7 @@ def set_up_trials(plan: StudyPlan, show_epoch: Callable[[dict], None],
     parent_run_id = start_job_run(
         plan.tracking_uri, plan.experiment, plan.folder.name, params=spec.model_dump(mode="json", by_alias=True),
         tags={"dynmm.pipeline": spec.name, "dynmm.kind": "study", "study": plan.folder.name},
+        inputs=dataset_inputs(prepared.dataset_dir, prepared.meta),
     )
     log_latency_table(plan.tracking_uri, parent_run_id, prepared.costs)  # latency.json where latency was measured
     started = time.monotonic()

@@ -15,6 +15,7 @@ from dynmm.errors import UserError
 from dynmm.spec import PipelineSpec
 from dynmm.track import start_job_run
 from dynmm.track.latency import trial_run_params
+from dynmm.track.lineage import dataset_inputs
 from dynmm.track.runs import closing_run, log_run_outputs
 from dynmm.train import (
     ExpertOutputCache,
@@ -67,6 +68,10 @@ class TrialContext:
     expert_cache: ExpertOutputCache | None = None
     rungs: object | None = None
 
+    def dataset_inputs(self) -> list:
+        """The dataset version every trial's run logs as its inputs (MLflow lineage)."""
+        return dataset_inputs(self.prepared.dataset_dir, self.prepared.meta)
+
     def trial_fit(self, spec: PipelineSpec, run_name: str, logging: RunLogging, **cohort) -> Fit:
         """A trial's run: its gate (and finetune) stages over the study's datasets, reporting to Tune."""
         prepared = replace(self.prepared, spec=spec)
@@ -84,6 +89,7 @@ def ensure_experts(prepared: PreparedPipeline, tracking_uri: str, show: Callable
             params=spec.model_dump(mode="json", by_alias=True, include={"data", "model", "seed"})
             | {"stages": {"experts": spec.stages.experts.model_dump(mode="json")}},
             tags={"dynmm.pipeline": spec.name, "dynmm.kind": "experts"},
+            inputs=dataset_inputs(prepared.dataset_dir, prepared.meta),
         )
         with closing_run(tracking_uri, run_id):
             fit_stages(Fit(prepared, stage_configs(spec, ("experts",)), run_name, RunLogging(tracking_uri, run_id),
@@ -104,6 +110,7 @@ def run_trial(config: dict, context: TrialContext) -> None:
         params=trial_run_params(spec, config, context.prepared.costs),
         tags={"dynmm.pipeline": spec.name, "dynmm.kind": "trial", "study": context.study, "trial_id": trial_id,
               "mlflow.parentRunId": context.parent_run_id},
+        inputs=context.dataset_inputs(),
     )
     with closing_run(context.tracking_uri, run_id):  # FINISHED; FAILED on any error; KILLED when Tune stops it
         result = fit_stages(context.trial_fit(spec, f"{context.study}-{trial_id}",
@@ -141,7 +148,7 @@ def evaluate_checkpoint(prepared: PreparedPipeline, params: dict, checkpoint: st
     """Hard-gate metrics on ``split`` of the model a trial's checkpoint (a path or URI) hands on, named
     ``test_*``."""
     spec = trial_spec(prepared.spec, params)
-    model = load_model_from_checkpoint(spec, open_checkpoint(checkpoint))
+    model = load_model_from_checkpoint(spec, open_checkpoint(checkpoint), prepared.model)
     metrics = evaluate_split(
         model, prepared.dataset_dir, split, prepared.meta.task, prepared.meta.num_classes or 0, prepared.costs,
         batch_size=spec.data.eval_batch_size,
