@@ -123,7 +123,7 @@ def print_summary(result) -> None:
         ("compute reduction vs static", f"{metrics.get('val_compute_reduction', float('nan')):.1%}"),
         *_expected_latency_line(result),
         ("samples per path", " / ".join(f"{metrics[k]:.1%}" for k in paths)),
-        ("Ray Train run", result.run_name),
+        ("run", result.run_name),
         *([("expert-output cache", result.expert_cache)] if result.expert_cache else []),
         ("checkpoint", str(result.checkpoint_path)),
         ("MLflow", f"{redact_credentials(result.tracking_uri)}  (run {result.mlflow_run_id})"),
@@ -143,8 +143,8 @@ def _kept_epoch_line(result) -> list[tuple[str, str]]:
     if not kept or "global_step" not in kept:
         return []
     step, last_step = int(kept["global_step"]), int(last.get("global_step", kept["global_step"]))
-    which = "its last" if step == last_step else f"the best validation objective of its stage, last step {last_step}"
-    return [("final model", f"step {step} (epoch {int(kept['epoch']) + 1} of its stage: {which})")]
+    which = "its last epoch" if step == last_step else f"its best validation objective; the last was step {last_step}"
+    return [("final model", f"step {step}, epoch {int(kept['epoch']) + 1} of its stage ({which})")]
 
 
 def _expected_latency_line(result) -> list[tuple[str, str]]:

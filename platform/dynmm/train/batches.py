@@ -22,6 +22,13 @@ class RankShare:
     equal_rows: int
 
 
+@dataclass(frozen=True)
+class LocalSplit:
+    """A split read whole into this process (``datasets.local_datasets``): its tensor columns."""
+
+    columns: dict[str, torch.Tensor]
+
+
 def batches(
     host: Host,
     split: str,
@@ -63,11 +70,15 @@ def rank_share(whole_split, host: Host) -> RankShare:
     memory are not split by Ray Train: a streaming split starts a coordinator actor per dataset, which costs
     seconds per run). Ranks see the same order, so the shares are disjoint and cover every row; their sizes
     differ by at most one row."""
-    parts = list(whole_split.iter_torch_batches(batch_size=4096, device=host.device))
-    if not parts:
-        return RankShare({}, 0, 0)
+    if isinstance(whole_split, LocalSplit):
+        columns = whole_split.columns
+    else:
+        parts = list(whole_split.iter_torch_batches(batch_size=4096, device=host.device))
+        if not parts:
+            return RankShare({}, 0, 0)
+        columns = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+    columns = {key: values.to(host.device) for key, values in columns.items()}
     rank, world_size = host.rank, host.world_size
-    columns = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
     rows = len(next(iter(columns.values())))
     start, end = rank * rows // world_size, (rank + 1) * rows // world_size
     return RankShare({key: values[start:end] for key, values in columns.items()}, end - start, rows // world_size)

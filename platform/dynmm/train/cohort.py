@@ -50,6 +50,7 @@ from dynmm.train.epoch import (
 from dynmm.train.faults import FaultPlan, crash_if_injected
 from dynmm.train.host import Host
 from dynmm.train.job import WorkerJob
+from dynmm.train.stacked import StackedGates, stackable
 from dynmm.train.stages import set_training_mode, stages_to_run
 from dynmm.train.state import Position, Resumed, StageRun, WorkerState
 
@@ -134,17 +135,12 @@ def _run_cohort_epoch(active: list[Member], epoch: int) -> dict[int, dict[str, f
         member.lr = member.run.optimizer.param_groups[0]["lr"]
         set_training_mode(member.run.trainable, member.state.model, member.run.config)
     train_sums = {member.index: new_sums(member.state) for member in active}
-    lead = active[0]
-    for batch in training_batches(lead.state, lead.run, epoch):
-        for member in active:
-            with timed(member), member_rng(member):
-                train_step(member.state, member.run, epoch, batch, train_sums[member.index])
     val_sums = {member.index: new_validation_sums(member.state, member.run) for member in active}
-    job = lead.state.job
-    for batch in batches(lead.state.host, "valid", job.data.eval_batch_size, cache=lead.state.shards):
-        for member in active:
-            with timed(member):
-                validate_batch(member.state, member.run, batch, val_sums[member.index])
+    states, runs = [member.state for member in active], [member.run for member in active]
+    if stackable(states, runs, epoch):
+        _stacked_passes(active, epoch, StackedGates(states, runs, epoch), train_sums, val_sums)
+    else:
+        _member_passes(active, epoch, train_sums, val_sums)
     metrics = {}
     for member in active:
         with timed(member):
@@ -155,6 +151,33 @@ def _run_cohort_epoch(active: list[Member], epoch: int) -> dict[int, dict[str, f
         member.epoch = epoch
         member.state.history.append({k: float(v) for k, v in metrics[member.index].items()})
     return metrics
+
+
+def _member_passes(active: list[Member], epoch: int, train_sums: dict, val_sums: dict) -> None:
+    """The epoch's training batches, each one step of every member after the other; then validation."""
+    lead = active[0]
+    for batch in training_batches(lead.state, lead.run, epoch):
+        for member in active:
+            with timed(member), member_rng(member):
+                train_step(member.state, member.run, epoch, batch, train_sums[member.index])
+    for batch in batches(lead.state.host, "valid", lead.state.job.data.eval_batch_size, cache=lead.state.shards):
+        for member in active:
+            with timed(member):
+                validate_batch(member.state, member.run, batch, val_sums[member.index])
+
+
+def _stacked_passes(active: list[Member], epoch: int, stacked: StackedGates, train_sums: dict,
+                    val_sums: dict) -> None:
+    """The same passes as one stacked step per batch for all members (``stacked``); its time shared."""
+    lead = active[0]
+    started = time.perf_counter()
+    for batch in training_batches(lead.state, lead.run, epoch):
+        stacked.step(batch)
+    for batch in batches(lead.state.host, "valid", lead.state.job.data.eval_batch_size, cache=lead.state.shards):
+        stacked.validate(batch)
+    stacked.write_back([train_sums[m.index] for m in active], [val_sums[m.index][None] for m in active])
+    for member in active:
+        member.seconds += (time.perf_counter() - started) / len(active)
 
 
 def _decide(active: list[Member], metrics: dict[int, dict[str, float]], rungs, rank: int) -> None:

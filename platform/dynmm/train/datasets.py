@@ -2,11 +2,13 @@
 
 Datasets smaller than ``MATERIALIZE_BELOW_BYTES`` are read once into Ray's object store, and every worker keeps
 its own share of them (``batches.rank_share``); larger ones stream from the Parquet files every epoch, split
-among the workers by Ray Train (``StreamedSplits``).
+among the workers by Ray Train (``StreamedSplits``). A one-worker run of a small dataset reads it with the plain
+reader into its own process instead (``local_datasets``: no Ray Data), once per process.
 """
 
 from __future__ import annotations
 
+import functools
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,8 +17,11 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 import ray
 import ray.train
+import torch
 
-from dynmm.data.readers import ray_dataset
+from dynmm.data.format import SAMPLE_ID
+from dynmm.data.readers import load_split, ray_dataset
+from dynmm.train.batches import LocalSplit
 from dynmm.train.prepare import PreparedPipeline, holdout_fraction
 
 if TYPE_CHECKING:
@@ -64,6 +69,42 @@ def _cached_gate_datasets(prepared: PreparedPipeline, cache: ExpertOutputCache) 
             _holdout_filter(holdout, keep_holdout=True), batch_format="pyarrow")
     datasets = {"train_gate": train, "valid": cache_ray_dataset(cache, "valid")}
     return _materialized(datasets) if cache_in_memory(cache) else datasets
+
+
+def local_datasets(prepared: PreparedPipeline, stage_names: Sequence[str],
+                   expert_cache: ExpertOutputCache | None = None) -> dict[str, LocalSplit]:
+    """``build_datasets``' splits for a one-worker run of a small dataset, read with the plain reader into this
+    process: the same rows in the same order, no Ray Data. Read once per process (a Tune trial's process that
+    trains trial after trial keeps them)."""
+    names = tuple(sorted({"valid"} | {"train_experts" if name == "experts" else "train_gate" for name in stage_names}))
+    cache_folder = str(expert_cache.directory) if expert_cache is not None else None
+    return _read_locally(str(prepared.dataset_dir), cache_folder, holdout_fraction(prepared.spec), names)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_locally(dataset_dir: str, cache_folder: str | None, holdout: float, names: tuple[str, ...]
+                  ) -> dict[str, LocalSplit]:
+    from dynmm.train.expert_cache import open_expert_cache, read_cache_split
+
+    cache = open_expert_cache(cache_folder) if cache_folder else None
+
+    def read(split: str) -> dict:
+        if cache is None:
+            return load_split(dataset_dir, split)
+        return read_cache_split(cache, split, [*cache.tensor_columns, SAMPLE_ID])
+
+    train, splits = read("train"), {"valid": _tensors(read("valid"))}
+    for name in names:
+        if name != "valid":
+            keep_holdout = name == "train_gate"
+            rows = [index for index, sample in enumerate(train[SAMPLE_ID])
+                    if holdout == 0 or in_gate_holdout(sample, holdout) == keep_holdout]
+            splits[name] = _tensors(train, torch.tensor(rows, dtype=torch.long))
+    return {name: LocalSplit(splits[name]) for name in names}
+
+
+def _tensors(split: dict, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    return {name: (values if rows is None else values[rows]) for name, values in split.items() if name != SAMPLE_ID}
 
 
 def _materialized(datasets: dict[str, ray.data.Dataset]) -> dict[str, ray.data.Dataset]:

@@ -23,7 +23,13 @@ from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from dynmm.train.checkpoints import load_state, read_epoch_history, result_metrics
-from dynmm.train.datasets import StreamedSplits, build_datasets, cache_in_memory, keeps_data_in_memory
+from dynmm.train.datasets import (
+    StreamedSplits,
+    build_datasets,
+    cache_in_memory,
+    keeps_data_in_memory,
+    local_datasets,
+)
 from dynmm.train.endings import ctrl_c_as_keyboard_interrupt, raise_if_loss_diverged, user_errors_of_workers
 from dynmm.train.expert_cache import ExpertOutputCache
 from dynmm.train.faults import fault_plan
@@ -109,8 +115,7 @@ def fit_stages(fit: Fit) -> FitResult:
         consumers = [lambda record: seen.add(int(record["metrics"]["global_step"]))]
         consumers += [consume for consume in (log_epoch, fit.show) if consume is not None]
         job = worker_job(fit)
-        datasets = fit.datasets if fit.datasets is not None else build_datasets(
-            fit.prepared, [stage.name for stage in fit.stages], fit.expert_cache)
+        datasets = fit.datasets if fit.datasets is not None else run_datasets(fit, job)
         run = fit_in_process if fit.in_process else fit_on_worker_group
         metrics = run(fit, job, datasets, consumers)
         hand_on_missed_epochs(fit, seen, consumers)
@@ -121,6 +126,15 @@ def fit_stages(fit: Fit) -> FitResult:
     if not fit.cohort:  # a cohort's diverged member stops alone; the Tune side reports it as that trial's error
         raise_if_loss_diverged(metrics, fit.stages)
     return FitResult(metrics, checkpoint)
+
+
+def run_datasets(fit: Fit, job: WorkerJob) -> dict:
+    """The datasets of a run that was handed none: a small dataset read into this process for a run here (no Ray
+    Data), else Ray datasets (``build_datasets``)."""
+    stage_names = [stage.name for stage in fit.stages]
+    if fit.in_process and job.data.in_memory:
+        return local_datasets(fit.prepared, stage_names, fit.expert_cache)
+    return build_datasets(fit.prepared, stage_names, fit.expert_cache)
 
 
 def hand_on_missed_epochs(fit: Fit, seen: set[int], consumers: Sequence[Callable[[dict], None]]) -> None:

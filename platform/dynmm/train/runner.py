@@ -27,6 +27,7 @@ from dynmm.track.lineage import dataset_inputs
 from dynmm.track.runs import check_tracking_reachable, closing_run, log_final_model, log_run_outputs
 from dynmm.train.cached_gate import expert_cache_decision, expert_cache_for
 from dynmm.train.checkpoints import STATE_FILE, load_state, read_experts, result_weights
+from dynmm.train.datasets import keeps_data_in_memory
 from dynmm.train.fit import Fit, FitResult, RunLogging, fit_stages
 from dynmm.train.job import stable_hash
 from dynmm.train.prepare import PreparedPipeline, pipeline_model, prepare_pipeline, stage_configs
@@ -70,7 +71,9 @@ def run_training(
     prepared = prepare_pipeline(spec)
     tracking_uri = resolve_tracking_uri(spec.tracking.uri)
     check_tracking_reachable(tracking_uri)
-    connect_ray(address, verbose, py_modules=prepared.model.shipped_paths())
+    decision = expert_cache_decision(prepared, for_study=False)
+    if address is not None or needs_ray(prepared, decision.used):
+        connect_ray(address, verbose, py_modules=prepared.model.shipped_paths())
     run_name = job_run_name(spec)
     run_id = start_job_run(
         tracking_uri, spec.tracking.experiment or spec.name, run_name,
@@ -80,7 +83,6 @@ def run_training(
     log_latency_table(tracking_uri, run_id, prepared.costs)  # latency.json where model.latency was measured
     logging = RunLogging(tracking_uri, run_id)
     with closing_run(tracking_uri, run_id):  # FINISHED, or FAILED / KILLED however the block is left
-        decision = expert_cache_decision(prepared, for_study=False)
         if not decision.used and spec.stages.gate.enabled and not prepared.fusion_level:
             show_line(decision.line())
         if decision.used:
@@ -93,6 +95,15 @@ def run_training(
         run_name, tracking_uri, run_id, prepared.quality_metric, prepared.costs, result.metrics, history,
         checkpoint_uri(result.checkpoint) if result.checkpoint else None, cache_folder, kept,
     )
+
+
+def needs_ray(prepared: PreparedPipeline, over_expert_cache: bool) -> bool:
+    """Whether ``dynmm train`` needs Ray: a worker group, the expert-output cache's build or a streamed dataset do;
+    a one-worker run of a small dataset trains in this process on data read by the plain reader, and starts none
+    (unless ``--address`` names a cluster to join)."""
+    scaling = prepared.spec.scaling
+    one_worker_here = scaling.num_workers == 1 and not scaling.use_gpu
+    return over_expert_cache or not one_worker_here or not keeps_data_in_memory(prepared)
 
 
 def log_final_result(prepared: PreparedPipeline, result: FitResult, logging: RunLogging) -> dict | None:

@@ -44,6 +44,7 @@ from dynmm.train import (
     stable_hash,
     stage_configs,
 )
+from dynmm.train.datasets import cache_in_memory, keeps_data_in_memory
 from dynmm.tune.cohorts import cohort_size, study_trial, trial_records
 from dynmm.tune.folder import StudyFolder
 from dynmm.tune.front import FrontReport, build_front, front_row, measured_latency, static_baselines, write_front
@@ -176,7 +177,9 @@ def set_up_trials(plan: StudyPlan, show_epoch: Callable[[dict], None],
     decision = expert_cache_decision(prepared, for_study=True)
     cache = expert_cache_for(prepared, show_line) if decision.used else None
     seconds["cache build"] = time.monotonic() - started
-    datasets = build_datasets(prepared, [stage.name for stage in stage_configs(spec, TRIAL_STAGES)], cache)
+    # trials that train in their own process read a small dataset there themselves (``fit.run_datasets``)
+    datasets = None if trials_read_locally(prepared, cache) else build_datasets(
+        prepared, [stage.name for stage in stage_configs(spec, TRIAL_STAGES)], cache)
     concurrent_trials = max_concurrent_trials(spec)
     members = study_cohort_size(spec, concurrent_trials, decision, show_line)
     rungs = None
@@ -186,6 +189,13 @@ def set_up_trials(plan: StudyPlan, show_epoch: Callable[[dict], None],
             plan.objectives.metrics, moasha_rungs(spec, plan.objectives, baselines), plan.folder.rungs_state)
     context = TrialContext(prepared, datasets, plan.tracking_uri, parent_run_id, plan.folder.name, cache, rungs)
     return StudySetup(context, experts_metrics, members, concurrent_trials, seconds)
+
+
+def trials_read_locally(prepared: PreparedPipeline, cache) -> bool:
+    """Whether each trial reads the study's data into its own process: one-worker trials of a small dataset."""
+    if prepared.spec.scaling.num_workers > 1:
+        return False
+    return cache_in_memory(cache) if cache is not None else keeps_data_in_memory(prepared)
 
 
 def search(plan: StudyPlan, setup: StudySetup, progress: StudyProgress) -> ray.tune.ResultGrid:

@@ -61,7 +61,7 @@ class TrialContext:
     per-member MO-ASHA actor of cohort trials (``rungs``)."""
 
     prepared: PreparedPipeline
-    datasets: dict
+    datasets: dict | None  # None: each trial reads the data into its own process (one worker, small data)
     tracking_uri: str
     parent_run_id: str
     study: str
