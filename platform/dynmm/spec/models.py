@@ -192,6 +192,10 @@ class RunSpec(_Frozen):
 class TrackingSpec(_Frozen):
     uri: str | None = Field(None, description="MLflow tracking URI; default MLFLOW_TRACKING_URI or a local store")
     experiment: str | None = Field(None, description="MLflow experiment; default the pipeline name")
+    log_every_epochs: int = Field(
+        1, ge=1, description="epochs logged to MLflow: every Nth of a stage and always a stage's last (the display "
+        "and the checkpoints see every epoch); a study of many short trials logs faster with a larger N",
+    )
 
 
 SEARCHABLE = ("lambda", "tau_start", "tau_end", "lr", "epoch_hard", "budget")

@@ -96,6 +96,9 @@ def retry(action: Callable[[], T], what: str, attempts: int = 5, first_delay_sec
     return retrying(action)
 
 
+MLFLOW_BATCH_METRICS = 1000  # MLflow's limit of metrics per log_batch call
+
+
 class EpochLogger:
     """Logs each epoch's metrics at step = epoch count over all stages, in the driver (a no-op without a
     tracking URI and a run).
@@ -152,13 +155,31 @@ class EpochLogger:
         self._thread = None
 
     def _send_forever(self) -> None:
-        while (batch := self._queue.get()) is not None:
-            step = batch[0].step if batch else -1
-            if self._keep_trying(lambda s=step: s in self._steps_already_logged(), f"reading step {step}"):
+        """Sends what is queued, the epochs waiting together in one ``log_batch`` (up to MLflow's limit per call):
+        a run that reports faster than the store writes (many short epochs) costs a few calls, not one per epoch."""
+        closing, pending = False, None
+        while not closing:
+            epochs = [pending if pending is not None else self._queue.get()]
+            pending = None
+            while epochs[-1] is not None and not self._queue.empty():
+                following = self._queue.get_nowait()
+                if following is not None and sum(map(len, epochs)) + len(following) > MLFLOW_BATCH_METRICS:
+                    pending = following  # the next call's
+                    break
+                epochs.append(following)
+            closing = epochs[-1] is None
+            epochs = [epoch for epoch in epochs if epoch]
+            if not epochs:
                 continue
-            if self._keep_trying(lambda b=batch: self.client.log_batch(self.run_id, metrics=b) or True,
-                                 f"logging step {step}"):
-                self._logged_steps.add(step)
+            steps = [epoch[0].step for epoch in epochs]
+            logged = self._keep_trying(self._steps_already_logged, f"reading steps {steps[0]}..{steps[-1]}")
+            if logged is None:
+                continue
+            new = [epoch for epoch in epochs if epoch[0].step not in logged]
+            metrics = [metric for epoch in new for metric in epoch]
+            if metrics and self._keep_trying(lambda m=metrics: self.client.log_batch(self.run_id, metrics=m) or True,
+                                             f"logging steps {steps[0]}..{steps[-1]}"):
+                self._logged_steps.update(epoch[0].step for epoch in new)
 
     def _keep_trying(self, action: Callable[[], bool], what: str) -> bool | None:
         """``action``'s result once it succeeds (capped back-off between tries), or None when ``close``'s

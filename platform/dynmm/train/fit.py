@@ -40,7 +40,7 @@ from dynmm.train.prepare import PreparedPipeline
 from dynmm.train.progress import EpochFeed, epoch_record
 from dynmm.train.rendezvous import process_group_config
 from dynmm.train.store import CheckpointStore, join
-from dynmm.train.tracking import checkpointed_epochs, epoch_logging, member_epoch_logging
+from dynmm.train.tracking import LogPace, checkpointed_epochs, epoch_logging, member_epoch_logging
 
 
 @dataclass(frozen=True)
@@ -107,8 +107,9 @@ def fit_stages(fit: Fit) -> FitResult:
     ``UserError`` is raised as itself and a loss that turned non-finite is one ``UserError`` naming stage and
     epoch (a cohort's diverged member stops alone)."""
     logging = fit.logging
-    epoch_log = (member_epoch_logging(logging.tracking_uri, logging.member_run_ids, fit.run_location) if fit.cohort
-                 else epoch_logging(logging.tracking_uri, logging.run_id, fit.run_location))
+    pace = LogPace(tuple(stage.epochs for stage in fit.stages), fit.prepared.spec.tracking.log_every_epochs)
+    epoch_log = (member_epoch_logging(logging.tracking_uri, logging.member_run_ids, fit.run_location, pace)
+                 if fit.cohort else epoch_logging(logging.tracking_uri, logging.run_id, fit.run_location, pace))
     with epoch_log as log_epoch:
         before = {int(metrics["global_step"]) for metrics in checkpointed_epochs(fit.run_location)}
         seen: set[int] = set(before)

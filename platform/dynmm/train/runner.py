@@ -32,7 +32,7 @@ from dynmm.train.fit import Fit, FitResult, RunLogging, fit_stages
 from dynmm.train.job import stable_hash
 from dynmm.train.prepare import PreparedPipeline, pipeline_model, prepare_pipeline, stage_configs
 from dynmm.train.store import checkpoint_uri, join
-from dynmm.train.tracking import checkpointed_epochs, log_checkpointed_epochs
+from dynmm.train.tracking import LogPace, checkpointed_epochs, log_checkpointed_epochs
 
 
 def job_run_name(spec: PipelineSpec, kind: str = "train") -> str:
@@ -140,7 +140,8 @@ def fit_over_expert_cache(
     if stages[0].name == "experts" and (unfinished or read_experts(prepared.experts_uri) is None):
         fit_stages(Fit(prepared, stages[:1], experts_run, logging, show))
     # also logs any that a driver killed right after the experts' run never sent
-    expert_epochs = log_checkpointed_epochs(logging.tracking_uri, logging.run_id, experts_location)
+    pace = LogPace((stages[0].epochs,), prepared.spec.tracking.log_every_epochs)
+    expert_epochs = log_checkpointed_epochs(logging.tracking_uri, logging.run_id, experts_location, pace)
     cache = expert_cache_for(prepared, show_line)
     first_step = int(expert_epochs[-1]["global_step"]) + 1 if expert_epochs else 0
     # the pipeline's stages (the expert stage loads the shared experts): each epoch reports its one-run stage index

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from dynmm.track.runs import EpochLogger
@@ -21,21 +22,43 @@ from dynmm.train.store import CheckpointStore
 CLOSE_AFTER_ERROR_SECONDS = 10.0  # a stopped or failed run waits this long at most for unsent epochs
 
 
+@dataclass(frozen=True)
+class LogPace:
+    """Which epochs reach MLflow (``tracking.log_every_epochs``): every ``every_epochs``-th epoch of a stage, and
+    always a stage's last, the job's end and an epoch where a cohort member stopped or diverged.
+    ``stage_epochs``: the epochs of each stage of the run. The display and the checkpoints see every epoch."""
+
+    stage_epochs: tuple[int, ...]
+    every_epochs: int = 1
+
+    def due(self, metrics: dict) -> bool:
+        epoch, stage = int(metrics["epoch"]), int(metrics["stage_index"])
+        ends = any(metrics.get(flag) for flag in ("finished", "stopped", "diverged"))
+        return ends or (epoch + 1) % self.every_epochs == 0 or epoch == self.stage_epochs[stage] - 1
+
+
 @contextmanager
 def epoch_logging(
-    tracking_uri: str | None, run_id: str | None, run_path: str
+    tracking_uri: str | None, run_id: str | None, run_path: str, pace: LogPace
 ) -> Iterator[Callable[[dict], None] | None]:
-    """Yields the consumer of epoch records (``progress.EpochFeed``) that logs each to the MLflow run ``run_id``;
-    None without a tracking URI and a run. ``run_path``: the Ray Train run folder (storage path / run name)."""
+    """Yields the consumer of epoch records (``progress.EpochFeed``) that logs each one the ``pace`` says to the
+    MLflow run ``run_id``; None without a tracking URI and a run. ``run_path``: the run's folder (storage path /
+    run name)."""
     if not (tracking_uri and run_id):
         yield None
         return
     logger = EpochLogger(tracking_uri, run_id)
     for metrics in checkpointed_epochs(run_path):
-        logger.ensure_logged(int(metrics["global_step"]), metrics)
+        if pace.due(metrics):
+            logger.ensure_logged(int(metrics["global_step"]), metrics)
+
+    def log(record: dict) -> None:
+        if pace.due(record["metrics"]):
+            logger.log_epoch(int(record["metrics"]["global_step"]), record["metrics"])
+
     completed = False
     try:
-        yield lambda record: logger.log_epoch(int(record["metrics"]["global_step"]), record["metrics"])
+        yield log
         completed = True
     finally:
         if completed:
@@ -44,24 +67,27 @@ def epoch_logging(
             logger.close(timeout_seconds=CLOSE_AFTER_ERROR_SECONDS)
 
 
-def log_checkpointed_epochs(tracking_uri: str | None, run_id: str | None, run_path: str) -> list[dict[str, float]]:
-    """Every epoch the Ray Train run at ``run_path`` checkpointed (none where there is no such run), each logged to
-    the MLflow run ``run_id`` where it is not yet: an earlier run of a job whose driver was killed before all its
-    epochs reached MLflow (``dynmm train``'s experts run before the gate's)."""
+def log_checkpointed_epochs(tracking_uri: str | None, run_id: str | None, run_path: str,
+                            pace: LogPace) -> list[dict[str, float]]:
+    """Every epoch the run at ``run_path`` checkpointed (none where there is no such run), each the ``pace`` logs
+    logged to the MLflow run ``run_id`` where it is not yet: an earlier run of a job whose driver was killed before
+    all its epochs reached MLflow (``dynmm train``'s experts run before the gate's)."""
     epochs = checkpointed_epochs(run_path)
     logger = EpochLogger(tracking_uri, run_id)
     for metrics in epochs:
-        logger.ensure_logged(int(metrics["global_step"]), metrics)
+        if pace.due(metrics):
+            logger.ensure_logged(int(metrics["global_step"]), metrics)
     logger.close()
     return epochs
 
 
 @contextmanager
 def member_epoch_logging(
-    tracking_uri: str | None, run_ids: Sequence[str], run_path: str
+    tracking_uri: str | None, run_ids: Sequence[str], run_path: str, pace: LogPace
 ) -> Iterator[Callable[[dict], None] | None]:
     """``epoch_logging`` for a cohort: each member's metrics (``member{i}/<name>`` in a cohort's report) logged to
-    its own run ``run_ids[i]``, in the epochs it trained (a member that stopped repeats its last metrics)."""
+    its own run ``run_ids[i]``, in the epochs it trained that the ``pace`` says (a member that stopped repeats its
+    last metrics)."""
     if not (tracking_uri and run_ids):
         yield None
         return
@@ -70,14 +96,15 @@ def member_epoch_logging(
     def catch_up() -> None:
         for index, logger in enumerate(loggers):
             for metrics in checkpointed_epochs(run_path, member_folder(index)):
-                logger.ensure_logged(int(metrics["global_step"]), metrics)
+                if pace.due(metrics):
+                    logger.ensure_logged(int(metrics["global_step"]), metrics)
 
     catch_up()
 
     def log(record: dict) -> None:
         for index, logger in enumerate(loggers):
             metrics = member_metrics(record["metrics"], index)
-            if metrics.get("epoch") == record["epoch"] and "global_step" in metrics:
+            if metrics.get("epoch") == record["epoch"] and "global_step" in metrics and pace.due(metrics):
                 logger.log_epoch(int(metrics["global_step"]), metrics)
 
     completed = False
