@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-fast lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required, found " + sys.version'
@@ -27,6 +27,10 @@ lint: $(INSTALLED)
 
 test: lint
 	$(BIN)/python -m pytest
+
+# the inner loop: everything that starts nothing (no Ray, no Train run, no server); tests are marked by what they start
+test-fast: lint
+	$(BIN)/python -m pytest -m "not integration"
 
 bench: $(INSTALLED)
 	$(BIN)/python bench/dynamic_inference.py

@@ -4,8 +4,40 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 
 import pytest
+
+# what a test starts, known from the shared fixtures it uses (a test that starts something else says so itself)
+STARTED_BY_FIXTURE = {"ray_session": "ray", "mlflow_server": "mlflow_server"}
+STARTS = ("ray", "mlflow_server", "model_server", "cluster", "s3")
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Each test is marked by what it starts, and ``integration`` (what ``make test-fast`` leaves out) when it
+    starts anything; a test marked ``integration`` that starts nothing is an error, not a slow test in hiding."""
+    for item in items:
+        for fixture, marker in STARTED_BY_FIXTURE.items():
+            if fixture in item.fixturenames:
+                item.add_marker(marker)
+        starts = [name for name in STARTS if item.get_closest_marker(name)]
+        if starts:
+            item.add_marker("integration")
+        elif item.get_closest_marker("integration"):
+            raise pytest.UsageError(f"{item.nodeid}: marked integration but starts nothing ({', '.join(STARTS)})")
+
+
+@pytest.fixture(autouse=True)
+def starts_only_what_it_is_marked_for(request):
+    """A test outside ``integration`` must not start Ray (it would belong with the tests marked ``ray``)."""
+    running_before = _ray_running()
+    yield
+    if request.node.get_closest_marker("integration") is None and not running_before:
+        assert not _ray_running(), f"{request.node.nodeid} started Ray but is not marked ray"
+
+
+def _ray_running() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
 
 
 @pytest.fixture(scope="session")

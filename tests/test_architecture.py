@@ -24,6 +24,11 @@ FORBIDDEN = {
     "runtime": {"dynmm.train", "dynmm.tune", "dynmm.cluster", "dynmm.track"},
 }
 MAX_MODULE_LINES = 400
+# an orchestrator reads as named steps: no function of these packages is longer, or takes more parameters
+# (constructors aside: a record's fields are its parameters)
+SMALL_FUNCTION_PACKAGES = ("train", "tune")
+MAX_FUNCTION_LINES = 60
+MAX_FUNCTION_PARAMETERS = 8
 
 
 def _modules() -> list[Path]:
@@ -147,6 +152,29 @@ def test_modules_form_no_import_circle() -> None:
 def test_the_circle_check_finds_a_circle() -> None:
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert _cycles(graph) == [["a", "b", "c"]]
+
+
+def _functions(package: str):
+    for path in sorted((PACKAGE / package).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name != "__init__":
+                yield f"{path.relative_to(PACKAGE)}:{node.name}", node
+
+
+def _parameter_count(node: ast.FunctionDef) -> int:
+    arguments = node.args
+    names = [*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs]
+    return len([name for name in names if name.arg not in ("self", "cls")])
+
+
+@pytest.mark.parametrize("package", SMALL_FUNCTION_PACKAGES)
+def test_functions_are_short_and_take_few_parameters(package: str) -> None:
+    long = {name: node.end_lineno - node.lineno + 1 for name, node in _functions(package)
+            if node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES}
+    wide = {name: _parameter_count(node) for name, node in _functions(package)
+            if _parameter_count(node) > MAX_FUNCTION_PARAMETERS}
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
+    assert not wide, f"functions with more than {MAX_FUNCTION_PARAMETERS} parameters: {wide}"
 
 
 def test_no_module_is_longer_than_one_reading() -> None:

@@ -31,7 +31,7 @@ from dynmm.cli import main
 from own_models import write_builder, write_pipeline, write_table_dataset
 
 REPO = Path(__file__).parents[2]
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.cluster  # a token-protected head and a second node of its own
 
 RAY = Path(sys.executable).parent / "ray"
 WORKER_SLOT = "dynmm_worker_slot"  # one per node: a training worker takes one, so two workers use both nodes
@@ -161,6 +161,7 @@ def tiny_digits_on_two_nodes(tmp_path: Path) -> list[str]:
         "stages.gate.epoch_hard": 1,
         "scaling.num_workers": 2,
         "scaling.resources_per_worker": f"{{{WORKER_SLOT}: 1}}",
+        "tracking.log_every_epochs": 1,  # MLflow's history is checked epoch by epoch
     }
     return [argument for key, value in settings.items() for argument in ("--set", f"{key}={value}")]
 

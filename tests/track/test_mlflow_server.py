@@ -16,12 +16,12 @@ from mlflow.tracking import MlflowClient
 from server_process import BIN, MlflowServer, free_port
 
 PIPELINE = Path(__file__).parents[2] / "pipelines" / "digits.yaml"
-pytestmark = pytest.mark.integration
 
 
 def dynmm_command(verb: str, tmp_path: Path, tracking_uri: str, address: str | None, **settings) -> list[str]:
     base = {"data.root": tmp_path / "datasets", "run.storage_path": tmp_path / "runs", "tracking.uri": tracking_uri,
-            "stages.experts.epochs": 3, "stages.gate.epochs": 2, "stages.gate.epoch_hard": 1}
+            "stages.experts.epochs": 3, "stages.gate.epochs": 2, "stages.gate.epoch_hard": 1,
+            "tracking.log_every_epochs": 1}
     command = [str(BIN / "dynmm"), verb, str(PIPELINE)] + (["--address", address] if address else [])
     for key, value in {**base, **settings}.items():
         command += ["--set", f"{key}={value}"]
@@ -40,11 +40,14 @@ def test_unreachable_server_fails_fast_naming_the_uri_before_any_training(tmp_pa
     assert not (tmp_path / "runs").exists(), "nothing may be written before the check"
 
 
+@pytest.mark.mlflow_server
 def test_server_outage_mid_run_loses_no_epoch(ray_session, tmp_path, empty_mlflow_db):
     server = MlflowServer(tmp_path)
     shutil.copyfile(empty_mlflow_db, tmp_path / "server.db")  # the server's store, its tables already created
     server.start()
-    epochs = {"stages.experts.epochs": 2, "stages.gate.epochs": 4, "stages.gate.epoch_hard": 2}
+    # a worker group: its epochs take long enough for the server to go away and come back between them
+    epochs = {"stages.experts.epochs": 2, "stages.gate.epochs": 4, "stages.gate.epoch_hard": 2,
+              "scaling.num_workers": 2}
     command = dynmm_command("train", tmp_path, server.url, ray_session.get_runtime_context().gcs_address, **epochs)
     # MLflow's own HTTP retries back off for minutes (2 s, 4 s, 8 s, ...) and would hide the outage from the
     # platform: without them the driver's epoch logger rides it out by itself, and resumes within seconds

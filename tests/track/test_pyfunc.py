@@ -240,7 +240,7 @@ def post(url: str, payload: dict) -> list[dict]:
         return json.loads(response.read())["predictions"]
 
 
-@pytest.mark.integration
+@pytest.mark.model_server
 def test_mlflow_models_serve_answers_a_rest_request_with_a_missing_modality(logged, rest_server):
     model, *_ = logged
     raw = raw_digits(slice(0, 3))

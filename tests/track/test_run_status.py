@@ -33,7 +33,9 @@ def interrupted(ray_session, tmp_path_factory, empty_mlflow_db):
     shutil.copyfile(empty_mlflow_db, root / "mlflow.db")
     settings = {"data.root": root / "datasets", "run.storage_path": root / "runs",
                 "tracking.uri": f"sqlite:///{root / 'mlflow.db'}", "stages.experts.epochs": 12,
-                "stages.gate.epochs": 2, "stages.gate.epoch_hard": 1}
+                "stages.gate.epochs": 2, "stages.gate.epoch_hard": 1, "checkpoint.every_epochs": 1,
+                # Ray Train's own Ctrl-C handling is the subject: a worker group, not a run in the driver
+                "scaling.num_workers": 2}
     command = [str(Path(sys.executable).parent / "dynmm"), "train", str(PIPELINE), "--address",
                ray_session.get_runtime_context().gcs_address]
     for key, value in settings.items():

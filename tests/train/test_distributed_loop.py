@@ -53,7 +53,7 @@ def test_uneven_shares_train_in_step_and_validation_counts_every_row(ray_session
     dataset = write_small_digits(tmp_path / "small-digits", {"train": 65, "valid": 33, "test": 33})
     if streamed:
         monkeypatch.setattr(datasets, "MATERIALIZE_BELOW_BYTES", 0)
-    overrides = settings(tmp_path, **{"data.dataset": dataset, "data.batch_size": 32,
+    overrides = settings(tmp_path, **{"data.dataset": dataset, "data.batch_size": 32, "scaling.num_workers": 2,
                                       "stages.gate.holdout_fraction": 0.0})
     result = runner.run_training(load_pipeline(PIPELINE, overrides))
 

@@ -25,7 +25,6 @@ from pathlib import Path
 import pytest
 
 pytestmark = [
-    pytest.mark.integration,
     pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="lists sockets from Linux /proc"),
 ]
 
@@ -214,6 +213,7 @@ def platform_run_beside_foreign_cluster():
         shutil.rmtree(ray_tmpdir, ignore_errors=True)
 
 
+@pytest.mark.cluster
 def test_without_an_address_the_platform_starts_its_own_ray(platform_run_beside_foreign_cluster):
     run = platform_run_beside_foreign_cluster
     assert run.reports, f"connect_ray(None) did not connect: {run.stderr[-2000:]}"
@@ -223,6 +223,7 @@ def test_without_an_address_the_platform_starts_its_own_ray(platform_run_beside_
     assert Path(started["session_dir"]).resolve() != Path(run.foreign_session_dir)
 
 
+@pytest.mark.cluster
 def test_every_port_of_the_local_ray_listens_on_loopback_only(platform_run_beside_foreign_cluster):
     run = platform_run_beside_foreign_cluster
     assert run.returncode == 0, run.stderr[-2000:]

@@ -8,14 +8,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 
-from dynmm.data.readers import load_split, resolve_dataset
-from dynmm.models import ModelRecipe, build_model, measure_path_costs
+from dynmm.models import ModelRecipe, measure_path_costs
 from dynmm.train import cohort as cohort_module
-from dynmm.train.batches import LocalSplit
-from dynmm.train.checkpoints import write_experts
-from dynmm.train.expert_cache import EXPERT_OUTPUTS, GATE_FEATURES
 from dynmm.train.host import LocalHost
 from dynmm.train.job import CheckpointPlan, CohortMember, DataPlan, StageConfig, WorkerJob
 from dynmm.train.loop import run_job
@@ -30,31 +25,8 @@ MEMBERS = (
 )
 
 
-@pytest.fixture(scope="module")
-def cached(tmp_path_factory) -> tuple[dict[str, LocalSplit], str]:
-    """The digits train and valid splits as the expert-output cache holds them (confidence gate), and the
-    experts' folder."""
-    root = tmp_path_factory.mktemp("stacked")
-    folder = resolve_dataset("digits", root / "datasets")
-    torch.manual_seed(3)
-    model = build_model("digits", gate="confidence")
-    with torch.no_grad():
-        for parameter in model.experts.parameters():
-            parameter.add_(0.5 * torch.randn_like(parameter))
-    experts_uri = str(root / "experts")
-    write_experts(experts_uri, model.experts.state_dict(), {})
-    model.freeze_experts().eval()
-    splits = {}
-    for split, name in (("train", "train_gate"), ("valid", "valid")):
-        rows = load_split(folder, split)
-        frozen = model.frozen_outputs({"top": rows["top"], "bottom": rows["bottom"]})
-        splits[name] = LocalSplit({"label": rows["label"], EXPERT_OUTPUTS: frozen.expert_outputs,
-                                   GATE_FEATURES: frozen.gate_features})
-    return splits, experts_uri
-
-
-def train(cached, tmp_path: Path, stacked: bool, monkeypatch, **stage) -> list[dict]:
-    splits, experts_uri = cached
+def train(digits_cache, tmp_path: Path, stacked: bool, monkeypatch, **stage) -> list[dict]:
+    splits, experts_uri = digits_cache
     if not stacked:
         monkeypatch.setattr(cohort_module, "stackable", lambda states, runs, epoch: False)
     gate = StageConfig("gate", epochs=EPOCHS, lr=0.03, lr_schedule="cosine", epoch_hard=2, tau_start=1.0,
@@ -73,9 +45,9 @@ COMPARED = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_gfl
 
 
 @pytest.mark.parametrize("stage", [{}, {"weight_decay": 0.01, "grad_clip": 0.05}], ids=["plain", "decay-clip"])
-def test_members_stepped_together_train_as_they_do_one_after_the_other(cached, tmp_path, monkeypatch, stage):
-    together = train(cached, tmp_path / "stacked", True, monkeypatch, **stage)
-    apart = train(cached, tmp_path / "loop", False, monkeypatch, **stage)
+def test_members_stepped_together_train_as_they_do_one_after_the_other(digits_cache, tmp_path, monkeypatch, stage):
+    together = train(digits_cache, tmp_path / "stacked", True, monkeypatch, **stage)
+    apart = train(digits_cache, tmp_path / "loop", False, monkeypatch, **stage)
     assert len(together) == len(apart) == EPOCHS
     for report_together, report_apart in zip(together, apart, strict=True):
         for index in range(len(MEMBERS)):
@@ -87,9 +59,9 @@ def test_members_stepped_together_train_as_they_do_one_after_the_other(cached, t
     assert len({member_metrics_of(last, index)["train_loss"] for index in range(len(MEMBERS))}) == len(MEMBERS)
 
 
-def test_epochs_that_cannot_be_stacked_are_told_apart(cached, tmp_path):
+def test_epochs_that_cannot_be_stacked_are_told_apart(digits_cache, tmp_path):
     """Random warm-up epochs, Gumbel noise and a single member keep the loop."""
-    splits, experts_uri = cached
+    splits, experts_uri = digits_cache
     recipe = ModelRecipe("digits", {"gate": "confidence"})
     gate = StageConfig("gate", epochs=3, lr=0.03, epoch_ini=1)
     job = WorkerJob(recipe, "multiclass", 10, (gate,), experts_uri, CheckpointPlan(str(tmp_path / "run")),

@@ -15,8 +15,6 @@ from mlflow.tracking import MlflowClient
 
 from dynmm.models import build_model
 from dynmm.spec import PipelineSpec, load_pipeline
-from dynmm.train import datasets
-from dynmm.train.cached_gate import expert_cache_decision
 from dynmm.train.checkpoints import EXPERTS_FILE, read_experts
 from dynmm.train.evaluate import evaluate_split
 from dynmm.train.expert_cache import CACHE_FOLDER, MANIFEST_FILE
@@ -48,6 +46,7 @@ def small_digits(root: Path, **extra) -> PipelineSpec:
         "stages.gate.epochs": GATE_EPOCHS,
         "stages.gate.epoch_hard": 1,
         "run.expert_cache": "true",  # digits fits in memory: at auto it would train in one run
+        "tracking.log_every_epochs": 1,  # MLflow's history is checked epoch by epoch
         **extra,
     }
     return load_pipeline(PIPELINE, [f"{key}={value}" for key, value in settings.items()])
@@ -116,30 +115,6 @@ def test_the_final_checkpoint_is_the_routed_model_its_logged_metrics_describe(tr
     assert result.kept_metrics["val_accuracy"] == pytest.approx(one_pass["accuracy"], abs=1e-9)
     assert result.kept_metrics["val_loss"] == pytest.approx(one_pass["loss"], rel=1e-4)
     assert result.kept_metrics["val_gflops_per_sample"] == pytest.approx(one_pass["gflops_per_sample"], rel=1e-9)
-
-
-@pytest.mark.parametrize(("setting", "in_memory_below", "expected", "reason"), [
-    ("auto", datasets.MATERIALIZE_BELOW_BYTES, False, "small enough to keep in memory"),  # one run, experts run
-    ("auto", 1, True, ""),  # a dataset the workers would stream from disk
-    ("true", datasets.MATERIALIZE_BELOW_BYTES, True, ""),
-    ("false", 1, False, "run.expert_cache is false"),
-])
-def test_run_expert_cache_decides_whether_the_gate_trains_over_the_cache(
-    trained, monkeypatch, setting, in_memory_below, expected, reason
-):
-    monkeypatch.setattr(datasets, "MATERIALIZE_BELOW_BYTES", in_memory_below)
-    prepared = prepare_pipeline(small_digits(trained.root, **{"run.expert_cache": setting}))
-    decision = expert_cache_decision(prepared, for_study=False)
-    assert decision.used is expected
-    assert reason in decision.reason and bool(decision.reason) is not expected
-
-
-def test_run_expert_cache_is_auto_by_default_and_leaves_run_names_as_they_were(trained):
-    """digits at ``run.expert_cache: auto`` (the default) is kept in the workers' memory: every stage in one run
-    that runs the experts, no cache, no run of the experts' own (``tests/train/test_training.py`` trains it so)."""
-    spec = small_digits(trained.root, **{"run.expert_cache": "auto"})
-    assert spec.run.expert_cache == "auto" and load_pipeline(PIPELINE).run.expert_cache == "auto"
-    assert spec.identity(exclude=set())["run"].get("expert_cache") is None  # run names kept from before the setting
 
 
 def test_the_same_command_again_resumes_the_finished_runs_and_trains_nothing(trained):

@@ -25,7 +25,6 @@ from dynmm.train.store import open_checkpoint
 from dynmm.train.tracking import checkpointed_epochs
 
 PIPELINE = Path(__file__).parents[2] / "pipelines" / "digits.yaml"
-pytestmark = pytest.mark.integration
 
 
 def small_digits_overrides(tmp_path: Path, **extra) -> list[str]:
@@ -36,6 +35,8 @@ def small_digits_overrides(tmp_path: Path, **extra) -> list[str]:
         "stages.experts.epochs": 3,
         "stages.gate.epochs": 4,
         "stages.gate.epoch_hard": 1,
+        "checkpoint.every_epochs": 1,  # resuming goes on from the epoch it stopped at
+        "tracking.log_every_epochs": 1,  # MLflow's history is checked epoch by epoch
         **extra,
     }
     return [f"{key}={value}" for key, value in settings.items()]
@@ -48,7 +49,8 @@ def logged_steps(tracking_uri: str, run_id: str, key: str = "val_loss") -> list[
 def test_worker_crash_is_recovered_from_the_last_checkpoint_without_gaps_in_mlflow(ray_session, tmp_path, monkeypatch,
                                                                                    mlflow_db):
     monkeypatch.setenv(CRASH_AT_GATE_EPOCH_VARIABLE, "2")  # the last rank dies once, hard, at gate epoch 2
-    overrides = small_digits_overrides(tmp_path, **{"stages.gate.lambda": 0.3, "stages.gate.lr_schedule": "cosine"})
+    overrides = small_digits_overrides(tmp_path, **{"stages.gate.lambda": 0.3, "stages.gate.lr_schedule": "cosine",
+                                                    "scaling.num_workers": 2})  # a worker group Ray Train restarts
     spec = load_pipeline(PIPELINE, overrides)
     shown = []
     result = run_training(spec, show=shown.append)

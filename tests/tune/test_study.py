@@ -53,6 +53,8 @@ def tiny_study_overrides(tmp_path: Path, tracking_uri: str) -> list[str]:
         # second cohort's (the ladder's two cheaper gates) the one between the others (~9%) is stopped
         "search.scheduler.kind": "moasha",
         "search.scheduler.min_contribution": 0.2,
+        "checkpoint.every_epochs": 1,  # the driver is killed once a checkpoint of the second cohort exists
+        "tracking.log_every_epochs": 1,
     }
     return [f"{key}={value}" for key, value in settings.items()]
 
@@ -307,6 +309,7 @@ def raw_test_accuracy(resumed_study, model_uri: str) -> float:
     return float((predicted == digits.target[test_rows]).mean())
 
 
+@pytest.mark.model_server
 def test_registered_model_answers_rest_requests(resumed_study, tmp_path):
     server = resumed_study.server
     port = free_port()

@@ -126,7 +126,9 @@ def member_end(context: TrialContext, result: FitResult, index: int, member: dic
         end["checkpoint_path"] = folder
         test_metrics = evaluate_checkpoint(context.prepared, member["params"], folder, "test")
         with open_checkpoint(folder).as_directory() as directory:
-            log_run_outputs(context.tracking_uri, run_id, metrics=test_metrics, artifact_dirs={"checkpoint": directory})
+            kept = {name: end[name] for name in ("kept_epoch", "kept_step") if name in end}
+            log_run_outputs(context.tracking_uri, run_id, metrics={**test_metrics, **kept},
+                            artifact_dirs={"checkpoint": directory})
         end.update(test_metrics)
     return end
 

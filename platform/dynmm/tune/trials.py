@@ -123,7 +123,7 @@ def run_trial(config: dict, context: TrialContext) -> None:
             final["checkpoint_path"] = checkpoint_uri(result.checkpoint)
             if final.get("finished"):
                 evaluation_started = time.monotonic()
-                final.update(record_finished_trial(context, config, final["checkpoint_path"], run_id))
+                final.update(record_finished_trial(context, config, final, run_id))
                 final["evaluation_seconds"] = time.monotonic() - evaluation_started
         ray.tune.report(final)
 
@@ -135,12 +135,14 @@ def kept_point(kept: dict[str, float]) -> dict[str, float]:
     return point
 
 
-def record_finished_trial(context: TrialContext, config: dict, checkpoint: str, run_id: str) -> dict:
-    """A completed trial's run gets its final checkpoint as artifacts, its hard-gate test metrics and its kept
-    epoch."""
-    test_metrics = evaluate_checkpoint(context.prepared, config, checkpoint, "test")
-    with open_checkpoint(checkpoint).as_directory() as directory:
-        log_run_outputs(context.tracking_uri, run_id, metrics=test_metrics, artifact_dirs={"checkpoint": directory})
+def record_finished_trial(context: TrialContext, config: dict, final: dict, run_id: str) -> dict:
+    """A completed trial's run gets its final checkpoint as artifacts, its hard-gate test metrics and which epoch
+    it kept (``kept_epoch``, ``kept_step``); returns the test metrics."""
+    test_metrics = evaluate_checkpoint(context.prepared, config, final["checkpoint_path"], "test")
+    kept = {name: final[name] for name in ("kept_epoch", "kept_step") if name in final}
+    with open_checkpoint(final["checkpoint_path"]).as_directory() as directory:
+        log_run_outputs(context.tracking_uri, run_id, metrics={**test_metrics, **kept},
+                        artifact_dirs={"checkpoint": directory})
     return test_metrics
 
 
