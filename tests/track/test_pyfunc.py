@@ -112,7 +112,7 @@ def test_values_the_model_cannot_read_are_refused_naming_the_modality(served, ba
 
 
 def test_a_model_without_a_source_range_still_refuses_overflowing_values():
-    from dynmm.track.pyfunc import read_request
+    from dynmm.track.requests import read_request
 
     shapes = {"top": [4, 8]}
     huge = np.full((1, 4, 8), 1e39)  # finite as float64, inf as the float32 the model reads
@@ -137,7 +137,7 @@ def test_a_sources_missing_value_marker_becomes_what_the_dataset_stored():
     from pathlib import Path
 
     from dynmm.data.convert import mosei_meta
-    from dynmm.track.pyfunc import read_request
+    from dynmm.track.requests import read_request
 
     transform = mosei_meta(Path("mosei.pkl")).input_transforms["audio"]
     audio = np.array([[[-np.inf, 1.5]]])

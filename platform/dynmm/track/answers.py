@@ -1,0 +1,169 @@
+"""Routed answers of a served DynMM model: one request or many, answered as one batch.
+
+Shared by the MLflow pyfunc (one request per call) and ``dynmm serve`` (the requests Ray Serve gathered):
+the gate runs once per group of samples that miss the same modalities, each expert once on only the samples
+routed to it (``dynmm.models.degraded``; held to a strict compute budget where one is set,
+``dynmm.models.budget``), and each request gets its own rows back, in order:
+
+- ``prediction`` (null where refused), ``path`` and ``path_name`` (the path taken; null where refused),
+  ``gflops`` (what the sample cost: its path and the gate; the expert alone where the gate could not read
+  the sample; 0 where refused);
+- ``degraded`` (the sample lacked a modality), ``missing_modalities`` (comma-separated, empty if none);
+- ``error``: null, or why the sample was refused (a missing modality, or the compute budget);
+- with a budget only: ``budget_demoted``, whether the budget sent the sample to a cheaper path than the
+  gate chose.
+
+A request whose model output is not finite is refused whole (its ``ValueError``); the other requests of the
+batch are still answered. The model is rebuilt from its builder name and arguments plus a state dict read
+with ``torch.load(weights_only=True)``: no pickled module.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from dynmm.models import ModalityDynMM, build_model, flops_to_gflops, measure_path_costs
+from dynmm.models.budget import ComputeBudget, route_within_budget
+from dynmm.models.degraded import fallback_order, route_with_missing
+from dynmm.track.requests import MISSING_MARKER, Request, merge_requests
+
+# nullable dtypes: a refused sample has no prediction and no path (else: per-row lists, None when refused)
+PREDICTION_DTYPES = {"multiclass": "Int64", "binary": "Int64", "regression": "Float64"}
+COLUMNS = ("prediction", "path", "path_name", "gflops", "degraded", MISSING_MARKER, "error")
+BUDGET_COLUMN = "budget_demoted"
+
+
+@dataclass
+class ServedModel:
+    """A model ready to answer: its config (``write_model_files``), the built model in evaluation mode, the
+    fallback order for samples the gate cannot read, and the compute budget it is held to (or None)."""
+
+    config: dict[str, Any]
+    model: torch.nn.Module
+    fallback: list[int]
+    budget: ComputeBudget | None = None
+    _expert_gflops: list[float] | None = field(default=None, repr=False)
+
+    def expert_gflops(self) -> list[float]:
+        """Each expert alone (what a sample pays that skipped the gate), measured once, when first needed."""
+        if self._expert_gflops is None:
+            costs = measure_path_costs(self.model)
+            self._expert_gflops = [flops_to_gflops(flops) for flops in costs.expert_flops]
+        return self._expert_gflops
+
+    def row_gflops(self, paths: np.ndarray, gate_ran: np.ndarray) -> np.ndarray:
+        """What each sample cost: its path with the gate, the expert alone where the gate could not read it
+        (a fallback), nothing where it was refused."""
+        gflops = np.zeros(len(paths))
+        chosen = gate_ran & (paths >= 0)
+        gflops[chosen] = np.asarray(self.config["path_gflops"], dtype=np.float64)[paths[chosen]]
+        fallback = ~gate_ran & (paths >= 0)
+        if fallback.any():
+            gflops[fallback] = np.asarray(self.expert_gflops())[paths[fallback]]
+        return gflops
+
+
+def load_served_model(
+    config: Mapping[str, Any], weights: str | Path | bytes, max_gflops_per_sample: float | None = None,
+) -> ServedModel:
+    """The model of a config and its weights (a path or the file's bytes), held to ``max_gflops_per_sample``
+    per batch where given (a ``ValueError`` when no batch could meet it)."""
+    model = build_model(config["model_name"], **config["model_args"])
+    source = io.BytesIO(weights) if isinstance(weights, bytes) else weights
+    model.load_state_dict(torch.load(source, map_location="cpu", weights_only=True))
+    served = ServedModel(dict(config), model.eval(),
+                         fallback_order(config["path_gflops"], config.get("expert_validation_quality")))
+    if max_gflops_per_sample is not None:
+        if not isinstance(model, ModalityDynMM):
+            raise ValueError(f"a strict compute budget needs a modality-level DynMM (one expert per path); "
+                             f"{config['model_name']!r} decides its paths inside its forward")
+        served.budget = ComputeBudget(max_gflops_per_sample, tuple(config["path_gflops"]),
+                                      tuple(served.expert_gflops()))
+    return served
+
+
+def answer_requests(served: ServedModel, requests: Sequence[Request]) -> list[pd.DataFrame | ValueError]:
+    """Each request's rows (a DataFrame), or the ``ValueError`` that refuses it, from one routed batch."""
+    if not requests:
+        return []
+    batch, spans = merge_requests(requests)
+    config = served.config
+    if batch.size == 0:
+        return [result_frame(config, [], np.zeros(0, dtype=np.int64), np.zeros(0), r.missing, ()) for r in requests]
+    missing = {name: torch.from_numpy(rows) for name, rows in batch.missing.items() if rows.any()}
+    demoted = None
+    with torch.no_grad():
+        if served.budget is None:
+            routed = route_with_missing(served.model, batch.inputs, missing, served.fallback)
+        else:
+            routed, demoted = route_within_budget(served.model, batch.inputs, missing, served.fallback,
+                                                  served.budget)
+    paths = routed.paths.numpy()
+    gflops = served.row_gflops(paths, routed.gate_ran.numpy())
+    answers: list[pd.DataFrame | ValueError] = []
+    for request, rows in zip(requests, spans, strict=True):
+        try:
+            per_row = _predicted_rows(config["task"], routed.output[rows], routed.answered[rows])
+        except ValueError as error:
+            answers.append(error)
+            continue
+        answers.append(result_frame(config, per_row, paths[rows], gflops[rows], request.missing,
+                                    routed.errors[rows], None if demoted is None else demoted[rows].numpy()))
+    return answers
+
+
+def _predicted_rows(task: str, output: torch.Tensor, answered: torch.Tensor) -> list:
+    """One prediction per row of a request, None where the sample was refused."""
+    if not answered.any():
+        return [None] * len(answered)
+    refuse_nonfinite_outputs(output[answered], torch.nonzero(answered).squeeze(1))
+    predicted = iter(predictions(task, output[answered]))
+    return [next(predicted) if row_answered else None for row_answered in answered.tolist()]
+
+
+def result_frame(
+    config: Mapping[str, Any], predicted: list, paths: np.ndarray, gflops: np.ndarray,
+    missing: Mapping[str, np.ndarray], errors: Sequence[str | None], demoted: np.ndarray | None = None,
+) -> pd.DataFrame:
+    """One row per sample, in request order; the columns and dtypes are the same for an empty batch."""
+    paths = paths.astype(np.int64)
+    answered = paths >= 0
+    names = list(config["input_shapes"])
+    missing_per_row = [",".join(name for name in names if missing[name][row]) for row in range(len(paths))]
+    frame = pd.DataFrame({
+        "prediction": pd.Series(predicted, dtype=PREDICTION_DTYPES.get(config["task"], object)),
+        "path": pd.Series(np.where(answered, paths, 0), dtype="Int64").mask(~answered),
+        "path_name": pd.Series([config["path_names"][p] if p >= 0 else None for p in paths], dtype=object),
+        "gflops": np.asarray(gflops, dtype=np.float64),
+        "degraded": np.asarray([bool(absent) for absent in missing_per_row], dtype=bool),
+        MISSING_MARKER: pd.Series(missing_per_row, dtype=object),
+        "error": pd.Series(list(errors) or [None] * len(paths), dtype=object),
+    })
+    if demoted is not None:
+        frame[BUDGET_COLUMN] = np.asarray(demoted, dtype=bool)
+    return frame
+
+
+def refuse_nonfinite_outputs(output: torch.Tensor, rows: torch.Tensor) -> None:
+    finite = torch.isfinite(output.reshape(len(output), -1)).all(dim=1)
+    if not finite.all():
+        sample = int(rows[torch.nonzero(~finite)[0]])
+        raise ValueError(f"the model's output for sample {sample} is not finite: inputs far beyond its training data?")
+
+
+def predictions(task: str, output: torch.Tensor) -> list:
+    if task == "multiclass":
+        return output.argmax(dim=1).tolist()
+    if task == "binary":
+        return (output.reshape(-1) > 0).long().tolist()
+    if task == "multilabel":
+        return (output > 0).long().tolist()
+    return output.reshape(-1).tolist()
