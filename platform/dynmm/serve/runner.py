@@ -1,0 +1,76 @@
+"""Starting and stopping the Serve application: on the platform's own local Ray (every server on 127.0.0.1,
+Serve's HTTP proxy on ``--host``, 127.0.0.1 unless told otherwise), or on the cluster this process joined
+(``RAY_ADDRESS``, as inside a ``dynmm serve --address`` job). It serves until Ctrl-C or SIGTERM: then the
+local Ray and everything Serve started on it stop; on a cluster only this application is deleted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+
+import ray
+from ray import serve
+
+from dynmm.errors import UserError
+from dynmm.runtime import connect_ray
+from dynmm.serve.app import ServeSettings, build_application
+from dynmm.serve.source import ModelFiles
+
+QUIET = {"log_level": "WARNING"}
+
+
+def serve_model(files: ModelFiles, settings: ServeSettings, on_ready: Callable[[str], None],
+                verbose: bool = False) -> None:
+    """Serve ``files`` until interrupted (a ``KeyboardInterrupt`` reaches the caller after the clean-up)."""
+    joined = bool(os.environ.get("RAY_ADDRESS"))
+    if not joined:
+        check_port_free(settings.host, settings.port)
+    connect_ray(None, verbose=verbose)
+    # `dynmm jobs stop`, `kill`: the same clean stop as Ctrl-C (set after Ray's start, which installs its own)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        logging.getLogger("ray.serve").setLevel(logging.INFO if verbose else logging.ERROR)
+        serve.start(http_options={"host": settings.host, "port": settings.port},
+                    logging_config=None if verbose else QUIET)
+        cpus = ray.cluster_resources().get("CPU", 1.0)
+        serve.run(build_application(files, settings, cpus), name=settings.app_name,
+                  route_prefix=settings.route_prefix, logging_config=None if verbose else QUIET)
+        on_ready(f"http://{settings.host}:{settings.port}{settings.route_prefix.rstrip('/')}")
+        while True:
+            time.sleep(1.0)
+    finally:
+        _stop(settings.app_name, joined)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """A port already taken is one line now, not a proxy that fails to start later."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise UserError(f"cannot serve on {host}:{port}: {error.strerror}; pass another --port") from None
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop(app_name: str, joined: bool) -> None:
+    """Ctrl-C during the clean-up must not leave half of it undone: SIGINT waits until it is over."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        if not ray.is_initialized():
+            return
+        if joined:
+            serve.delete(app_name)
+        else:
+            serve.shutdown()
+            ray.shutdown()
+    finally:
+        signal.signal(signal.SIGINT, previous)
