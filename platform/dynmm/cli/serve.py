@@ -18,7 +18,7 @@ from dynmm.errors import UserError
 FORWARDED = (("--version", "version"), ("--checkpoint", "checkpoint"), ("--port", "port"), ("--host", "host"),
              ("--route-prefix", "route_prefix"), ("--replicas", "replicas"), ("--max-batch-size", "max_batch_size"),
              ("--batch-wait-ms", "batch_wait_ms"), ("--max-gflops-per-sample", "max_gflops_per_sample"),
-             ("--replica-cpus", "replica_cpus"))
+             ("--replica-cpus", "replica_cpus"), ("--name", "name"))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -41,6 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="strict budget: every batch's mean GFLOPs per sample at or under X (the gate ranks who "
                              "keeps the costly path)")
     parser.add_argument("--replica-cpus", type=float, default=0.25, help="CPUs Ray reserves per replica")
+    parser.add_argument("--name", default="dynmm", help="the Serve application's name (several can share one Ray)")
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow store holding the model (default: MLFLOW_TRACKING_URI, else the local store)")
     parser.add_argument("--address", default=None,
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from dynmm.serve.app import ServeSettings
 
     settings = ServeSettings(args.host, args.port, args.route_prefix, args.replicas, args.max_batch_size,
-                             args.batch_wait_ms, args.max_gflops_per_sample, args.replica_cpus)
+                             args.batch_wait_ms, args.max_gflops_per_sample, args.replica_cpus, args.name)
     if args.address:
         return submit_to_cluster(args)
     if not args.verbose:
@@ -72,12 +73,13 @@ def run(args: argparse.Namespace) -> int:
     _check_servable(files, settings)
     from dynmm.serve.runner import serve_model
 
-    def announce(url: str) -> None:
+    def announce(url: str, ray_address: str) -> None:
         replicas = f"{settings.replicas} replica(s)" if settings.replicas != "auto" else "autoscaled replicas"
         budget = "" if settings.max_gflops_per_sample is None else (
             f", at most {settings.max_gflops_per_sample:g} GFLOPs per sample per batch")
         print(f"serving {files.source} at {url}/invocations ({replicas}, batches of up to {settings.max_batch_size} "
-              f"requests{budget}); Ctrl-C stops it", flush=True)
+              f"requests{budget}; application {settings.app_name!r} on Ray at {ray_address}); Ctrl-C stops it",
+              flush=True)
 
     serve_model(files, settings, announce, verbose=args.verbose)
     return 0
@@ -131,17 +133,23 @@ def _check_servable(files, settings) -> None:
         raise UserError(f"{files.source}: the weights do not fit the model: {str(error).splitlines()[0]}") from None
 
 
-def submit_to_cluster(args: argparse.Namespace) -> int:
-    """The same ``dynmm serve`` as a Ray job on the cluster's head node (token as ``dynmm submit`` finds it)."""
-    from dynmm.cluster import Cluster
-    from dynmm.cluster.jobs import prepare_command_submission
-
+def serve_command(args: argparse.Namespace) -> list[str]:
+    """The ``dynmm serve`` command a cluster job runs: these arguments, without ``--address``."""
     command = ["dynmm", "serve", args.model]
     for flag, attribute in FORWARDED:
         if getattr(args, attribute) is not None:
             command += [flag, str(getattr(args, attribute))]
     for override in args.overrides:
         command += ["--set", override]
+    return command
+
+
+def submit_to_cluster(args: argparse.Namespace) -> int:
+    """The same ``dynmm serve`` as a Ray job on the cluster's head node (token as ``dynmm submit`` finds it)."""
+    from dynmm.cluster import Cluster
+    from dynmm.cluster.jobs import prepare_command_submission
+
+    command = serve_command(args)
     tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     name = args.model.removeprefix("models:/").split("@")[0].split("/")[0].removesuffix(".yaml")
     submission = prepare_command_submission(command, "serve", Path(name).name, tracking_uri=tracking_uri)

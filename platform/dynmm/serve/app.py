@@ -11,6 +11,7 @@ is a count or ``"auto"`` (Serve's autoscaling, one replica per CPU of the cluste
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import ray
@@ -36,6 +37,16 @@ from dynmm.track.answers import answer_requests, load_served_model
 from dynmm.track.requests import Request
 
 AUTO = "auto"
+# which batch answered a request (replica process and its batch number) and how many rows that batch held: a
+# client can group its rows by batch and check what each batch cost (the strict budget is per batch)
+BATCH_HEADER = "x-dynmm-batch"
+BATCH_ROWS_HEADER = "x-dynmm-batch-rows"
+
+
+@dataclass(frozen=True)
+class Batch:
+    batch_id: str
+    rows: int
 
 
 @dataclass(frozen=True)
@@ -103,6 +114,7 @@ class DynMMDeployment:
         self.schema = input_schema(files.config)
         self.answer.set_max_batch_size(settings.max_batch_size)
         self.answer.set_batch_wait_timeout_s(settings.batch_wait_ms / 1000)
+        self.batches = 0
 
     async def __call__(self, http: HttpRequest) -> Response:
         route = http.url.path.removeprefix(http.scope.get("root_path", "")) or "/"
@@ -118,14 +130,17 @@ class DynMMDeployment:
                                       self.schema)
         except BadRequest as bad:
             return Response(bad.body, status_code=bad.status, media_type=JSON)
-        answer = await self.answer(request)
+        answer, batch = await self.answer(request)
+        headers = {BATCH_HEADER: batch.batch_id, BATCH_ROWS_HEADER: str(batch.rows)}
         if isinstance(answer, Exception):
-            return Response(BadRequest(str(answer)).body, status_code=400, media_type=JSON)
-        return Response(predictions_json(answer), media_type=JSON)
+            return Response(BadRequest(str(answer)).body, status_code=400, media_type=JSON, headers=headers)
+        return Response(predictions_json(answer), media_type=JSON, headers=headers)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def answer(self, requests: list[Request]) -> list:
-        return answer_requests(self.served, requests)
+    async def answer(self, requests: list[Request]) -> list[tuple[object, Batch]]:
+        self.batches += 1
+        batch = Batch(f"{os.getpid()}-{self.batches}", sum(request.size for request in requests))
+        return [(answer, batch) for answer in answer_requests(self.served, requests)]
 
 
 def _bind_internal_grpc_to_node_ip() -> None:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import ray
 from ray import serve
 
+from dynmm.cluster.auth import find_token
 from dynmm.errors import UserError
 from dynmm.runtime import connect_ray
 from dynmm.serve.app import ServeSettings, build_application
@@ -24,11 +25,15 @@ from dynmm.serve.source import ModelFiles
 QUIET = {"log_level": "WARNING"}
 
 
-def serve_model(files: ModelFiles, settings: ServeSettings, on_ready: Callable[[str], None],
+def serve_model(files: ModelFiles, settings: ServeSettings, on_ready: Callable[[str, str], None],
                 verbose: bool = False) -> None:
-    """Serve ``files`` until interrupted (a ``KeyboardInterrupt`` reaches the caller after the clean-up)."""
+    """Serve ``files`` until interrupted (a ``KeyboardInterrupt`` reaches the caller after the clean-up);
+    ``on_ready(url, ray_address)`` once it answers. Another ``dynmm serve --name OTHER`` with ``RAY_ADDRESS`` set
+    to that Ray address adds its application beside this one (same proxy and port)."""
     joined = bool(os.environ.get("RAY_ADDRESS"))
-    if not joined:
+    if joined:
+        _use_cluster_token()
+    else:
         check_port_free(settings.host, settings.port)
     connect_ray(None, verbose=verbose)
     # `dynmm jobs stop`, `kill`: the same clean stop as Ctrl-C (set after Ray's start, which installs its own)
@@ -40,7 +45,8 @@ def serve_model(files: ModelFiles, settings: ServeSettings, on_ready: Callable[[
         cpus = ray.cluster_resources().get("CPU", 1.0)
         serve.run(build_application(files, settings, cpus), name=settings.app_name,
                   route_prefix=settings.route_prefix, logging_config=None if verbose else QUIET)
-        on_ready(f"http://{settings.host}:{settings.port}{settings.route_prefix.rstrip('/')}")
+        on_ready(f"http://{settings.host}:{settings.port}{settings.route_prefix.rstrip('/')}",
+                 ray.get_runtime_context().gcs_address)
         while True:
             time.sleep(1.0)
     finally:
@@ -55,6 +61,15 @@ def check_port_free(host: str, port: int) -> None:
             probe.bind((host, port))
         except OSError as error:
             raise UserError(f"cannot serve on {host}:{port}: {error.strerror}; pass another --port") from None
+
+
+def _use_cluster_token() -> None:
+    """Ray (>= 2.52) starts a local cluster with token authentication on by default, and a process that joins
+    one by its address sends the token only in token mode: turn it on where ``dynmm submit`` would find a token
+    (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``), unless ``RAY_AUTH_MODE`` says otherwise."""
+    if "RAY_AUTH_MODE" not in os.environ and find_token() is not None:
+        os.environ["RAY_AUTH_MODE"] = "token"
+        ray._raylet.Config.initialize("")  # Ray read its config at import: read it again, as Ray itself does here
 
 
 def _interrupt(signum, frame) -> None:
