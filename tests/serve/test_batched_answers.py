@@ -17,9 +17,16 @@ from served_digits import NAME, raw_digits
 from dynmm.cli import build_parser, main
 from dynmm.cli.serve import serve_command
 from dynmm.serve.app import AUTO, DynMMDeployment, ServeSettings, deployment_options
-from dynmm.serve.protocol import BadRequest, input_schema, predictions_json, read_invocation
+from dynmm.serve.protocol import (
+    BadRequest,
+    answer_json,
+    input_schema,
+    mlflow_model_input,
+    plain_columns,
+    read_invocation,
+)
 from dynmm.serve.source import registered_model_files
-from dynmm.track.answers import answer_requests, load_served_model
+from dynmm.track.answers import answer_columns, answer_requests, load_served_model
 from dynmm.track.requests import read_request
 
 
@@ -79,24 +86,58 @@ def mlflow_answer(pyfunc, payload: dict) -> tuple[int, dict]:
     return result.status, json.loads(result.response)
 
 
-@pytest.mark.parametrize("form", ["dataframe_split", "dataframe_records", "inputs"])
-def test_a_request_reads_and_answers_on_the_wire_as_mlflow_models_serve_does(registered_digits, served, form):
+def wire_payloads() -> dict[str, dict]:
+    """Every plain shape, with samples missing a modality every way a client can say so."""
     raw = raw_digits(slice(20, 24))
     top, bottom = raw["top"].tolist(), raw["bottom"].tolist()
-    bottom[2] = None
-    payload = {
-        "dataframe_split": {"dataframe_split": {"columns": ["top", "bottom"], "data": [list(r) for r in zip(top, bottom,
-                                                                                                           strict=True)]}},
-        "dataframe_records": {"dataframe_records": [{"top": t} if b is None else {"top": t, "bottom": b}
-                                                    for t, b in zip(top, bottom, strict=True)]},
-        "inputs": {"inputs": {"top": top, "bottom": raw["bottom"].tolist(), "missing_modalities": "bottom"}},
-    }[form]
+    holey = [None if row == 2 else cells for row, cells in enumerate(bottom)]
+    return {
+        "split": {"dataframe_split": {"columns": ["top", "bottom"], "data": [list(r) for r in zip(top, holey,
+                                                                                                  strict=True)]}},
+        "split with a marker per row": {"dataframe_split": {"columns": ["bottom", "top", "missing_modalities"],
+                                                            "data": [[b, t, "top" if row == 1 else ""] for row, (t, b)
+                                                                     in enumerate(zip(top, bottom, strict=True))]}},
+        "records missing a key": {"dataframe_records": [{"top": t} if b is None else {"top": t, "bottom": b}
+                                                        for t, b in zip(top, holey, strict=True)]},
+        "records with nulls": {"dataframe_records": [{"top": t, "bottom": b} for t, b in zip(top, holey,
+                                                                                             strict=True)]},
+        "inputs": {"inputs": {"top": top, "bottom": bottom}},
+        "inputs, one marker for all": {"inputs": {"top": top, "bottom": bottom, "missing_modalities": "bottom"}},
+        "inputs without bottom": {"inputs": {"top": top, "bottom": None}},
+        "inputs, one sample": {"inputs": {"top": top[:1], "bottom": bottom[:1]}},
+    }
+
+
+@pytest.mark.parametrize("shape", list(wire_payloads()))
+def test_a_plain_request_reads_without_pandas_exactly_as_through_mlflows_decoders(served, shape):
+    payload, config = wire_payloads()[shape], served.config
+    columns = plain_columns(payload, [*config["input_shapes"], "missing_modalities"])
+    assert columns is not None, "a plain shape takes the fast path"
+    ours = read_request(columns, config["input_shapes"], config["input_transforms"])
+    theirs = read_request(mlflow_model_input(payload, input_schema(config)), config["input_shapes"],
+                          config["input_transforms"])
+    for name in config["input_shapes"]:
+        assert torch.equal(ours.inputs[name], theirs.inputs[name])
+        assert np.array_equal(ours.missing[name], theirs.missing[name])
+
+
+@pytest.mark.parametrize("shape", list(wire_payloads()))
+def test_an_answer_on_the_wire_is_byte_for_byte_what_mlflow_models_serve_writes(registered_digits, served, shape):
+    payload = wire_payloads()[shape]
     request = read_invocation(json.dumps(payload).encode(), "application/json", served.config,
                               input_schema(served.config))
-    ours = json.loads(predictions_json(answer_requests(served, [request])[0]))
-    status, theirs = mlflow_answer(registered_digits.pyfunc, payload)
-    assert status == 200 and ours == theirs
-    assert any(row["degraded"] for row in ours["predictions"])
+    ours = answer_json(answer_columns(served, [request])[0])
+    pyfunc = registered_digits.pyfunc
+    theirs = invocations(json.dumps(payload), "application/json", pyfunc, pyfunc.metadata.get_input_schema())
+    assert theirs.status == 200 and ours == theirs.response
+
+
+def test_other_shapes_go_through_mlflows_decoders():
+    names = ["top", "bottom", "missing_modalities"]
+    assert plain_columns({"dataframe_split": {"columns": ["top"], "data": [[1]], "index": [7]}}, names) is None
+    assert plain_columns({"inputs": {"top": [1, 2], "bottom": [1]}}, names) is None
+    assert plain_columns({"instances": [{"top": 1}]}, names) is None
+    assert plain_columns({"dataframe_records": [{"left": 1}]}, names) is None
 
 
 @pytest.mark.parametrize(("body", "content_type", "status", "message"), [

@@ -28,12 +28,12 @@ from dynmm.serve.protocol import (
     JSON,
     PING_BODY,
     BadRequest,
+    answer_json,
     input_schema,
-    predictions_json,
     read_invocation,
 )
 from dynmm.serve.source import ModelFiles
-from dynmm.track.answers import answer_requests, load_served_model
+from dynmm.track.answers import answer_columns, load_served_model
 from dynmm.track.requests import Request
 
 AUTO = "auto"
@@ -134,13 +134,13 @@ class DynMMDeployment:
         headers = {BATCH_HEADER: batch.batch_id, BATCH_ROWS_HEADER: str(batch.rows)}
         if isinstance(answer, Exception):
             return Response(BadRequest(str(answer)).body, status_code=400, media_type=JSON, headers=headers)
-        return Response(predictions_json(answer), media_type=JSON, headers=headers)
+        return Response(answer_json(answer), media_type=JSON, headers=headers)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def answer(self, requests: list[Request]) -> list[tuple[object, Batch]]:
         self.batches += 1
         batch = Batch(f"{os.getpid()}-{self.batches}", sum(request.size for request in requests))
-        return [(answer, batch) for answer in answer_requests(self.served, requests)]
+        return [(answer, batch) for answer in answer_columns(self.served, requests)]
 
 
 def _bind_internal_grpc_to_node_ip() -> None:

@@ -91,13 +91,21 @@ def load_served_model(
 
 
 def answer_requests(served: ServedModel, requests: Sequence[Request]) -> list[pd.DataFrame | ValueError]:
-    """Each request's rows (a DataFrame), or the ``ValueError`` that refuses it, from one routed batch."""
+    """Each request's rows (a DataFrame, as the pyfunc returns it), or the ``ValueError`` that refuses it."""
+    task = served.config["task"]
+    return [answer if isinstance(answer, ValueError) else result_frame(answer, task)
+            for answer in answer_columns(served, requests)]
+
+
+def answer_columns(served: ServedModel, requests: Sequence[Request]) -> list[dict[str, list] | ValueError]:
+    """Each request's rows as columns of plain Python values (what a JSON answer holds), or the ``ValueError``
+    that refuses it, from one routed batch."""
     if not requests:
         return []
     batch, spans = merge_requests(requests)
     config = served.config
     if batch.size == 0:
-        return [result_frame(config, [], np.zeros(0, dtype=np.int64), np.zeros(0), r.missing, ()) for r in requests]
+        return [result_columns(config, [], np.zeros(0, dtype=np.int64), np.zeros(0), r.missing, ()) for r in requests]
     missing = {name: torch.from_numpy(rows) for name, rows in batch.missing.items() if rows.any()}
     demoted = None
     with torch.no_grad():
@@ -108,15 +116,15 @@ def answer_requests(served: ServedModel, requests: Sequence[Request]) -> list[pd
                                                   served.budget)
     paths = routed.paths.numpy()
     gflops = served.row_gflops(paths, routed.gate_ran.numpy())
-    answers: list[pd.DataFrame | ValueError] = []
+    answers: list[dict[str, list] | ValueError] = []
     for request, rows in zip(requests, spans, strict=True):
         try:
             per_row = _predicted_rows(config["task"], routed.output[rows], routed.answered[rows])
         except ValueError as error:
             answers.append(error)
             continue
-        answers.append(result_frame(config, per_row, paths[rows], gflops[rows], request.missing,
-                                    routed.errors[rows], None if demoted is None else demoted[rows].numpy()))
+        answers.append(result_columns(config, per_row, paths[rows], gflops[rows], request.missing,
+                                      routed.errors[rows], None if demoted is None else demoted[rows].numpy()))
     return answers
 
 
@@ -129,27 +137,34 @@ def _predicted_rows(task: str, output: torch.Tensor, answered: torch.Tensor) -> 
     return [next(predicted) if row_answered else None for row_answered in answered.tolist()]
 
 
-def result_frame(
+def result_columns(
     config: Mapping[str, Any], predicted: list, paths: np.ndarray, gflops: np.ndarray,
     missing: Mapping[str, np.ndarray], errors: Sequence[str | None], demoted: np.ndarray | None = None,
-) -> pd.DataFrame:
-    """One row per sample, in request order; the columns and dtypes are the same for an empty batch."""
-    paths = paths.astype(np.int64)
-    answered = paths >= 0
+) -> dict[str, list]:
+    """One value per sample in each column, in request order (None where a refused sample has none)."""
+    paths = paths.astype(np.int64).tolist()
     names = list(config["input_shapes"])
     missing_per_row = [",".join(name for name in names if missing[name][row]) for row in range(len(paths))]
-    frame = pd.DataFrame({
-        "prediction": pd.Series(predicted, dtype=PREDICTION_DTYPES.get(config["task"], object)),
-        "path": pd.Series(np.where(answered, paths, 0), dtype="Int64").mask(~answered),
-        "path_name": pd.Series([config["path_names"][p] if p >= 0 else None for p in paths], dtype=object),
-        "gflops": np.asarray(gflops, dtype=np.float64),
-        "degraded": np.asarray([bool(absent) for absent in missing_per_row], dtype=bool),
-        MISSING_MARKER: pd.Series(missing_per_row, dtype=object),
-        "error": pd.Series(list(errors) or [None] * len(paths), dtype=object),
-    })
+    columns = {
+        "prediction": list(predicted),
+        "path": [path if path >= 0 else None for path in paths],
+        "path_name": [config["path_names"][path] if path >= 0 else None for path in paths],
+        "gflops": np.asarray(gflops, dtype=np.float64).tolist(),
+        "degraded": [bool(absent) for absent in missing_per_row],
+        MISSING_MARKER: missing_per_row,
+        "error": list(errors) or [None] * len(paths),
+    }
     if demoted is not None:
-        frame[BUDGET_COLUMN] = np.asarray(demoted, dtype=bool)
-    return frame
+        columns[BUDGET_COLUMN] = np.asarray(demoted, dtype=bool).tolist()
+    return columns
+
+
+def result_frame(columns: Mapping[str, list], task: str) -> pd.DataFrame:
+    """The columns as a DataFrame with the same dtypes whatever the rows (an empty batch too); nullable
+    prediction and path where a refused sample has none."""
+    dtypes = {"prediction": PREDICTION_DTYPES.get(task, object), "path": "Int64", "path_name": object,
+              "gflops": np.float64, "degraded": bool, MISSING_MARKER: object, "error": object, BUDGET_COLUMN: bool}
+    return pd.DataFrame({name: pd.Series(values, dtype=dtypes[name]) for name, values in columns.items()})
 
 
 def refuse_nonfinite_outputs(output: torch.Tensor, rows: torch.Tensor) -> None:
