@@ -43,6 +43,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -72,12 +73,16 @@ class Cell:
     ended: list[float] = field(default_factory=list)
     ok: list[bool] = field(default_factory=list)
     answers: list[tuple[str, int, list[dict]]] = field(default_factory=list)  # batch id, batch rows, rows
+    failures: dict[str, int] = field(default_factory=dict)  # what the failed requests got: status or exception
 
     def counted(self, warmup: float) -> np.ndarray:
         return np.asarray(self.started) >= self.started[0] + warmup if self.started else np.zeros(0, bool)
 
     def summary(self, warmup: float = 1.0) -> dict:
         counted = self.counted(warmup)
+        if not counted.any():
+            raise RuntimeError(f"{self.server} c={self.concurrency}: no request ended after the warm-up "
+                               f"({len(self.ok)} sent; failures {self.failures})")
         ok = np.asarray(self.ok)[counted]
         latency = (np.asarray(self.ended) - np.asarray(self.started))[counted][ok]
         span = max(np.asarray(self.ended)[counted].max() - np.asarray(self.started)[counted].min(), 1e-9)
@@ -85,7 +90,8 @@ class Cell:
                 "requests": int(counted.sum()), "failed": int((~ok).sum()),
                 "rows_per_s": float(ok.sum() * self.rows / span) if self.rows else float(ok.sum() / span),
                 "p50_ms": float(np.percentile(latency, 50) * 1e3) if len(latency) else float("nan"),
-                "p99_ms": float(np.percentile(latency, 99) * 1e3) if len(latency) else float("nan")}
+                "p99_ms": float(np.percentile(latency, 99) * 1e3) if len(latency) else float("nan"),
+                "failures": dict(self.failures)}
 
 
 def digit_bodies(rows: int, count: int, seed: int, random_rows: bool = False) -> list[bytes]:
@@ -131,25 +137,38 @@ async def one_request(session, url: str, body: bytes, cell: Cell, keep_answers: 
                                 headers={"Content-Type": "application/json"}) as response:
             payload = await response.read()
             ok = response.status == 200
+            if not ok:
+                cell.failures[str(response.status)] = cell.failures.get(str(response.status), 0) + 1
             if ok and keep_answers:
                 cell.answers.append((response.headers.get("x-dynmm-batch", ""),
                                      int(response.headers.get("x-dynmm-batch-rows", 0)),
                                      json.loads(payload)["predictions"]))
-    except (TimeoutError, aiohttp.ClientError):
-        ok = False
+    except (TimeoutError, aiohttp.ClientError) as error:
+        cell.failures[type(error).__name__] = cell.failures.get(type(error).__name__, 0) + 1
     cell.started.append(start)
     cell.ended.append(time.perf_counter())
     cell.ok.append(ok)
 
 
 def start_process(command: list[str], environment: dict, log: Path, ready, timeout: float = 300.0):
-    """Start a server in a session of its own; wait until ``ready(line_or_None)`` says it answers."""
-    with open(log, "w") as stderr:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=environment,
-                                   start_new_session=True)
+    """Start a server in a session of its own, its output into ``log`` (read by a thread: a pipe nobody reads
+    fills after ~1,000 access-log lines and stalls the server); wait until ``ready(lines, process)`` says it
+    answers."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment,
+                               start_new_session=True)
+    lines: list[str] = []
+
+    def drain() -> None:
+        with open(log, "w") as sink:
+            for line in process.stdout:
+                lines.append(line.strip())
+                sink.write(line)
+                sink.flush()
+
+    threading.Thread(target=drain, daemon=True).start()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and process.poll() is None:
-        found = ready(process)
+        found = ready(lines, process)
         if found:
             return process, found
         time.sleep(0.2)
@@ -167,15 +186,15 @@ def stop_process(process: subprocess.Popen, interrupt: bool = True) -> None:
             process.wait()
 
 
-def serve_ready(process):
-    line = process.stdout.readline().strip()
-    if line.startswith("serving ") and "Ctrl-C stops it" in line:
-        return line.split(" at ")[1].split("/invocations")[0], line.split(" on Ray at ")[1].split(")")[0]
+def serve_ready(lines: list[str], process):
+    for line in lines:
+        if line.startswith("serving ") and "Ctrl-C stops it" in line:
+            return line.split(" at ")[1].split("/invocations")[0], line.split(" on Ray at ")[1].split(")")[0]
     return None
 
 
 def http_ready(url: str):
-    def ready(process):
+    def ready(lines: list[str], process):
         import urllib.request
 
         try:
@@ -273,9 +292,10 @@ def run_cells(url: str, server: str, args, bodies: dict[int, list[bytes]]) -> li
 
 
 def format_row(row: dict) -> str:
+    failures = f" {row['failures']}" if row.get("failures") else ""
     return (f"{row['server']:<16} c={row['concurrency']:<3} rows={row['rows']:<3} {row['rows_per_s']:>10.0f} rows/s "
             f"p50 {row['p50_ms']:>7.1f} ms  p99 {row['p99_ms']:>7.1f} ms  {row['requests']:>6} requests "
-            f"{row['failed']:>4} failed")
+            f"{row['failed']:>4} failed{failures}")
 
 
 def mlflow_cells(workers: int, environment: dict, workdir: Path, args, bodies) -> list[dict]:
@@ -305,8 +325,11 @@ def fault_run(url: str, serve_pid: int, args, bodies) -> dict:
     asyncio.run(drive(url, bodies[1], cell, args.fault_seconds, 10**9, on_tick=kill_one))
     full, lowest, recovered = recovery(cell, killed["time"])
     failed = int((~np.asarray(cell.ok)).sum())
+    ends = np.asarray(cell.ended)[np.asarray(cell.ok)] - cell.started[0]
+    per_second = np.bincount(ends.astype(int)).tolist()
     return {"requests": len(cell.ok), "failed": failed, "failed_share": failed / max(len(cell.ok), 1),
-            "full_rows_per_s": full, "lowest_rows_per_s": lowest, "recovery_s": recovered, "killed_pid": killed["pid"]}
+            "full_rows_per_s": full, "lowest_rows_per_s": lowest, "recovery_s": recovered, "killed_pid": killed["pid"],
+            "per_second": per_second, "failures": dict(cell.failures)}
 
 
 def budget_runs(plain_url: str, budget_url: str, max_gflops: float, args) -> tuple[dict, dict]:
@@ -395,7 +418,8 @@ def report(results: dict) -> None:
     print(f"\nreplica killed at {KILL_AT_S:.0f} s (pid {fault['killed_pid']}) under c=32, 1-row requests: "
           f"{fault['failed']} of {fault['requests']} failed ({fault['failed_share']:.2%}); full "
           f"{fault['full_rows_per_s']:.0f} rows/s, lowest 1 s window {fault['lowest_rows_per_s']:.0f}, recovered "
-          f"after {fault['recovery_s']:.2f} s")
+          f"after {fault['recovery_s']:.2f} s; failures {fault['failures']}\n  rows answered per second from the "
+          f"start: {fault['per_second']}")
     print(f"budget X = {results['max_gflops']:.6g} GFLOPs per sample (paths {results['path_gflops']}): "
           f"{held['over']} of {held['complete']} batches over X with --max-gflops-per-sample "
           f"(mean {held['mean_batch_rows']:.1f} rows per batch, {held['demoted_rows']} rows sent to a cheaper path, "

@@ -5,6 +5,7 @@ of ``mlflow models serve``; the settings ``dynmm serve`` checks before it starts
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -194,3 +195,26 @@ def test_on_a_cluster_the_job_runs_the_same_serve_command_without_the_address():
     assert "--address" not in command and command[command.index("--replicas") + 1] == "auto"
     assert command[command.index("--max-gflops-per-sample") + 1] == "0.5"
     assert np.all([flag in command for flag in ("--port", "--host", "--max-batch-size", "--batch-wait-ms")])
+
+
+def test_a_pipeline_checkpoint_is_served_with_its_datasets_input_transform(tmp_path, monkeypatch):
+    from served_digits import half_confident_digits_model
+
+    from dynmm.cli.serve import checkpoint_files
+    from dynmm.data.digits import PIXEL_MAX
+    from dynmm.train.checkpoints import save_state
+
+    monkeypatch.setenv("DYNMM_HOME", str(tmp_path / "home"))
+    model = half_confident_digits_model()
+    save_state(tmp_path, {"model": model.state_dict()})
+    pipeline = str(Path(__file__).parents[2] / "pipelines" / "digits.yaml")
+    files = checkpoint_files(pipeline, str(tmp_path), [])
+    assert files.config["input_transforms"]["top"]["scale"] == 1 / PIXEL_MAX
+    served = load_served_model(files.config, files.weights)
+    raw = raw_digits(slice(0, 32))
+    request = read_request(raw, files.config["input_shapes"], files.config["input_transforms"])
+    answer = answer_requests(served, [request])[0]
+    with torch.no_grad():
+        expected = model({name: torch.from_numpy(pixels / PIXEL_MAX) for name, pixels in raw.items()})
+    assert answer["path"].tolist() == expected.paths.tolist()
+    assert answer["prediction"].tolist() == expected.output.argmax(dim=1).tolist()

@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -64,6 +65,8 @@ def start_serving(arguments: list[str], environment: dict, log: Path, timeout: f
         line = process.stdout.readline().strip()
         if READY.match(line):
             match = READY.match(line)
+            # keep reading: a pipe nobody reads fills up and stalls the writer
+            threading.Thread(target=process.stdout.read, daemon=True).start()
             return Served(process, match["url"], match["ray"], log)
     stop(process)
     pytest.fail(f"dynmm serve did not come up (exit {process.returncode}): {line}\n{log.read_text()[-3000:]}")
