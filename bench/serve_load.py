@@ -8,15 +8,18 @@ them, ``dataframe_split``), in the same order, from one bounded load generator i
 cell stops at ``--seconds`` or ``--requests``, whichever comes first, after a 1 s warm-up it does not count).
 
 Definitions, fixed before any run:
-- servers: ``dynmm serve --replicas 2`` (its defaults otherwise: batches of up to 32 requests, 0.25 CPU
-  reserved per replica, one torch thread each); ``mlflow models serve --env-manager local`` with ``--workers 1``
-  and with ``--workers 2``, one torch thread per worker (``OMP_NUM_THREADS=1``, as the Serve replicas run).
+- servers: ``dynmm serve --replicas 2`` (its defaults otherwise: batches of up to 32 requests gathered for up
+  to 2 ms, 0.25 CPU reserved per replica, one torch thread each); ``mlflow models serve --env-manager local``
+  with ``--workers 1`` and with ``--workers 2``, one torch thread per worker (``OMP_NUM_THREADS=1``, as the
+  Serve replicas run).
   The baseline of a cell is the mlflow setting with the higher throughput there (the strongest of the two).
 - throughput: rows answered per second (requests x rows per request), successful requests only; latency: per
   request, p50 and p99; failed: any non-200 answer or connection error.
 - ``throughput_vs_mlflow_c32``: at concurrency 32, Serve's throughput / the baseline's, the smaller of the two
   request sizes (1 and 16 rows); ``p99_vs_mlflow_c32``: Serve's p99 / the baseline's, the larger of the two.
 - ``failed_no_fault``: failed requests over every Serve cell without a fault.
+- for reference (no headline): each server's ``GET /ping`` at concurrency 32, requests per second (printed as
+  rows/s with rows=0): what its HTTP path alone costs, without the model.
 - fault: concurrency 32, 1-row requests for ``--fault-seconds``; at 5 s the replica process with the lowest pid
   is SIGKILLed. ``failed_share_replica_kill`` = failed / all requests of that run. Full throughput = the median
   of the 1 s windows of [1 s, 5 s); ``recovery_s`` = from the kill to the first moment after which every 1 s
@@ -109,7 +112,8 @@ def digit_bodies(rows: int, count: int, seed: int, random_rows: bool = False) ->
 
 async def drive(url: str, bodies: list[bytes], cell: Cell, seconds: float, max_requests: int,
                 keep_answers: bool = False, on_tick=None) -> Cell:
-    """``cell.concurrency`` clients sending ``bodies`` in turn until ``seconds`` or ``max_requests``."""
+    """``cell.concurrency`` clients sending ``bodies`` in turn until ``seconds`` or ``max_requests`` (no bodies:
+    ``GET /ping``, what the server's HTTP path costs without the model)."""
     deadline = time.perf_counter() + seconds
     sent = 0
     connector = aiohttp.TCPConnector(limit=cell.concurrency, force_close=False)
@@ -118,7 +122,7 @@ async def drive(url: str, bodies: list[bytes], cell: Cell, seconds: float, max_r
         async def client() -> None:
             nonlocal sent
             while time.perf_counter() < deadline and sent < max_requests:
-                body = bodies[sent % len(bodies)]
+                body = bodies[sent % len(bodies)] if bodies else None
                 sent += 1
                 await one_request(session, url, body, cell, keep_answers)
 
@@ -132,9 +136,10 @@ async def drive(url: str, bodies: list[bytes], cell: Cell, seconds: float, max_r
 async def one_request(session, url: str, body: bytes, cell: Cell, keep_answers: bool) -> None:
     start = time.perf_counter()
     ok = False
+    request = session.get(f"{url}/ping") if body is None else session.post(
+        f"{url}/invocations", data=body, headers={"Content-Type": "application/json"})
     try:
-        async with session.post(f"{url}/invocations", data=body,
-                                headers={"Content-Type": "application/json"}) as response:
+        async with request as response:
             payload = await response.read()
             ok = response.status == 200
             if not ok:
@@ -281,7 +286,10 @@ def budget_report(cell: Cell, max_gflops: float) -> dict:
 
 
 def run_cells(url: str, server: str, args, bodies: dict[int, list[bytes]]) -> list[dict]:
-    rows = []
+    ping = Cell(f"{server} ping", 32, 0)
+    asyncio.run(drive(url, [], ping, args.seconds + 1.0, args.requests))
+    rows = [{**ping.summary(), "rows": 0}]
+    print(format_row(rows[-1]), flush=True)
     for concurrency in CONCURRENCY:
         for size in ROWS:
             cell = Cell(server, concurrency, size)

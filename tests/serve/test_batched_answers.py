@@ -165,6 +165,7 @@ def test_replicas_auto_is_serves_autoscaling_between_one_and_one_per_cpu():
     assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (1, 2, 16)
     assert auto._deployment_config.max_ongoing_requests == 32, "room for the next batch while one runs"
     assert auto.ray_actor_options["num_cpus"] == 0.25
+    assert auto._deployment_config.health_check_period_s == 2.0, "a killed replica is noticed within 2 s"
 
 
 @pytest.mark.parametrize(("arguments", "message"), [

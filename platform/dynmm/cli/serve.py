@@ -1,5 +1,5 @@
 """``dynmm serve models:/NAME@ALIAS | NAME --version N | PIPELINE.yaml --checkpoint DIR [--port 8000] [--host
-127.0.0.1] [--replicas N|auto] [--max-batch-size 32] [--batch-wait-ms 5] [--max-gflops-per-sample X]
+127.0.0.1] [--replicas N|auto] [--max-batch-size 32] [--batch-wait-ms 2] [--max-gflops-per-sample X]
 [--route-prefix /] [--address URL]``: a registered model (or a pipeline's checkpoint) on Ray Serve, with the
 request and response of ``mlflow models serve``; Ctrl-C stops it. With ``--address`` the same command runs on
 the cluster as a Ray job (``dynmm jobs stop`` ends it)."""
@@ -35,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--replicas", type=_replicas, default=1, help="replicas of the model: N, or auto (Serve's "
                                                                       "autoscaling, up to one per CPU)")
     parser.add_argument("--max-batch-size", type=int, default=32, help="requests gathered into one batch at most")
-    parser.add_argument("--batch-wait-ms", type=float, default=5.0,
+    parser.add_argument("--batch-wait-ms", type=float, default=2.0,
                         help="how long a batch waits for more requests after its first")
     parser.add_argument("--max-gflops-per-sample", type=float, default=None,
                         help="strict budget: every batch's mean GFLOPs per sample at or under X (the gate ranks who "

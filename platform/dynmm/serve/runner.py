@@ -17,12 +17,21 @@ import ray
 from ray import serve
 
 from dynmm.cluster.auth import find_token
+from dynmm.envvars import temporary_environment
 from dynmm.errors import UserError
 from dynmm.runtime import connect_ray
 from dynmm.serve.app import ServeSettings, build_application
 from dynmm.serve.source import ModelFiles
 
 QUIET = {"log_level": "WARNING"}
+# Ray Serve's throughput settings (what RAY_SERVE_THROUGHPUT_OPTIMIZED turns on, less direct ingress, which gives
+# each replica its own port): user code and the proxy's router on their processes' main event loops instead of a
+# thread each, request logs buffered. Every Serve process reads them at start; a value the user set wins.
+SERVE_THROUGHPUT_ENVIRONMENT = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
+}
 
 
 def serve_model(files: ModelFiles, settings: ServeSettings, on_ready: Callable[[str, str], None],
@@ -35,7 +44,9 @@ def serve_model(files: ModelFiles, settings: ServeSettings, on_ready: Callable[[
         _use_cluster_token()
     else:
         check_port_free(settings.host, settings.port)
-    connect_ray(None, verbose=verbose)
+    with temporary_environment({name: os.environ.get(name, value) for name, value in
+                                SERVE_THROUGHPUT_ENVIRONMENT.items()}):
+        connect_ray(None, verbose=verbose)
     # `dynmm jobs stop`, `kill`: the same clean stop as Ctrl-C (set after Ray's start, which installs its own)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
