@@ -19,7 +19,9 @@ Definitions, fixed before any run:
   request sizes (1 and 16 rows); ``p99_vs_mlflow_c32``: Serve's p99 / the baseline's, the larger of the two.
 - ``failed_no_fault``: failed requests over every Serve cell without a fault.
 - for reference (no headline): each server's ``GET /ping`` at concurrency 32, requests per second (printed as
-  rows/s with rows=0): what its HTTP path alone costs, without the model.
+  rows/s with rows=0): what its HTTP path alone costs, without the model; and, in this process, the ms per
+  request of ``dynmm serve``'s own work (read the body, answer it within a batch of 32, write the answer)
+  beside mlflow's own request handler (``scoring_server.invocations``) on the same body.
 - fault: concurrency 32, 1-row requests for ``--fault-seconds``; at 5 s the replica process with the lowest pid
   is SIGKILLed. ``failed_share_replica_kill`` = failed / all requests of that run. Full throughput = the median
   of the 1 s windows of [1 s, 5 s); ``recovery_s`` = from the kill to the first moment after which every 1 s
@@ -405,7 +407,54 @@ def measure(workdir: Path, environment: dict, args) -> dict:
     finally:
         stop_process(serve)
     return {"mlflow": mlflow_rows, "serve": serve_rows, "fault": fault, "budget": held, "no_budget": free,
-            "max_gflops": max_gflops, "path_gflops": costs}
+            "max_gflops": max_gflops, "path_gflops": costs,
+            "in_process": in_process_costs(environment["MLFLOW_TRACKING_URI"], bodies)}
+
+
+def in_process_costs(tracking_uri: str, bodies: dict[int, list[bytes]], repeats: int = 200) -> dict[int, tuple]:
+    """ms per request, in this process, one torch thread: dynmm serve's read + batched answer + write, and
+    mlflow's scoring-server handler, for each request size."""
+    import mlflow
+    import torch
+
+    from dynmm.serve.protocol import input_schema
+    from dynmm.serve.source import registered_model_files
+    from dynmm.track.answers import load_served_model
+
+    torch.set_num_threads(1)
+    files = registered_model_files(f"models:/{NAME}@{ALIAS}", tracking_uri)
+    served, schema = load_served_model(files.config, files.weights), input_schema(files.config)
+    mlflow.set_tracking_uri(tracking_uri)
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{NAME}@{ALIAS}")
+
+    costs = {}
+    for size in ROWS:
+        costs[size] = _per_request_ms(bodies[size][0], files.config, schema, served, pyfunc, repeats)
+    return costs
+
+
+def _per_request_ms(body: bytes, config: dict, schema, served, pyfunc, repeats: int) -> tuple[float, float]:
+    """(read + answer within a batch of 32 + write, mlflow's handler), ms per request."""
+    from mlflow.pyfunc.scoring_server import invocations
+
+    from dynmm.serve.protocol import answer_json, read_invocation
+    from dynmm.track.answers import answer_columns
+
+    request = read_invocation(body, "application/json", config, schema)
+    columns = answer_columns(served, [request])[0]
+    ours = (_ms(lambda: read_invocation(body, "application/json", config, schema), repeats)
+            + _ms(lambda: answer_columns(served, [request] * 32), repeats // 8) / 32
+            + _ms(lambda: answer_json(columns), repeats))
+    theirs = _ms(lambda: invocations(body, "application/json", pyfunc, pyfunc.metadata.get_input_schema()), repeats)
+    return ours, theirs
+
+
+def _ms(function, repeats: int) -> float:
+    function()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        function()
+    return (time.perf_counter() - start) * 1e3 / repeats
 
 
 def budget_bound(tracking_uri: str) -> tuple[float, list[float]]:
@@ -422,6 +471,9 @@ def report(results: dict) -> None:
         print(format_row(row))
     ratio, p99, notes = headline(results["serve"], results["mlflow"])
     print("\n" + "\n".join(notes))
+    for size, (ours, theirs) in results["in_process"].items():
+        print(f"in-process, {size} row(s) per request: dynmm serve's own work {ours:.2f} ms per request (in a batch "
+              f"of 32), mlflow's handler {theirs:.2f} ms")
     fault, held, free = results["fault"], results["budget"], results["no_budget"]
     print(f"\nreplica killed at {KILL_AT_S:.0f} s (pid {fault['killed_pid']}) under c=32, 1-row requests: "
           f"{fault['failed']} of {fault['requests']} failed ({fault['failed_share']:.2%}); full "
