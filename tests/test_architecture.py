@@ -21,6 +21,7 @@ FORBIDDEN = {
     "tune": {"dynmm.cluster", "dynmm.cli"},
     "track": {"ray", "dynmm.tune", "dynmm.train", "dynmm.cluster", "dynmm.cli"},
     "cluster": {"dynmm.train", "dynmm.tune", "dynmm.cli"},
+    "serve": {"dynmm.train", "dynmm.tune", "dynmm.cli"},
     "runtime": {"dynmm.train", "dynmm.tune", "dynmm.cluster", "dynmm.track"},
 }
 MAX_MODULE_LINES = 400

@@ -9,7 +9,6 @@ process below it (from /proc, as ``ss -ltnp`` does).
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import shutil
@@ -23,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from listening_sockets import ListeningSocket, listening_sockets_of_tree
 
 pytestmark = [
     pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="lists sockets from Linux /proc"),
@@ -65,20 +66,6 @@ ray.shutdown()
 
 
 @dataclass(frozen=True)
-class ListeningSocket:
-    pid: int
-    command: str
-    host: str
-    port: int
-
-    @property
-    def on_loopback(self) -> bool:
-        address = ipaddress.ip_address(self.host)
-        mapped = getattr(address, "ipv4_mapped", None)
-        return (mapped or address).is_loopback
-
-
-@dataclass(frozen=True)
 class PlatformRun:
     driver_pid: int
     returncode: int
@@ -88,56 +75,6 @@ class PlatformRun:
     sockets: frozenset[ListeningSocket]
     foreign_gcs_address: str
     foreign_session_dir: str
-
-
-def _listening_socket_inodes() -> dict[int, tuple[str, int]]:
-    """inode -> (host, port) of every listening TCP socket on the machine, from /proc/net/tcp{,6}."""
-    listening = {}
-    for table, version in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 6)):
-        if not Path(table).exists():
-            continue
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] != TCP_LISTEN:
-                continue
-            host_hex, port_hex = fields[1].split(":")
-            raw = bytes.fromhex(host_hex)
-            # the kernel prints each 32-bit word of the address in host (little-endian) order
-            words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
-            host = ipaddress.IPv4Address(words) if version == 4 else ipaddress.IPv6Address(words)
-            listening[int(fields[9])] = (str(host), int(port_hex, 16))
-    return listening
-
-
-def _process_tree(root_pid: int) -> list[int]:
-    pids = [root_pid]
-    for pid in pids:
-        for task in Path(f"/proc/{pid}/task").glob("*"):
-            try:
-                pids.extend(int(child) for child in (task / "children").read_text().split())
-            except OSError:
-                continue
-    return pids
-
-
-def _listening_sockets_of_tree(root_pid: int) -> set[ListeningSocket]:
-    listening = _listening_socket_inodes()
-    found = set()
-    for pid in _process_tree(root_pid):
-        try:
-            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:300]
-            descriptors = list(Path(f"/proc/{pid}/fd").iterdir())
-        except OSError:
-            continue
-        for descriptor in descriptors:
-            try:
-                target = os.readlink(descriptor)
-            except OSError:
-                continue
-            inode = int(target[len("socket:[") : -1]) if target.startswith("socket:[") else None
-            if inode in listening:
-                found.add(ListeningSocket(pid, command, *listening[inode]))
-    return found
 
 
 def _free_port() -> int:
@@ -196,7 +133,7 @@ def platform_run_beside_foreign_cluster():
     try:
         deadline = time.monotonic() + 180
         while platform.poll() is None and time.monotonic() < deadline:
-            sockets |= _listening_sockets_of_tree(platform.pid)
+            sockets |= listening_sockets_of_tree(platform.pid)
             time.sleep(0.25)
         if platform.poll() is None:
             _stop_process_group(platform)

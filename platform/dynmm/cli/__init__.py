@@ -18,11 +18,11 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dynmm.cli import data, evaluate, jobs, models, profile, submit, train, tune
+    from dynmm.cli import data, evaluate, jobs, models, profile, serve, submit, train, tune
 
     parser = argparse.ArgumentParser(prog="dynmm", description="Train, tune and register DynMM models.")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for module in (train, tune, data, models, submit, jobs, evaluate, profile):
+    for module in (train, tune, data, models, submit, jobs, evaluate, profile, serve):
         module.register(subparsers)
     return parser
 

@@ -1,7 +1,9 @@
 """``dynmm evaluate PIPELINE.yaml --checkpoint DIR [--noise rgb|depth|either --noise-scale S --runs 10]
-[--drop-modality NAME[:RATE]]``: a static baseline and the DynMM model side by side on a split, optionally
-under the robustness protocol of DYNMM.md (seeded noise runs, mean and std of the quality metric) or with a
-modality missing from a seeded share of the samples (then the cheap expert too, and each one's coverage)."""
+[--drop-modality NAME[:RATE]] [--max-gflops-per-sample X]``: a static baseline and the DynMM model side by side on a
+split, optionally under the robustness protocol of DYNMM.md (seeded noise runs, mean and std of the quality metric)
+or with a modality missing from a seeded share of the samples (then the cheap expert too, and each one's coverage);
+or, with ``--max-gflops-per-sample``, the model held to X per batch against the front model ``dynmm models pick
+--max-gflops X`` chooses and random routing at X."""
 
 from __future__ import annotations
 
@@ -35,6 +37,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=None, help="default: the pipeline's eval_batch_size")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    parser.add_argument("--max-gflops-per-sample", type=float, default=None, metavar="X",
+                        help="the strict budget of dynmm serve: quality with every batch's mean GFLOPs per sample at "
+                             "or under X, against the front pick for X and random routing at X")
+    parser.add_argument("--registered-model", default=None,
+                        help="--max-gflops-per-sample: the registered front to pick from (default <pipeline>-dynmm)")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="--max-gflops-per-sample: MLflow store of the registry (default: the pipeline's)")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     parser.set_defaults(handler=run)
 
@@ -43,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
     from dynmm.train.evaluate import Noise, evaluate_checkpoints
 
     spec = load_pipeline(args.pipeline, args.overrides)
+    if args.max_gflops_per_sample is not None:
+        return run_budget(args, spec)
     noise = Noise(args.noise, args.noise_scale, args.noise_probability) if args.noise else None
     drop = parse_drop_modality(args.drop_modality) if args.drop_modality else None
     report = evaluate_checkpoints(
@@ -51,6 +62,56 @@ def run(args: argparse.Namespace) -> int:
     )
     print(json.dumps(report_as_dict(report)) if args.json else format_report(report))
     return 0
+
+
+def run_budget(args: argparse.Namespace, spec) -> int:
+    from dynmm.train.budget_evaluation import compare_under_budget
+    from dynmm.tune.random_routing import curve_quality, random_routing_curve
+
+    picked, no_pick = front_pick(args, spec)
+    comparison = compare_under_budget(spec, args.checkpoint, args.max_gflops_per_sample, picked, args.split,
+                                      args.batch_size)
+    random_quality = curve_quality(random_routing_curve(comparison.expert_points), args.max_gflops_per_sample)
+    if args.json:
+        print(json.dumps({**{key: value for key, value in vars(comparison).items() if key not in ("rows",)},
+                          "rows": [vars(row) for row in comparison.rows], "random_routing_quality": random_quality,
+                          "front_pick": None if picked is None else picked.label, "no_front_pick": no_pick}))
+    else:
+        print(format_budget_report(comparison, random_quality, no_pick))
+    return 0
+
+
+def front_pick(args: argparse.Namespace, spec):
+    """The model ``dynmm models pick NAME --max-gflops X`` chooses, or None and why there is none."""
+    from dynmm.serve.source import registered_model_files
+    from dynmm.track import registry
+    from dynmm.track.answers import load_served_model
+    from dynmm.track.store import resolve_tracking_uri
+    from dynmm.train.budget_evaluation import PickedModel
+
+    uri = resolve_tracking_uri(args.tracking_uri or spec.tracking.uri)
+    name = args.registered_model or registry.registered_name(spec.name)
+    try:
+        version = registry.pick(registry.list_versions(uri, name), max_gflops=args.max_gflops_per_sample)
+    except UserError as error:
+        return None, str(error)
+    files = registered_model_files(version.uri, uri)
+    return PickedModel(f"version {version.version}", load_served_model(files.config, files.weights).model), None
+
+
+def format_budget_report(comparison, random_quality: float | None, no_pick: str | None) -> str:
+    quality, bound = comparison.quality_metric, comparison.max_gflops_per_sample
+    lines = [f"split {comparison.split}, budget {bound:g} GFLOPs per sample, batches of {comparison.batch_size}",
+             f"{'model':<28} {quality:>10} {'GFLOPs':>10} {'max batch':>10} {'batches over':>13} {'moved':>7}"]
+    for row in comparison.rows:
+        over = f"{row.batches_over}/{row.batches}"
+        lines.append(f"{row.name:<28} {row.quality:>10.4f} {row.gflops_per_sample:>10.4g} "
+                     f"{row.max_batch_gflops:>10.4g} {over:>13} {row.demoted_share:>7.1%}")
+    random_text = "-" if random_quality is None else f"{random_quality:.4f}"
+    lines.append(f"{'random routing at the budget':<28} {random_text:>10} {bound:>10.4g}")
+    if no_pick:
+        lines.append(f"no front pick: {no_pick}")
+    return "\n".join(lines)
 
 
 def parse_drop_modality(text: str):

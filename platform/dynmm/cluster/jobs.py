@@ -78,17 +78,29 @@ def prepare_submission(
             f"{pipeline}: the pipeline must lie inside the working directory {working_dir}, which is what the "
             "job uploads; run dynmm submit from a folder that contains it"
         )
-    runtime_env = job_runtime_env(working_dir, tracking_uri, builder_files(spec.model.name, spec.source_dir))
-    size = check_upload_size(working_dir, runtime_env["excludes"])
-    size += check_upload_size(dynmm_package_dir(), runtime_env["excludes"])
     command = ["dynmm", kind, pipeline.relative_to(working_dir).as_posix()]
     for override in overrides:
         command += ["--set", override]
+    return prepare_command_submission(command, kind, spec.name, working_dir, tracking_uri,
+                                      {"dynmm_pipeline": spec.name}, builder_files(spec.model.name, spec.source_dir))
+
+
+def prepare_command_submission(
+    command: list[str], kind: str, name: str, working_dir: str | Path | None = None, tracking_uri: str | None = None,
+    metadata: dict[str, str] | None = None, builder: Iterable = (),
+) -> Submission:
+    """A ``dynmm`` command (``dynmm serve ...`` too) as a job: the working directory and this ``dynmm`` package
+    uploaded (sizes checked first), ``MLFLOW_TRACKING_URI`` set where given, a pipeline's own builder shipped
+    (``builder``: ``builder_files``); ``name`` goes into the job id."""
+    working_dir = Path(working_dir or Path.cwd()).resolve()
+    runtime_env = job_runtime_env(working_dir, tracking_uri, builder)
+    size = check_upload_size(working_dir, runtime_env["excludes"])
+    size += check_upload_size(dynmm_package_dir(), runtime_env["excludes"])
     return Submission(
-        submission_id=submission_id(spec.name, kind),
+        submission_id=submission_id(name, kind),
         entrypoint=shlex.join(command),
         runtime_env=runtime_env,
-        metadata={"dynmm_pipeline": spec.name, "dynmm_kind": kind},
+        metadata={**(metadata or {}), "dynmm_kind": kind},
         upload_bytes=size,
     )
 

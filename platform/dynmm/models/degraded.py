@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from dynmm.models.dynmm import ModalityDynMM, run_routed
+from dynmm.models.gates import gate_decision
 
 
 @dataclass
@@ -93,57 +94,133 @@ def route_with_missing(
     exactly as ``model(inputs, mode="routed")``. ``force_path``: every sample takes that path (a static
     baseline), and one that misses what the path reads is refused.
     """
+    if force_path is None and isinstance(model, ModalityDynMM):
+        return run_plan(model, inputs, plan_routes(model, inputs, missing, fallback))
     reference = next(iter(inputs.values()))
     batch_size = reference.shape[0]
-    patterns = _missing_patterns(missing, batch_size, reference.device)
     reads = path_modalities(model)
     names = getattr(model, "expert_names", None) or [f"path{path}" for path in range(model.num_paths)]
+    candidates = range(len(reads)) if force_path is None else [force_path]
     paths = torch.full((batch_size,), -1, dtype=torch.long, device=reference.device)
-    gate_ran = torch.zeros(batch_size, dtype=torch.bool, device=reference.device)
     errors: list[str | None] = [None] * batch_size
     output: Tensor | None = None
-    for pattern, rows in patterns.items():
-        allowed = allowed_paths(reads, pattern)
-        candidates = range(len(reads)) if force_path is None else [force_path]
-        allowed = [path for path in allowed if path in candidates]
-        if not allowed:
+    for pattern, rows in missing_patterns(missing, batch_size, reference.device).items():
+        if not [path for path in allowed_paths(reads, pattern) if path in candidates]:
             message = refusal_message(pattern, [reads[path] for path in candidates], [names[p] for p in candidates])
             for row in rows.tolist():
                 errors[row] = message
             continue
-        group = {name: values.index_select(0, rows) for name, values in inputs.items()}
-        group_output, group_paths, group_gate_ran = _route_group(model, group, pattern, allowed, fallback, force_path)
+        result = model({name: values.index_select(0, rows) for name, values in inputs.items()}, mode="routed",
+                       force_path=force_path)
         if output is None:
-            output = group_output.new_zeros((batch_size, *group_output.shape[1:]))
-        output = output.index_copy(0, rows, group_output)
-        paths = paths.index_copy(0, rows, group_paths)
-        gate_ran = gate_ran.index_copy(0, rows, torch.full_like(group_paths, group_gate_ran, dtype=torch.bool))
-    if output is None:  # every sample refused: nothing ran, there is no output shape to copy
-        output = reference.new_zeros((batch_size, 0))
-    return MissingAwareOutput(output, paths, gate_ran, tuple(errors))
+            output = result.output.new_zeros((batch_size, *result.output.shape[1:]))
+        output = output.index_copy(0, rows, result.output)
+        paths = paths.index_copy(0, rows, result.paths)
+    gate_ran = (paths >= 0) & (force_path is None)
+    return MissingAwareOutput(_zeros_if_none(output, reference), paths, gate_ran, tuple(errors))
 
 
-def _route_group(
-    model, group: dict[str, Tensor], missing: frozenset[str], allowed: list[int], fallback: Sequence[int],
-    force_path: int | None,
-) -> tuple[Tensor, Tensor, bool]:
-    """Output, paths and whether the gate decided, for samples that all miss the same modalities."""
+@dataclass
+class PlanGroup:
+    """Samples that miss the same modalities: their rows, and the outputs of the experts the gate already ran
+    on them (a confidence gate's expert), by path."""
+
+    rows: Tensor
+    computed: dict[int, Tensor]
+
+
+@dataclass
+class RoutePlan:
+    """Where each sample of a modality-level batch goes, decided before any expert runs (so that a strict
+    compute budget, ``dynmm.models.budget``, can still move samples).
+
+    ``paths`` (B,) is the path per sample, -1 where refused; ``gate_ran`` (B,) whether the gate chose it;
+    ``preference`` (B, P) the gate's logits over the paths the sample may take, -inf over the others (where the
+    gate did not decide: 0 on its one fallback path; refused: -inf everywhere); ``errors`` why a sample is
+    refused, else None."""
+
+    paths: Tensor
+    gate_ran: Tensor
+    preference: Tensor
+    errors: list[str | None]
+    groups: list[PlanGroup]
+
+
+def plan_routes(
+    model: ModalityDynMM, inputs: Mapping[str, Tensor], missing: Mapping[str, Tensor], fallback: Sequence[int],
+) -> RoutePlan:
+    """Run the gate once per group of samples that miss the same modalities and decide their paths: an intact
+    group as ``model(inputs, mode="routed")`` decides, a group the gate can read by its logits over the allowed
+    paths, a group it cannot read on the first allowed ``fallback`` path; a sample no path can serve is refused."""
+    reference = next(iter(inputs.values()))
+    batch_size, device = reference.shape[0], reference.device
+    reads = path_modalities(model)
+    plan = RoutePlan(torch.full((batch_size,), -1, dtype=torch.long, device=device),
+                     torch.zeros(batch_size, dtype=torch.bool, device=device),
+                     torch.full((batch_size, model.num_paths), float("-inf"), device=device), [None] * batch_size, [])
+    for pattern, rows in missing_patterns(missing, batch_size, device).items():
+        allowed = allowed_paths(reads, pattern)
+        if not allowed:
+            message = refusal_message(pattern, reads, model.expert_names)
+            for row in rows.tolist():
+                plan.errors[row] = message
+            continue
+        group = {name: values.index_select(0, rows) for name, values in inputs.items()}
+        preference, paths, computed = _group_decision(model, group, pattern, allowed, fallback)
+        plan.preference[rows] = preference.to(plan.preference.dtype)
+        plan.paths[rows] = paths
+        plan.gate_ran[rows] = gate_modalities(model).isdisjoint(pattern)
+        plan.groups.append(PlanGroup(rows, computed))
+    return plan
+
+
+def _group_decision(
+    model: ModalityDynMM, group: dict[str, Tensor], missing: frozenset[str], allowed: list[int],
+    fallback: Sequence[int],
+) -> tuple[Tensor, Tensor, dict[int, Tensor]]:
+    """Preference (G, P), paths and the gate's expert outputs for samples that all miss ``missing``."""
     size = next(iter(group.values())).shape[0]
-    if force_path is not None or not missing:
-        result = model(group, mode="routed", force_path=force_path)
-        return result.output, result.paths, force_path is None
+    allowed_mask = torch.zeros(model.num_paths, dtype=torch.bool)
+    allowed_mask[allowed] = True
     if gate_modalities(model).isdisjoint(missing):
-        logits, computed = _gate_logits(model, group)
-        allowed_mask = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-        allowed_mask[allowed] = True
-        paths = logits.masked_fill(~allowed_mask, float("-inf")).argmax(dim=-1)
-        return run_routed(model.experts, group, paths, computed), paths, True
+        logits, computed = gate_logits(model, group)
+        preference = logits.masked_fill(~allowed_mask.to(logits.device), float("-inf"))
+        # intact: the decision of routed inference itself (the hard gate's argmax)
+        paths = gate_decision(logits, hard=True).argmax(dim=-1) if not missing else preference.argmax(dim=-1)
+        return preference, paths, computed
     path = next(path for path in fallback if path in allowed)
-    paths = torch.full((size,), path, dtype=torch.long, device=next(iter(group.values())).device)
-    return run_routed(model.experts, group, paths), paths, False
+    device = next(iter(group.values())).device
+    preference = torch.full((size, model.num_paths), float("-inf"), device=device)
+    preference[:, path] = 0.0
+    return preference, torch.full((size,), path, dtype=torch.long, device=device), {}
 
 
-def _gate_logits(model: ModalityDynMM, group: Mapping[str, Tensor]) -> tuple[Tensor, dict[int, Tensor]]:
+def run_plan(model: ModalityDynMM, inputs: Mapping[str, Tensor], plan: RoutePlan) -> MissingAwareOutput:
+    """Each group's chosen experts, each once on only the rows routed to it (refused rows run nothing)."""
+    reference = next(iter(inputs.values()))
+    output: Tensor | None = None
+    for group in plan.groups:
+        paths = plan.paths[group.rows]
+        answered = paths >= 0
+        if not answered.any():
+            continue
+        rows = group.rows[answered]
+        selected = {name: values.index_select(0, rows) for name, values in inputs.items()}
+        computed = {path: values[answered] for path, values in group.computed.items()}
+        group_output = run_routed(model.experts, selected, paths[answered], computed)
+        if output is None:
+            output = group_output.new_zeros((reference.shape[0], *group_output.shape[1:]))
+        output = output.index_copy(0, rows, group_output)
+    return MissingAwareOutput(_zeros_if_none(output, reference), plan.paths, plan.gate_ran & (plan.paths >= 0),
+                              tuple(plan.errors))
+
+
+def _zeros_if_none(output: Tensor | None, reference: Tensor) -> Tensor:
+    """Every sample refused: nothing ran, there is no output shape to copy."""
+    return reference.new_zeros((reference.shape[0], 0)) if output is None else output
+
+
+def gate_logits(model: ModalityDynMM, group: Mapping[str, Tensor]) -> tuple[Tensor, dict[int, Tensor]]:
     """The gate's logits, and the output of the expert a confidence gate runs to decide (shared, as in
     routed inference)."""
     if model.gate_expert is None:
@@ -152,7 +229,7 @@ def _gate_logits(model: ModalityDynMM, group: Mapping[str, Tensor]) -> tuple[Ten
     return logits, {model.gate_expert: expert_output}
 
 
-def _missing_patterns(missing: Mapping[str, Tensor], batch_size: int, device) -> dict[frozenset[str], Tensor]:
+def missing_patterns(missing: Mapping[str, Tensor], batch_size: int, device) -> dict[frozenset[str], Tensor]:
     """Sample rows grouped by the set of modalities they miss (the intact group under the empty set)."""
     names = sorted(missing)
     if not names:

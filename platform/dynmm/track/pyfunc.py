@@ -27,7 +27,9 @@ Inputs are values as the dataset's source provides them (digits: pixels 0..16): 
 transforms (``DatasetMeta.input_transforms``, e.g. pixel / 16) travel in the model's config and are applied
 here before routing, so serving and training read the same numbers. NaN, inf and values outside a source's
 known range refuse the whole request, naming the modality and the sample (a model would otherwise route
-and predict on them silently); an empty batch gives an empty result.
+and predict on them silently); an empty batch gives an empty result. Reading a request is
+``dynmm.track.requests``' and answering it ``dynmm.track.answers``': ``dynmm serve`` reads and answers through the
+same two modules, so a client sees the same rows from either server.
 """
 
 from __future__ import annotations
@@ -53,9 +55,6 @@ from dynmm.track.requests import MISSING_MARKER, per_feature, read_request, sour
 
 WEIGHTS = "weights"
 CONFIG = "config"
-# nullable dtypes: a refused sample has no prediction and no path (else: per-row lists, None when refused)
-PREDICTION_DTYPES = {"multiclass": "Int64", "binary": "Int64", "regression": "Float64"}
-COLUMNS = ("prediction", "path", "path_name", "gflops", "degraded", MISSING_MARKER, "error")
 
 
 # MLflow warns, at class creation, that ``predict`` has no type hints (inside its own warning filters, so a
@@ -65,112 +64,25 @@ with warnings.catch_warnings(record=True):
 
     class DynMMPyfunc(mlflow.pyfunc.PythonModel):
         """Loads the weights into a freshly built model and predicts with routed execution, routing a sample
-        that lacks a modality among the paths that do not read it (``dynmm.models.degraded``)."""
+        that lacks a modality among the paths that do not read it (``dynmm.models.degraded``), as
+        ``dynmm.track.answers`` answers (``dynmm serve`` answers the same way)."""
 
         def load_context(self, context) -> None:
-            from dynmm.models.degraded import fallback_order
+            from dynmm.track.answers import load_served_model
 
-            self.config = json.loads(Path(context.artifacts[CONFIG]).read_text())
-            model = recipe_of(self.config).build()
-            model.load_state_dict(torch.load(context.artifacts[WEIGHTS], map_location="cpu", weights_only=True))
-            self.model = model.eval()
-            self.fallback = fallback_order(self.config["path_gflops"], self.config.get("expert_validation_quality"))
-            self.expert_gflops: list[float] | None = None  # measured when a sample first skips the gate
+            config = json.loads(Path(context.artifacts[CONFIG]).read_text())
+            self.served = load_served_model(config, context.artifacts[WEIGHTS])
 
         def predict(self, context, model_input, params: dict[str, Any] | None = None) -> pd.DataFrame:
-            from dynmm.models.degraded import route_with_missing
+            from dynmm.track.answers import answer_requests
 
-            config = self.config
+            config = self.served.config
             request = read_request(model_input, config["input_shapes"], config.get("input_transforms", {}),
                                    config.get("source_columns", {}))
-            if request.size == 0:
-                return result_frame(config, [], np.zeros(0, dtype=np.int64), np.zeros(0), request.missing, ())
-            missing = {name: torch.from_numpy(rows) for name, rows in request.missing.items() if rows.any()}
-            with torch.no_grad():
-                routed = route_with_missing(self.model, request.inputs, missing, self.fallback)
-            answered = routed.answered
-            per_row: list = [None] * request.size
-            if answered.any():
-                refuse_nonfinite_outputs(routed.output[answered], torch.nonzero(answered).squeeze(1))
-                predicted = iter(predictions(config["task"], routed.output[answered], label_names_of(config)))
-                per_row = [next(predicted) if row_answered else None for row_answered in answered.tolist()]
-            paths = routed.paths.numpy()
-            return result_frame(config, per_row, paths, self._row_gflops(paths, routed.gate_ran.numpy()),
-                                request.missing, routed.errors)
-
-        def _row_gflops(self, paths: np.ndarray, gate_ran: np.ndarray) -> np.ndarray:
-            """What each sample cost: its path with the gate, the expert alone where the gate could not read
-            it (a fallback), nothing where it was refused."""
-            gflops = np.zeros(len(paths))
-            chosen = gate_ran & (paths >= 0)
-            gflops[chosen] = np.asarray(self.config["path_gflops"], dtype=np.float64)[paths[chosen]]
-            fallback = ~gate_ran & (paths >= 0)
-            if fallback.any():
-                if self.expert_gflops is None:
-                    from dynmm.models import flops_to_gflops, measure_path_costs
-
-                    costs = measure_path_costs(self.model)
-                    self.expert_gflops = [flops_to_gflops(flops) for flops in costs.expert_flops]
-                gflops[fallback] = np.asarray(self.expert_gflops)[paths[fallback]]
-            return gflops
-
-
-def result_frame(
-    config: Mapping[str, Any], predicted: list, paths: np.ndarray, gflops: np.ndarray,
-    missing: Mapping[str, np.ndarray], errors: Sequence[str | None],
-) -> pd.DataFrame:
-    """One row per sample, in request order; the columns and dtypes are the same for an empty batch."""
-    paths = paths.astype(np.int64)
-    answered = paths >= 0
-    names = list(config["input_shapes"])
-    missing_per_row = [",".join(name for name in names if missing[name][row]) for row in range(len(paths))]
-    labelled = label_names_of(config) is not None
-    return pd.DataFrame({
-        "prediction": pd.Series(predicted, dtype=object if labelled else PREDICTION_DTYPES.get(config["task"], object)),
-        "path": pd.Series(np.where(answered, paths, 0), dtype="Int64").mask(~answered),
-        "path_name": pd.Series([config["path_names"][p] if p >= 0 else None for p in paths], dtype=object),
-        "gflops": np.asarray(gflops, dtype=np.float64),
-        "degraded": np.asarray([bool(absent) for absent in missing_per_row], dtype=bool),
-        MISSING_MARKER: pd.Series(missing_per_row, dtype=object),
-        "error": pd.Series(list(errors) or [None] * len(paths), dtype=object),
-    })
-
-
-def refuse_nonfinite_outputs(output: torch.Tensor, rows: torch.Tensor) -> None:
-    finite = torch.isfinite(output.reshape(len(output), -1)).all(dim=1)
-    if not finite.all():
-        sample = int(rows[torch.nonzero(~finite)[0]])
-        raise ValueError(f"the model's output for sample {sample} is not finite: inputs far beyond its training data?")
-
-
-def predictions(task: str, output: torch.Tensor, label_names: Sequence | None = None) -> list:
-    """The model's answer per sample: a class index (binary, multiclass), 0/1 per class (multilabel) or a number;
-    with ``label_names`` the user's own label (multilabel: the list of labels predicted present)."""
-    if task == "multiclass":
-        indices = output.argmax(dim=1).tolist()
-    elif task == "binary":
-        indices = (output.reshape(-1) > 0).long().tolist()
-    elif task == "multilabel":
-        present = (output > 0).long().tolist()
-        if label_names is None:
-            return present
-        return [[label_names[index] for index, flag in enumerate(row) if flag] for row in present]
-    else:
-        return output.reshape(-1).tolist()
-    return indices if label_names is None else [label_names[index] for index in indices]
-
-
-def label_names_of(config: Mapping[str, Any]) -> list | None:
-    """The user's label of each class index, where the model's dataset recorded them."""
-    return config.get("label_names")
-
-
-def recipe_of(config: Mapping[str, Any]) -> ModelRecipe:
-    """The recipe a model's config holds (one written before recipes existed: its builder name and arguments)."""
-    if "model" in config:
-        return ModelRecipe.from_json(config["model"])
-    return ModelRecipe(config["model_name"], dict(config["model_args"]))
-
+            answer = answer_requests(self.served, [request])[0]
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
 
 
 def signature(input_shapes: Mapping[str, list[int]], data: ServedData) -> ModelSignature:
@@ -210,6 +122,12 @@ class ServedData:
         label_names = getattr(meta, "label_names", None)
         transforms = {name: transform.model_dump() for name, transform in meta.input_transforms.items()}
         return cls(meta.task, transforms, source_columns_of(meta), None if label_names is None else list(label_names))
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> ServedData:
+        """From the pyfunc's ``config.json`` (``write_model_files``)."""
+        return cls(config["task"], config.get("input_transforms", {}), config.get("source_columns", {}),
+                   config.get("label_names"))
 
 
 def source_example(

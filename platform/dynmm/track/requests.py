@@ -1,5 +1,8 @@
 """Reading a request to a registered model: one array per modality, or the rows of the user's own table.
 
+Shared by the MLflow pyfunc (``dynmm.track.pyfunc``) and ``dynmm serve`` (``dynmm.serve``), so that both read,
+refuse and transform a request the same way.
+
 A request is a dict of arrays or a pandas DataFrame. A modality is read from its own key or column (one array, or
 one array cell per sample, as the dataset stores it) or, where the dataset recorded where its values came from
 (``source_columns``: the columns of the table it was prepared from), from those columns of the user's original
@@ -206,3 +209,15 @@ def per_feature(value: Any, shape: Sequence[int]) -> np.ndarray | float:
         return float(value)
     array = np.asarray(value, dtype=np.float64)
     return array.reshape(tuple(shape)) if array.size == math.prod(shape) else array
+
+
+def merge_requests(requests: Sequence[Request]) -> tuple[Request, list[slice]]:
+    """Several requests as one batch (rows in request order) and the rows of each request in it."""
+    spans, start = [], 0
+    for request in requests:
+        spans.append(slice(start, start + request.size))
+        start += request.size
+    names = list(requests[0].inputs)
+    inputs = {name: torch.cat([request.inputs[name] for request in requests]) for name in names}
+    missing = {name: np.concatenate([request.missing[name] for request in requests]) for name in names}
+    return Request(inputs, missing), spans
