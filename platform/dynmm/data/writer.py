@@ -139,6 +139,8 @@ class DatasetWriter:
 
     def _to_arrow(self, column: str, values: Any, *, where: str, rows: np.ndarray, split: str) -> pa.Array:
         if column == SAMPLE_ID:
+            if isinstance(values, pa.Array) and pa.types.is_string(values.type):
+                return values
             return pa.array([str(value) for value in values], type=pa.string())
         array = np.asarray(values)
         if column == LABEL:
@@ -221,7 +223,7 @@ def dataset_writer(
     out_dir = Path(os.path.abspath(out_dir))  # "." has no name to make a sibling of
     if nonfinite not in NONFINITE_POLICIES:
         raise DatasetError(f"nonfinite must be one of {list(NONFINITE_POLICIES)}, got {nonfinite!r}")
-    _refuse_existing(out_dir, overwrite)
+    refuse_existing_output(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the finished dataset is an ordinary folder
@@ -243,7 +245,9 @@ def dataset_writer(
         raise
 
 
-def _refuse_existing(out_dir: Path, overwrite: bool) -> None:
+def refuse_existing_output(out_dir: Path, overwrite: bool) -> None:
+    """Raise DatasetError if ``out_dir`` exists and may not be replaced (``dataset_writer``'s rule); a converter
+    that reads its source for long can call it first, to refuse before the work."""
     if not out_dir.exists():
         return
     if not overwrite:
@@ -275,14 +279,14 @@ def _not_dataset_content(folder: Path) -> str | None:
 
 
 def _move_into_place(staging: Path, out_dir: Path, overwrite: bool) -> None:
-    _refuse_existing(out_dir, overwrite)
+    refuse_existing_output(out_dir, overwrite)
     if not out_dir.exists():
         try:
             os.rename(staging, out_dir)
             return
         except OSError:
             # Another process finished the same folder first.
-            _refuse_existing(out_dir, overwrite)
+            refuse_existing_output(out_dir, overwrite)
     retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
     try:
         os.replace(out_dir, retired / out_dir.name)

@@ -1,0 +1,169 @@
+"""Reading a user's table for ``dynmm data prepare table``: its column names and types, the ``--modality``
+specs resolved against them (a misspelt column is named with the close ones), and record batches of the
+columns needed, a bounded number of rows at a time, so memory stays flat however long the file is.
+
+A Parquet file is read with ``ParquetFile.iter_batches`` each pass. A CSV file is parsed once by pyarrow's
+streaming reader, a block at a time, into a temporary Arrow file (numbers as float32, vector text cells as
+lists), which every pass reads back memory-mapped: parsing text is the slow part, and it happens once.
+
+Imports nothing from models, ray or mlflow.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from dynmm.data.format import LABEL, SAMPLE_ID
+from dynmm.data.table_columns import parse_vectors
+from dynmm.errors import DatasetError
+
+MODALITY_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+RESHAPE = re.compile(r"^(?P<columns>.*):(?P<shape>[0-9]+(?:x[0-9]+)*)$")
+PARQUET_BUFFER_BYTES = 1 << 20  # read column chunks through a buffer: memory bounded by batches, not row groups
+
+
+@dataclass(frozen=True)
+class ModalityRequest:
+    """One ``--modality NAME=COLUMN[,COLUMN...][:AxB...]`` resolved against the table's columns."""
+
+    name: str
+    columns: tuple[str, ...]
+    shape: tuple[int, ...] | None  # None: not reshaped (a vector of the columns' or the list's numbers)
+
+
+def resolve_column(name: str, known: Sequence[str], what: str) -> str:
+    """``name`` if the table has that column (else the same name without surrounding spaces); otherwise a
+    DatasetError naming it and the close ones."""
+    for candidate in (name, name.strip()):
+        if candidate in known:
+            return candidate
+    close = difflib.get_close_matches(name.strip(), known, n=3, cutoff=0.5)
+    hint = f"; close: {', '.join(repr(column) for column in close)}" if close else ""
+    shown = ", ".join(repr(column) for column in known[:12]) + (", ..." if len(known) > 12 else "")
+    raise DatasetError(f"{what}: unknown column {name!r}{hint} (the table has {shown})")
+
+
+def parse_modality(text: str, known: Sequence[str]) -> ModalityRequest:
+    """``NAME=COLUMN[,COLUMN...][:AxB...]``. Column names may hold any character but ``,`` and ``=``; a
+    trailing ``:50x74`` is a reshape unless the text with it names a column."""
+    name, equals, spec = text.partition("=")
+    name = name.strip()
+    if not equals or not spec.strip():
+        raise DatasetError(f"--modality {text!r}: expected NAME=COLUMN[,COLUMN...] (optionally :AxB to reshape)")
+    if not MODALITY_NAME.fullmatch(name) or name in (LABEL, SAMPLE_ID):
+        raise DatasetError(f"--modality {text!r}: the name {name!r} must start with a letter and hold only letters, "
+                           f"digits, '_' and '-', and not be {LABEL!r} or {SAMPLE_ID!r}")
+    shape = None
+    reshape = RESHAPE.match(spec)
+    if reshape and spec.split(",")[-1] not in known and spec.split(",")[-1].strip() not in known:
+        spec, shape = reshape["columns"], tuple(int(size) for size in reshape["shape"].split("x"))
+        if not 1 <= len(shape) <= 3 or 0 in shape:
+            raise DatasetError(f"--modality {text!r}: reshape to a vector (D), a sequence (TxD) or an image (CxHxW) "
+                               f"of positive sizes, got {reshape['shape']!r}")
+    columns = tuple(resolve_column(column, known, f"--modality {name}") for column in spec.split(","))
+    return ModalityRequest(name, columns, shape)
+
+
+class TableFile:
+    """A Parquet file, or the Arrow file a CSV was parsed into, read as record batches of chosen columns."""
+
+    def __init__(self, path: Path, file_format: str, schema: pa.Schema, batch_rows: int):
+        self.path, self.file_format, self.schema, self.batch_rows = path, file_format, schema, batch_rows
+
+    def batches(self, columns: Sequence[str]) -> Iterator[pa.RecordBatch]:
+        if self.file_format == "parquet":
+            parquet = pq.ParquetFile(self.path, pre_buffer=False, buffer_size=PARQUET_BUFFER_BYTES)
+            yield from parquet.iter_batches(batch_size=self.batch_rows, columns=list(columns))
+            return
+        with pa.memory_map(str(self.path)) as source:
+            reader = pa.ipc.open_file(source)
+            for index in range(reader.num_record_batches):
+                batch = reader.get_batch(index).select(list(columns))
+                for start in range(0, batch.num_rows, self.batch_rows):
+                    yield batch.slice(start, self.batch_rows)
+
+
+def parquet_table(path: Path, batch_rows: int) -> TableFile:
+    try:
+        schema = pq.read_schema(path)
+    except (OSError, pa.ArrowException) as error:
+        raise DatasetError(f"{path}: not a readable Parquet file ({error})") from None
+    return TableFile(path, "parquet", schema, batch_rows)
+
+
+def csv_schema(path: Path, block_bytes: int) -> tuple[pa.Schema, pa.RecordBatch]:
+    """The CSV's header with the types pyarrow infers from its first block, and that block."""
+    try:
+        reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=block_bytes),
+                                convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
+        first = reader.read_next_batch()
+    except StopIteration:
+        raise DatasetError(f"{path}: holds a header but no rows") from None
+    except (OSError, pa.ArrowException) as error:
+        raise DatasetError(f"{path}: not a readable CSV file ({str(error).splitlines()[0]})") from None
+    reader.close()
+    return first.schema, first
+
+
+def spill_csv(
+    path: Path, header: Sequence[str], column_types: dict[str, pa.DataType], vector_columns: set[str], spill: Path,
+    block_bytes: int,
+) -> pa.Schema:
+    """Parse the CSV's needed columns once (``column_types``: what each is read as), vector text cells into
+    lists, numbers into float32, into an Arrow file at ``spill``; its schema."""
+    convert = pacsv.ConvertOptions(column_types=column_types, include_columns=list(column_types),
+                                   strings_can_be_null=True)
+    reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=block_bytes), convert_options=convert)
+    writer, first_row = None, 0
+    try:
+        while True:
+            try:
+                batch = reader.read_next_batch()
+            except StopIteration:
+                break
+            except pa.ArrowInvalid as error:
+                raise DatasetError(f"{path.name}: after row {first_row}: {_csv_problem(error, header)}") from None
+            batch = _parsed(batch, vector_columns, first_row)
+            if writer is None:
+                writer = pa.ipc.new_file(str(spill), batch.schema)
+            writer.write_batch(batch)
+            first_row += batch.num_rows
+    finally:
+        reader.close()
+        if writer is not None:
+            writer.close()
+    if writer is None:
+        raise DatasetError(f"{path.name}: holds no rows")
+    return pa.ipc.open_file(pa.memory_map(str(spill))).schema
+
+
+def _parsed(batch: pa.RecordBatch, vector_columns: set[str], first_row: int) -> pa.RecordBatch:
+    arrays = []
+    for name, column in zip(batch.schema.names, batch.columns, strict=True):
+        if name in vector_columns:
+            column = pc.cast(parse_vectors(column, what=f"column {name!r}", first_row=first_row),
+                             pa.list_(pa.float32()))
+        elif pa.types.is_floating(column.type):
+            column = pc.cast(column, pa.float32())
+        arrays.append(column)
+    return pa.RecordBatch.from_arrays(arrays, names=batch.schema.names)
+
+
+def _csv_problem(error: pa.ArrowInvalid, header: Sequence[str]) -> str:
+    """pyarrow's message about a cell, with the column named rather than numbered."""
+    message = str(error).splitlines()[0]
+    found = re.search(r"In CSV column #(\d+): (.*)", message)
+    if found is None:
+        return message
+    index = int(found[1])
+    column = header[index] if index < len(header) else f"#{index}"
+    return f"column {column!r}: {found[2]}"
