@@ -127,10 +127,12 @@ class InputTransform(BaseModel):
     def apply(self, source: np.ndarray) -> np.ndarray:
         """Source values (N, *shape) -> the float32 values stored, with the arithmetic a served model uses
         (``dynmm.track.pyfunc.model_values``), so both give the same numbers to the bit."""
-        source = np.asarray(source, dtype=np.float64)
+        values = np.array(source, dtype=np.float64)  # a copy, computed on in place
         if self.neginf_as is not None:
-            source = np.where(np.isneginf(source), self.neginf_as, source)
-        return (source * _numbers(self.scale, "scale") + _numbers(self.offset, "offset")).astype(np.float32)
+            values[np.isneginf(values)] = self.neginf_as
+        np.multiply(values, _numbers(self.scale, "scale"), out=values)
+        np.add(values, _numbers(self.offset, "offset"), out=values)
+        return values.astype(np.float32)
 
 
 LabelName = bool | int | float | str

@@ -4,13 +4,15 @@ three passes, so memory stays flat however many rows the file has:
 1. labels: the label (and split) column only: the classes, their counts and the user's label names, which fix
    each row's split (``dynmm.data.table_split``);
 2. statistics: every row's numbers: per-feature mean and std of the complete train rows (float64, batches
-   merged by Chan's formula) and the rows with NaN, inf or missing cells;
-3. write: each complete row, standardised with the train statistics, to its split through the atomic
+   merged by Chan's formula) and the rows with NaN, inf or missing cells; the complete rows are staged per
+   split on disk as they go by (``dynmm.data.table_stage``), so the user's file is decoded once for both;
+3. write: each split's staged rows, standardised with the train statistics, through the atomic
    ``dataset_writer`` (per-file rows, bytes and SHA-256 recorded; nothing left behind on failure).
 
 ``dataset.json`` records what a served model needs to take the user's original rows: the source columns of
 each modality, the label names, the standardisation (``DatasetMeta.source_table``, ``label_names``,
-``input_transforms``). A CSV is parsed once, into a temporary Arrow file beside the output.
+``input_transforms``). A CSV is parsed once, into a temporary Arrow stream beside the output; the staged rows
+sit there too, and both are removed when the import ends.
 
 Imports nothing from models, ray or mlflow.
 """
@@ -28,11 +30,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from dynmm.data.format import SPLITS, DatasetMeta, InputTransform, ModalitySpec
+from dynmm.data.format import LABEL, SAMPLE_ID, SPLITS, DatasetMeta, InputTransform, ModalitySpec
 from dynmm.data.table_columns import label_indices, modality_values
 from dynmm.data.table_labels import LabelSurvey, label_values, survey_labels
 from dynmm.data.table_plan import CLASSIFICATION, TablePlan, TableRequest, plan_table
 from dynmm.data.table_split import DEFAULT_FRACTIONS, SplitDealer, parse_fractions
+from dynmm.data.table_stage import SOURCE_ROWS, StagedSplits
 from dynmm.data.writer import DatasetWriter, dataset_writer, refuse_existing_output
 from dynmm.errors import DatasetError
 
@@ -67,14 +70,14 @@ def convert_table(
         plan = plan_table(src, request, spill=scratch / "table.arrow", batch_rows=batch_rows,
                           csv_block_bytes=csv_block_bytes)
         labels = survey_labels(plan, src.name)
-        rows = _RowReader(plan, labels, fractions, request.seed)
-        features = _survey_features(rows)
+        staged = StagedSplits(scratch, plan.shapes, (plan.label_positions,) if plan.label_positions else ())
+        features = _survey_and_stage(_RowReader(plan, labels, fractions, request.seed), staged, drop_incomplete)
         _refuse_gaps(src.name, plan, features, drop_incomplete)
         transforms = {name: moments.transform(plan.shapes[name]) for name, moments in features.moments.items()}
         params = _params(request, fractions, standardize, features.incomplete_rows if drop_incomplete else None)
         meta = _dataset_meta(src, plan, labels, transforms if standardize else {}, params)
         with dataset_writer(out_dir, meta, overwrite=overwrite, source_name=src.name) as writer:
-            _write_rows(rows, meta, writer)
+            _write_staged(staged, meta, writer)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return out_dir
@@ -94,7 +97,8 @@ class Moments:
         if len(features) == 0:
             return
         mean = features.mean(axis=0, dtype=np.float64)
-        squares = np.square(features - mean).sum(axis=0)
+        deviations = np.subtract(features, mean)  # float64
+        squares = np.square(deviations, out=deviations).sum(axis=0)
         count = self.count + len(features)
         delta = mean - self.mean
         self.mean = self.mean + delta * (len(features) / count)
@@ -167,22 +171,42 @@ class _FeatureSurvey:
     first_incomplete_row: int | None = None
 
 
-def _survey_features(rows: _RowReader) -> _FeatureSurvey:
-    """Pass 2: the train rows' per-feature moments, complete rows per split, and where cells are missing."""
+def _survey_and_stage(rows: _RowReader, staged: StagedSplits, drop_incomplete: bool) -> _FeatureSurvey:
+    """Pass 2: the train rows' per-feature moments, complete rows per split, where cells are missing; the
+    complete rows staged per split (no longer once a missing cell means the table will be refused)."""
     plan = rows.plan
     survey = _FeatureSurvey({name: Moments() for name in plan.modalities}, np.zeros(len(SPLITS), np.int64), Counter())
-    for batch in rows:
-        incomplete = ~batch.complete
-        if incomplete.any():
-            survey.incomplete_rows += int(incomplete.sum())
-            if survey.first_incomplete_row is None:
-                survey.first_incomplete_row = batch.first_row + int(np.flatnonzero(incomplete)[0])
-            _count_bad_cells(survey.bad_cells, plan, batch)
-        survey.complete_rows += np.bincount(batch.codes[batch.complete], minlength=len(SPLITS))
-        train = batch.complete & (batch.codes == 0)
-        for name, values in batch.values.items():
-            survey.moments[name].add(values[train])
+    try:
+        for batch in rows:
+            incomplete = ~batch.complete
+            if incomplete.any():
+                survey.incomplete_rows += int(incomplete.sum())
+                if survey.first_incomplete_row is None:
+                    survey.first_incomplete_row = batch.first_row + int(np.flatnonzero(incomplete)[0])
+                _count_bad_cells(survey.bad_cells, plan, batch)
+            survey.complete_rows += np.bincount(batch.codes[batch.complete], minlength=len(SPLITS))
+            train = batch.complete & (batch.codes == 0)
+            for name, values in batch.values.items():
+                survey.moments[name].add(values[train])
+            if drop_incomplete or not survey.incomplete_rows:
+                _stage(staged, plan, batch)
+    finally:
+        staged.close()
     return survey
+
+
+def _stage(staged: StagedSplits, plan: TablePlan, batch: _Rows) -> None:
+    for code, split in enumerate(SPLITS):
+        kept = np.flatnonzero(batch.complete & (batch.codes == code))
+        if len(kept) == 0:
+            continue
+        columns = {name: values[kept] for name, values in batch.values.items()}
+        columns[LABEL] = batch.labels[kept]
+        columns[SOURCE_ROWS] = kept + batch.first_row
+        ids = batch.batch.column(plan.id_column).take(kept).combine_chunks() if plan.id_column else (
+            pa.array(columns[SOURCE_ROWS]))
+        columns[SAMPLE_ID] = ids.cast(pa.string())
+        staged.add(split, columns)
 
 
 def _count_bad_cells(bad_cells: Counter, plan: TablePlan, batch: _Rows) -> None:
@@ -240,60 +264,13 @@ def _dataset_meta(src: Path, plan: TablePlan, labels: LabelSurvey, transforms: d
     )
 
 
-def _write_rows(rows: _RowReader, meta: DatasetMeta, writer: DatasetWriter) -> None:
-    """Pass 3: every complete row, transformed, to its split, in files of about ``PART_BYTES``."""
+def _write_staged(staged: StagedSplits, meta: DatasetMeta, writer: DatasetWriter) -> None:
+    """Pass 3: each split's staged rows, transformed, in Parquet files of about ``PART_BYTES`` each."""
     row_bytes = 4 * sum(math.prod(spec.shape) for spec in meta.modalities.values()) + 8 * max(
         1, math.prod(meta.label_shape))
-    buffers = _SplitBuffers(writer, max(1, PART_BYTES // row_bytes))
-    id_column = rows.plan.id_column
-    for batch in rows:
-        for code, split in enumerate(SPLITS):
-            kept = np.flatnonzero(batch.complete & (batch.codes == code))
-            if len(kept) == 0:
-                continue
-            columns = {name: values[kept] for name, values in batch.values.items()}
+    for split in SPLITS:
+        for columns in staged.parts(split, max(1, PART_BYTES // row_bytes)):
             for name, transform in meta.input_transforms.items():
                 columns[name] = transform.apply(columns[name])
-            columns["label"] = batch.labels[kept]
-            columns["source_rows"] = kept + batch.first_row
-            ids = batch.batch.column(id_column).take(kept).combine_chunks() if id_column else (
-                pa.array(columns["source_rows"]))
-            columns["sample_id"] = ids.cast(pa.string())
-            buffers.add(split, columns)
-    buffers.flush()
-
-
-class _SplitBuffers:
-    """Rows waiting to be written, per split, written ``part_rows`` at a time (so the files, and the
-    dataset's digest, do not depend on how the table was batched)."""
-
-    def __init__(self, writer: DatasetWriter, part_rows: int):
-        self.writer, self.part_rows = writer, part_rows
-        self.pending: dict[str, list[dict]] = {split: [] for split in SPLITS}
-        self.rows = dict.fromkeys(SPLITS, 0)
-
-    def add(self, split: str, columns: dict) -> None:
-        self.pending[split].append(columns)
-        self.rows[split] += len(columns["sample_id"])
-        while self.rows[split] >= self.part_rows:
-            joined = self._joined(split)
-            self._write(split, {name: values[: self.part_rows] for name, values in joined.items()})
-            rest = {name: values[self.part_rows :] for name, values in joined.items()}
-            self.pending[split], self.rows[split] = [rest], self.rows[split] - self.part_rows
-
-    def flush(self) -> None:
-        for split in SPLITS:
-            if self.rows[split]:
-                self._write(split, self._joined(split))
-            self.pending[split], self.rows[split] = [], 0
-
-    def _write(self, split: str, columns: dict) -> None:
-        source_rows = columns.pop("source_rows")
-        self.writer.write(split, columns, source_rows=source_rows)
-
-    def _joined(self, split: str) -> dict:
-        pieces = self.pending[split]
-        if len(pieces) == 1:
-            return pieces[0]
-        return {name: pa.concat_arrays([piece[name] for piece in pieces]) if name == "sample_id"
-                else np.concatenate([piece[name] for piece in pieces]) for name in pieces[0]}
+            source_rows = columns.pop(SOURCE_ROWS)
+            writer.write(split, columns, source_rows=source_rows)

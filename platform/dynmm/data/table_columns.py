@@ -89,30 +89,53 @@ def scalar_values(column: pa.ChunkedArray | pa.Array, *, what: str) -> np.ndarra
     """A numeric column as float32 (N,), NaN where a cell is null."""
     if not is_number_type(column.type):
         raise DatasetError(f"{what}: expected a numeric column, got {column.type}")
-    floats = pc.fill_null(pc.cast(column, pa.float32()), np.float32("nan"))
-    if isinstance(floats, pa.ChunkedArray):
-        return floats.to_numpy() if floats.num_chunks else np.zeros(0, dtype=np.float32)
+    if isinstance(column, pa.ChunkedArray):
+        column = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+    floats = column if column.type == pa.float32() else pc.cast(column, pa.float32())
+    if floats.null_count:
+        floats = pc.fill_null(floats, np.float32("nan"))
     return floats.to_numpy(zero_copy_only=False)
 
 
 def parse_vectors(
     strings: pa.Array | pa.ChunkedArray, *, what: str, first_row: int = 0,
-) -> pa.Array | pa.ChunkedArray:
-    """Text cells holding vectors (``"0.5;1;2"``, ``"[0.5, 1, 2]"``) -> lists of float64; a null cell stays
-    null. A cell that is not a list of numbers raises DatasetError naming its row (``first_row``: the row
-    number of the first cell)."""
+) -> pa.Array:
+    """Text cells holding vectors (``"0.5;1;2"``, ``"[0.5, 1, 2]"``, ``"0.5 1 2"``) -> lists of float64; a
+    null cell stays null. A cell that is not a list of numbers raises DatasetError naming its row
+    (``first_row``: the row number of the first cell)."""
+    if isinstance(strings, pa.ChunkedArray):
+        strings = strings.combine_chunks() if strings.num_chunks else pa.array([], type=strings.type)
+    quick = _split_like_first_cell(strings)
+    if quick is not None:
+        return quick
     parts = pc.split_pattern_regex(pc.utf8_trim(strings, characters=VECTOR_BRACKETS), VECTOR_SEPARATORS)
     try:
         return pc.cast(parts, pa.list_(pa.float64()))
     except pa.ArrowInvalid:
-        for row, cell in enumerate(strings.to_pylist()):
-            try:
-                pc.cast(pc.split_pattern_regex(pc.utf8_trim(pa.array([cell]), characters=VECTOR_BRACKETS),
-                                               VECTOR_SEPARATORS), pa.list_(pa.float64()))
-            except pa.ArrowInvalid:
-                raise DatasetError(f"{what}: row {first_row + row}: expected numbers separated by ';', ',' or spaces, "
-                                   f"got {cell!r}") from None
-        raise
+        pass
+    for row, cell in enumerate(parts.to_pylist()):
+        try:
+            pa.array([cell], type=pa.list_(pa.string())).cast(pa.list_(pa.float64()))
+        except pa.ArrowInvalid:
+            raise DatasetError(f"{what}: row {first_row + row}: expected numbers separated by ';', ',' or spaces, "
+                               f"got {strings[row].as_py()!r}") from None
+    raise AssertionError("unreachable: the cast failed, yet every cell casts")
+
+
+def _split_like_first_cell(strings: pa.Array) -> pa.Array | None:
+    """The fast path: split every cell by the one separator the first cell uses (a plain, not a regular
+    expression, split); None where some cell does not fit that form."""
+    if strings.null_count == len(strings):
+        return pa.nulls(len(strings), type=pa.list_(pa.float64()))
+    first = 0 if strings.null_count == 0 else int(np.argmax(strings.is_valid().to_numpy(zero_copy_only=False)))
+    sample = strings[first].as_py()
+    text = pc.utf8_trim(strings, characters=VECTOR_BRACKETS) if sample.strip().startswith("[") else strings
+    separator = next((mark for mark in (";", ",") if mark in sample), None)
+    try:
+        parts = pc.split_pattern(text, separator) if separator else pc.utf8_split_whitespace(text)
+        return pc.cast(parts, pa.list_(pa.float64()))
+    except pa.ArrowInvalid:
+        return None
 
 
 def vector_values(column: pa.ChunkedArray | pa.Array, size: int, *, what: str) -> np.ndarray:
@@ -142,12 +165,23 @@ def label_indices(column: pa.ChunkedArray | pa.Array, label_names: Sequence[Labe
     """The user's class labels -> class indices (int64; -1 where a cell is null or names no known class).
     Text cells are read as the names' type (a CSV's ``"3"`` is class 3)."""
     names = pa.array(list(label_names))
+    if isinstance(column, pa.ChunkedArray) and pa.types.is_dictionary(column.type):
+        parts = [label_indices(chunk, label_names) for chunk in column.chunks]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    if pa.types.is_dictionary(column.type):  # look up the few distinct values, then spread them to the rows
+        known = pa.array(label_indices(column.dictionary, label_names))
+        return label_indices_of_codes(known, column.indices)
     if column.type != names.type:
         column = pc.cast(column, names.type)
     indices = pc.fill_null(pc.index_in(column, value_set=names), -1)
     if isinstance(indices, pa.ChunkedArray):
         return indices.to_numpy() if indices.num_chunks else np.zeros(0, dtype=np.int64)
     return indices.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+
+
+def label_indices_of_codes(known: pa.Array, codes: pa.Array) -> np.ndarray:
+    """Class index per row from a dictionary's codes and the class index of each dictionary value."""
+    return pc.fill_null(pc.take(known, codes), -1).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
 
 
 def user_labels(predicted: Iterable[Any], meta: DatasetMeta) -> list:

@@ -38,11 +38,6 @@ class LabelSurvey:
     class_counts: list[int]
 
 
-def decoded(column: pa.ChunkedArray) -> pa.ChunkedArray:
-    """A dictionary-encoded column (a pandas category) as its values."""
-    return pc.cast(column, column.type.value_type) if pa.types.is_dictionary(column.type) else column
-
-
 def survey_labels(plan: TablePlan, file: str) -> LabelSurvey:
     """Pass 1: read the label and split columns; refuse a label with one class, a binary label with more than
     two, a split column holding anything but train/valid/test."""
@@ -55,7 +50,7 @@ def survey_labels(plan: TablePlan, file: str) -> LabelSurvey:
         if plan.split_column:
             splits.update(_value_counts(batch.column(plan.split_column)))
         if plan.task in CLASSIFICATION:
-            values.update(_value_counts(decoded(batch.column(plan.label_columns[0]))))
+            values.update(_value_counts(batch.column(plan.label_columns[0])))
         else:
             values[0] += int(label_values(batch, plan, names)[1].sum())
     _check_split_column(file, plan.split_column, splits)
@@ -121,7 +116,7 @@ def label_values(batch: pa.Table, plan: TablePlan, names: Sequence[LabelName] | 
     whether each row has a label (no missing cell, no NaN or inf)."""
     columns = plan.label_columns
     if plan.task in CLASSIFICATION:
-        indices = label_indices(decoded(batch.column(columns[0])), names)
+        indices = label_indices(batch.column(columns[0]), names)
         return indices, indices >= 0
     if plan.task == "regression":
         values = scalar_values(batch.column(columns[0]), what=f"label column {columns[0]!r}")

@@ -17,7 +17,15 @@ import pyarrow as pa
 
 from dynmm.data.format import ModalityColumns, SourceTable
 from dynmm.data.table_columns import is_number_type, parse_vectors
-from dynmm.data.table_source import TableFile, csv_schema, parquet_table, parse_modality, resolve_column, spill_csv
+from dynmm.data.table_source import (
+    CsvColumns,
+    TableFile,
+    csv_schema,
+    parquet_table,
+    parse_modality,
+    resolve_column,
+    spill_csv,
+)
 from dynmm.errors import DatasetError
 
 CLASSIFICATION = ("binary", "multiclass")
@@ -82,11 +90,14 @@ def plan_table(src: Path, request: TableRequest, *, spill: Path, batch_rows: int
     id_column = request.id_column and resolve_column(request.id_column, names, "--id-column")
     split_column = request.split_column and resolve_column(request.split_column, names, "--split-column")
     _refuse_overlaps(modalities, labels, request.task)
+    text_columns = [column for column in (labels[0] if request.task in CLASSIFICATION else None, split_column)
+                    if column is not None and (is_csv or _is_text(table_file.schema.field(column).type))]
     if is_csv:
         vectors = _csv_vector_columns(modalities, labels, request.task, first)
         types = _csv_types(modalities, labels, request.task, vectors, id_column, split_column)
-        spilled = spill_csv(src, names, types, vectors, spill, csv_block_bytes)
-        table_file = TableFile(spill, "arrow", spilled, batch_rows)
+        table_file = TableFile(spill, "arrow", spill_csv(src, CsvColumns(names, types, vectors, set(text_columns)),
+                                                         spill, csv_block_bytes), batch_rows)
+    table_file.dictionary_columns = text_columns
     columns = {item.name: ModalityColumns(columns=item.columns, vector_column=_holds_vectors(table_file, item.columns))
                for item in modalities}
     shapes = {item.name: _shape(table_file, item, columns[item.name]) for item in modalities}

@@ -3,8 +3,9 @@ specs resolved against them (a misspelt column is named with the close ones), an
 columns needed, a bounded number of rows at a time, so memory stays flat however long the file is.
 
 A Parquet file is read with ``ParquetFile.iter_batches`` each pass. A CSV file is parsed once by pyarrow's
-streaming reader, a block at a time, into a temporary Arrow file (numbers as float32, vector text cells as
-lists), which every pass reads back memory-mapped: parsing text is the slow part, and it happens once.
+streaming reader, a block at a time, into a temporary Arrow IPC stream (numbers as float32, vector text cells
+as lists, labels dictionary-encoded), which every pass reads back: parsing text is the slow
+part, and it happens once.
 
 Imports nothing from models, ray or mlflow.
 """
@@ -28,6 +29,7 @@ from dynmm.errors import DatasetError
 
 MODALITY_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 RESHAPE = re.compile(r"^(?P<columns>.*):(?P<shape>[0-9]+(?:x[0-9]+)*)$")
+SNIFF_BYTES = 1 << 20  # what a CSV's column types are inferred from
 PARQUET_BUFFER_BYTES = 1 << 20  # read column chunks through a buffer: memory bounded by batches, not row groups
 
 
@@ -78,16 +80,17 @@ class TableFile:
 
     def __init__(self, path: Path, file_format: str, schema: pa.Schema, batch_rows: int):
         self.path, self.file_format, self.schema, self.batch_rows = path, file_format, schema, batch_rows
+        self.dictionary_columns: list[str] = []  # text columns of few values, read dictionary-encoded
 
     def batches(self, columns: Sequence[str]) -> Iterator[pa.RecordBatch]:
         if self.file_format == "parquet":
-            parquet = pq.ParquetFile(self.path, pre_buffer=False, buffer_size=PARQUET_BUFFER_BYTES)
+            parquet = pq.ParquetFile(self.path, pre_buffer=False, buffer_size=PARQUET_BUFFER_BYTES,
+                                     read_dictionary=self.dictionary_columns)
             yield from parquet.iter_batches(batch_size=self.batch_rows, columns=list(columns))
             return
-        with pa.memory_map(str(self.path)) as source:
-            reader = pa.ipc.open_file(source)
-            for index in range(reader.num_record_batches):
-                batch = reader.get_batch(index).select(list(columns))
+        with pa.OSFile(str(self.path)) as source:  # not memory-mapped: what was read leaves memory
+            for batch in pa.ipc.open_stream(source):
+                batch = batch.select(list(columns))
                 for start in range(0, batch.num_rows, self.batch_rows):
                     yield batch.slice(start, self.batch_rows)
 
@@ -101,9 +104,9 @@ def parquet_table(path: Path, batch_rows: int) -> TableFile:
 
 
 def csv_schema(path: Path, block_bytes: int) -> tuple[pa.Schema, pa.RecordBatch]:
-    """The CSV's header with the types pyarrow infers from its first block, and that block."""
+    """The CSV's header with the types pyarrow infers from its first block (of at most 1 MiB), and that block."""
     try:
-        reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=block_bytes),
+        reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=min(block_bytes, SNIFF_BYTES)),
                                 convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
         first = reader.read_next_batch()
     except StopIteration:
@@ -114,13 +117,21 @@ def csv_schema(path: Path, block_bytes: int) -> tuple[pa.Schema, pa.RecordBatch]
     return first.schema, first
 
 
-def spill_csv(
-    path: Path, header: Sequence[str], column_types: dict[str, pa.DataType], vector_columns: set[str], spill: Path,
-    block_bytes: int,
-) -> pa.Schema:
-    """Parse the CSV's needed columns once (``column_types``: what each is read as), vector text cells into
-    lists, numbers into float32, into an Arrow file at ``spill``; its schema."""
-    convert = pacsv.ConvertOptions(column_types=column_types, include_columns=list(column_types),
+@dataclass(frozen=True)
+class CsvColumns:
+    """How a CSV's needed columns are read: ``types`` (each column's type, in the order kept), the text
+    columns holding vectors, and the text columns of few values (labels, splits) to dictionary-encode."""
+
+    header: Sequence[str]
+    types: dict[str, pa.DataType]
+    vectors: set[str]
+    dictionary: set[str]
+
+
+def spill_csv(path: Path, columns: CsvColumns, spill: Path, block_bytes: int) -> pa.Schema:
+    """Parse the CSV's needed columns once, vector text cells into lists, numbers into float32, into an Arrow
+    file at ``spill``; its schema."""
+    convert = pacsv.ConvertOptions(column_types=columns.types, include_columns=list(columns.types),
                                    strings_can_be_null=True)
     reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=block_bytes), convert_options=convert)
     writer, first_row = None, 0
@@ -131,10 +142,11 @@ def spill_csv(
             except StopIteration:
                 break
             except pa.ArrowInvalid as error:
-                raise DatasetError(f"{path.name}: after row {first_row}: {_csv_problem(error, header)}") from None
-            batch = _parsed(batch, vector_columns, first_row)
+                problem = _csv_problem(error, columns.header)
+                raise DatasetError(f"{path.name}: after row {first_row}: {problem}") from None
+            batch = _parsed(batch, columns, first_row)
             if writer is None:
-                writer = pa.ipc.new_file(str(spill), batch.schema)
+                writer = pa.ipc.new_stream(str(spill), batch.schema)  # a stream: each block has its dictionary
             writer.write_batch(batch)
             first_row += batch.num_rows
     finally:
@@ -143,15 +155,18 @@ def spill_csv(
             writer.close()
     if writer is None:
         raise DatasetError(f"{path.name}: holds no rows")
-    return pa.ipc.open_file(pa.memory_map(str(spill))).schema
+    with pa.OSFile(str(spill)) as source:
+        return pa.ipc.open_stream(source).schema
 
 
-def _parsed(batch: pa.RecordBatch, vector_columns: set[str], first_row: int) -> pa.RecordBatch:
+def _parsed(batch: pa.RecordBatch, columns: CsvColumns, first_row: int) -> pa.RecordBatch:
     arrays = []
     for name, column in zip(batch.schema.names, batch.columns, strict=True):
-        if name in vector_columns:
+        if name in columns.vectors:
             column = pc.cast(parse_vectors(column, what=f"column {name!r}", first_row=first_row),
                              pa.list_(pa.float32()))
+        elif name in columns.dictionary:
+            column = pc.cast(column, pa.dictionary(pa.int32(), pa.string()))
         elif pa.types.is_floating(column.type):
             column = pc.cast(column, pa.float32())
         arrays.append(column)
