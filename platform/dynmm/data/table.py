@@ -147,13 +147,13 @@ class _RowReader:
         first_row = 0
         for record_batch in plan.file.batches(plan.columns):
             batch = pa.Table.from_batches([record_batch])
-            labels, labelled = label_values(batch, plan, self.labels.names)
+            labels, labelled = label_values(batch, plan, self.labels.names, first_row)
             if dealer is None:
                 codes = np.where(labelled, label_indices(batch.column(plan.split_column), SPLITS), -1)
             else:
                 classes = labels if plan.task in CLASSIFICATION else np.zeros(len(labels), dtype=np.int64)
                 codes = dealer.deal(np.where(labelled, classes, -1))
-            values = {name: modality_values(batch, name, source, plan.shapes[name])
+            values = {name: modality_values(batch, name, source, plan.shapes[name], first_row)
                       for name, source in plan.modalities.items()}
             complete = labelled.copy()
             for array in values.values():

@@ -59,11 +59,14 @@ def modality_arrays(rows: Rows, meta: DatasetMeta) -> dict[str, np.ndarray]:
     return arrays
 
 
-def modality_values(table: pa.Table, name: str, source: ModalityColumns, shape: Sequence[int]) -> np.ndarray:
-    """One modality's float32 values (N, *shape): its columns side by side, or its one vector column."""
+def modality_values(
+    table: pa.Table, name: str, source: ModalityColumns, shape: Sequence[int], first_row: int = 0,
+) -> np.ndarray:
+    """One modality's float32 values (N, *shape): its columns side by side, or its one vector column
+    (``first_row``: the row number of the table's first row, for messages)."""
     size = math.prod(shape)
     if len(source.columns) == 1 and _holds_vectors(table.column(source.columns[0])):
-        values = vector_values(table.column(source.columns[0]), size, what=f"modality {name!r}")
+        values = vector_values(table.column(source.columns[0]), size, what=f"modality {name!r}", first_row=first_row)
     else:
         if len(source.columns) != size:
             raise DatasetError(f"modality {name!r}: {len(source.columns)} column(s) cannot fill shape {tuple(shape)}")
@@ -138,13 +141,13 @@ def _split_like_first_cell(strings: pa.Array) -> pa.Array | None:
         return None
 
 
-def vector_values(column: pa.ChunkedArray | pa.Array, size: int, *, what: str) -> np.ndarray:
+def vector_values(column: pa.ChunkedArray | pa.Array, size: int, *, what: str, first_row: int = 0) -> np.ndarray:
     """A column holding one vector per row (a list, or text in CSV) as float32 (N, size), NaN where the cell
     or an element is null; a vector of another length raises DatasetError naming its row."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks() if column.num_chunks else pa.array([], type=column.type)
     if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-        column = parse_vectors(column, what=what)
+        column = parse_vectors(column, what=what, first_row=first_row)
     if not _holds_vectors(column) or not is_number_type(column.type.value_type):
         raise DatasetError(f"{what}: expected a numeric column or a column of numeric lists, got {column.type}")
     lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
@@ -152,7 +155,7 @@ def vector_values(column: pa.ChunkedArray | pa.Array, size: int, *, what: str) -
     wrong = valid & (lengths != size)
     if wrong.any():
         row = int(np.flatnonzero(wrong)[0])
-        raise DatasetError(f"{what}: row {row} holds {int(lengths[row])} numbers, expected {size}")
+        raise DatasetError(f"{what}: row {first_row + row} holds {int(lengths[row])} numbers, expected {size}")
     elements = scalar_values(pc.list_flatten(column), what=what)
     if valid.all():
         return elements.reshape(len(column), size)

@@ -45,6 +45,7 @@ def survey_labels(plan: TablePlan, file: str) -> LabelSurvey:
     splits: Counter = Counter()
     names = _multilabel_names(plan) if plan.task == "multilabel" else None
     columns = [*plan.label_columns, *([plan.split_column] if plan.split_column else [])]
+    first_row = 0
     for record_batch in plan.file.batches(columns):
         batch = pa.Table.from_batches([record_batch])
         if plan.split_column:
@@ -52,7 +53,8 @@ def survey_labels(plan: TablePlan, file: str) -> LabelSurvey:
         if plan.task in CLASSIFICATION:
             values.update(_value_counts(batch.column(plan.label_columns[0])))
         else:
-            values[0] += int(label_values(batch, plan, names)[1].sum())
+            values[0] += int(label_values(batch, plan, names, first_row)[1].sum())
+        first_row += batch.num_rows
     _check_split_column(file, plan.split_column, splits)
     if plan.task not in CLASSIFICATION:
         return LabelSurvey(names, [values[0]])
@@ -111,9 +113,11 @@ def _multilabel_names(plan: TablePlan) -> list[LabelName]:
     return list(range(plan.label_positions))
 
 
-def label_values(batch: pa.Table, plan: TablePlan, names: Sequence[LabelName] | None) -> tuple[np.ndarray, np.ndarray]:
+def label_values(
+    batch: pa.Table, plan: TablePlan, names: Sequence[LabelName] | None, first_row: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
     """A batch's labels as stored (class indices int64; regression float32; multilabel float32 (N, C)) and
-    whether each row has a label (no missing cell, no NaN or inf)."""
+    whether each row has a label (no missing cell, no NaN or inf); ``first_row`` numbers rows in messages."""
     columns = plan.label_columns
     if plan.task in CLASSIFICATION:
         indices = label_indices(batch.column(columns[0]), names)
@@ -122,7 +126,8 @@ def label_values(batch: pa.Table, plan: TablePlan, names: Sequence[LabelName] | 
         values = scalar_values(batch.column(columns[0]), what=f"label column {columns[0]!r}")
         return values, np.isfinite(values)
     if len(columns) == 1:
-        values = vector_values(batch.column(columns[0]), plan.label_positions, what=f"label column {columns[0]!r}")
+        values = vector_values(batch.column(columns[0]), plan.label_positions, what=f"label column {columns[0]!r}",
+                               first_row=first_row)
     else:
         values = np.stack([scalar_values(batch.column(column), what=f"label column {column!r}")
                            for column in columns], axis=1)

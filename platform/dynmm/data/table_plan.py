@@ -133,8 +133,16 @@ def _is_list(kind: pa.DataType) -> bool:
 
 
 def _csv_vector_columns(modalities, labels: tuple[str, ...], task: str, first: pa.RecordBatch) -> set[str]:
-    """The CSV columns that hold a vector per row: a modality's only column or a multilabel's only column whose
-    first block is text; text that is no list of numbers is a non-numeric column."""
+    """The CSV columns that hold a vector per row: a modality's or a multilabel's only column whose first block
+    is text. Text where numbers belong (one of several columns, a regression label, text that is no list of
+    numbers) is refused, naming the column."""
+    numeric = [(f"--modality {item.name}", column) for item in modalities if len(item.columns) > 1
+               for column in item.columns]
+    if task == "regression" or (task == "multilabel" and len(labels) > 1):
+        numeric += [("--label", column) for column in labels]
+    for what, column in numeric:
+        if _is_text(first.schema.field(column).type):
+            raise _not_numeric(what, column, first)
     single = [(f"--modality {item.name}", item.columns[0]) for item in modalities if len(item.columns) == 1]
     if task == "multilabel" and len(labels) == 1:
         single.append(("--label", labels[0]))
@@ -144,11 +152,23 @@ def _csv_vector_columns(modalities, labels: tuple[str, ...], task: str, first: p
             try:
                 parse_vectors(first.column(column), what=what)
             except DatasetError:
-                sample = next((cell for cell in first.column(column).to_pylist() if cell), "")
-                raise DatasetError(f"{what}: column {column!r} is not numeric (it holds text such as {sample!r})"
-                                   ) from None
+                raise _not_numeric(what, column, first) from None
             vectors.add(column)
     return vectors
+
+
+def _not_numeric(what: str, column: str, first: pa.RecordBatch) -> DatasetError:
+    cells = [cell for cell in first.column(column).to_pylist() if cell]
+    sample = next((cell for cell in cells if not _is_number_text(cell)), cells[0] if cells else "")
+    return DatasetError(f"{what}: column {column!r} is not numeric (it holds text such as {sample!r})")
+
+
+def _is_number_text(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
 
 
 def _csv_types(modalities, labels, task, vectors, id_column, split_column) -> dict[str, pa.DataType]:

@@ -133,7 +133,10 @@ def spill_csv(path: Path, columns: CsvColumns, spill: Path, block_bytes: int) ->
     file at ``spill``; its schema."""
     convert = pacsv.ConvertOptions(column_types=columns.types, include_columns=list(columns.types),
                                    strings_can_be_null=True)
-    reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=block_bytes), convert_options=convert)
+    try:
+        reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=block_bytes), convert_options=convert)
+    except pa.ArrowInvalid as error:
+        raise DatasetError(f"{path.name}: {_csv_problem(error, columns.header)}") from None
     writer, first_row = None, 0
     try:
         while True:
