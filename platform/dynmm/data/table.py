@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from dynmm.data.format import LABEL, SAMPLE_ID, SPLITS, DatasetMeta, InputTransform, ModalitySpec
 from dynmm.data.table_columns import label_indices, modality_values
@@ -203,9 +204,10 @@ def _stage(staged: StagedSplits, plan: TablePlan, batch: _Rows) -> None:
         columns = {name: values[kept] for name, values in batch.values.items()}
         columns[LABEL] = batch.labels[kept]
         columns[SOURCE_ROWS] = kept + batch.first_row
-        ids = batch.batch.column(plan.id_column).take(kept).combine_chunks() if plan.id_column else (
-            pa.array(columns[SOURCE_ROWS]))
-        columns[SAMPLE_ID] = ids.cast(pa.string())
+        row_numbers = pa.array(columns[SOURCE_ROWS]).cast(pa.string())
+        ids = batch.batch.column(plan.id_column).take(kept).combine_chunks().cast(pa.string()) if (
+            plan.id_column) else row_numbers
+        columns[SAMPLE_ID] = pc.coalesce(ids, row_numbers)  # an empty id cell: the row number
         staged.add(split, columns)
 
 
