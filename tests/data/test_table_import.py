@@ -244,3 +244,17 @@ def test_options_of_other_kinds_are_refused_for_a_table(tmp_path, table_file, ca
 def test_table_options_are_refused_for_other_kinds(tmp_path, capsys):
     assert main(["data", "prepare", "digits", "--out", str(tmp_path / "d"), "--label", "x"]) == 2
     assert "['label'] apply only to 'table'" in capsys.readouterr().err
+
+
+def test_split_fractions_set_the_split_sizes(tmp_path, table_file):
+    src, _ = table_file(".parquet")
+    assert prepare(src, tmp_path / "halves", "--split", "0.5,0.25,0.25") == 0
+    assert read_meta(tmp_path / "halves").splits == {"train": 100, "valid": 50, "test": 50}
+
+
+def test_a_constant_feature_keeps_std_1(tmp_path, table_file):
+    src, _ = table_file(".parquet", lambda columns: columns.update({"temp.c": np.full(TABLE_ROWS, 21)}))
+    assert prepare(src, tmp_path / "c") == 0
+    transform = read_meta(tmp_path / "c").input_transforms["env"]
+    assert transform.mean[2] == 21 and transform.std[2] == 1.0
+    assert (load_split(tmp_path / "c", "test")["env"][:, 2] == 0).all()

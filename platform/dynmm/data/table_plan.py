@@ -95,8 +95,9 @@ def plan_table(src: Path, request: TableRequest, *, spill: Path, batch_rows: int
     if is_csv:
         vectors = _csv_vector_columns(modalities, labels, request.task, first)
         types = _csv_types(modalities, labels, request.task, vectors, id_column, split_column)
-        table_file = TableFile(spill, "arrow", spill_csv(src, CsvColumns(names, types, vectors, set(text_columns)),
-                                                         spill, csv_block_bytes), batch_rows)
+        csv_columns = CsvColumns(names, types, vectors, set(text_columns))
+        table_file = TableFile(spill, "arrow", spill_csv(src, csv_columns, spill, csv_block_bytes, batch_rows),
+                               batch_rows)
     table_file.dictionary_columns = text_columns
     columns = {item.name: ModalityColumns(columns=item.columns, vector_column=_holds_vectors(table_file, item.columns))
                for item in modalities}

@@ -13,10 +13,13 @@ Imports nothing from models, ray or mlflow.
 from __future__ import annotations
 
 import difflib
+import queue
 import re
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -27,6 +30,8 @@ from dynmm.data.format import LABEL, SAMPLE_ID
 from dynmm.data.table_columns import parse_vectors
 from dynmm.errors import DatasetError
 
+T = TypeVar("T")
+_END = object()  # read_ahead's marker: the producer is done
 MODALITY_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 RESHAPE = re.compile(r"^(?P<columns>.*):(?P<shape>[0-9]+(?:x[0-9]+)*)$")
 SNIFF_BYTES = 1 << 20  # what a CSV's column types are inferred from
@@ -128,31 +133,23 @@ class CsvColumns:
     dictionary: set[str]
 
 
-def spill_csv(path: Path, columns: CsvColumns, spill: Path, block_bytes: int) -> pa.Schema:
+def spill_csv(path: Path, columns: CsvColumns, spill: Path, block_bytes: int, batch_rows: int) -> pa.Schema:
     """Parse the CSV's needed columns once, vector text cells into lists, numbers into float32, into an Arrow
-    file at ``spill``; its schema."""
+    stream at ``spill`` in batches of about ``batch_rows`` rows; its schema. Parsing the next blocks overlaps
+    the work on the last ones (``read_ahead``)."""
     convert = pacsv.ConvertOptions(column_types=columns.types, include_columns=list(columns.types),
                                    strings_can_be_null=True)
     try:
         reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=block_bytes), convert_options=convert)
     except pa.ArrowInvalid as error:
         raise DatasetError(f"{path.name}: {_csv_problem(error, columns.header)}") from None
-    writer, first_row = None, 0
+    writer, blocks = None, read_ahead(_blocks(path, reader, columns.header))
     try:
-        while True:
-            try:
-                batch = reader.read_next_batch()
-            except StopIteration:
-                break
-            except pa.ArrowInvalid as error:
-                problem = _csv_problem(error, columns.header)
-                raise DatasetError(f"{path.name}: after row {first_row}: {problem}") from None
-            batch = _parsed(batch, columns, first_row)
-            if writer is None:
-                writer = pa.ipc.new_stream(str(spill), batch.schema)  # a stream: each block has its dictionary
+        for batch in _regrouped(_parsed_blocks(path, blocks, columns), batch_rows):
+            writer = writer or pa.ipc.new_stream(str(spill), batch.schema)  # a stream: each batch its dictionary
             writer.write_batch(batch)
-            first_row += batch.num_rows
     finally:
+        blocks.close()  # the producer thread stops before the reader closes
         reader.close()
         if writer is not None:
             writer.close()
@@ -162,7 +159,87 @@ def spill_csv(path: Path, columns: CsvColumns, spill: Path, block_bytes: int) ->
         return pa.ipc.open_stream(source).schema
 
 
+def _blocks(path: Path, reader: pacsv.CSVStreamingReader, header: Sequence[str]) -> Iterator[pa.RecordBatch]:
+    rows = 0
+    while True:
+        try:
+            batch = reader.read_next_batch()
+        except StopIteration:
+            return
+        except pa.ArrowInvalid as error:
+            raise DatasetError(f"{path.name}: after row {rows}: {_csv_problem(error, header)}") from None
+        rows += batch.num_rows
+        yield batch
+
+
+def _parsed_blocks(path: Path, blocks: Iterable[pa.RecordBatch], columns: CsvColumns) -> Iterator[pa.RecordBatch]:
+    first_row = 0
+    for batch in blocks:
+        yield _parsed(batch, columns, first_row)
+        first_row += batch.num_rows
+
+
+def _regrouped(batches: Iterable[pa.RecordBatch], rows: int) -> Iterator[pa.RecordBatch]:
+    """Small batches (a CSV block of 1 MiB is about a thousand rows) gathered into batches of >= ``rows``."""
+    pending, pending_rows = [], 0
+    for batch in batches:
+        pending.append(batch)
+        pending_rows += batch.num_rows
+        if pending_rows >= rows:
+            yield _joined(pending)
+            pending, pending_rows = [], 0
+    if pending:
+        yield _joined(pending)
+
+
+def _joined(batches: list[pa.RecordBatch]) -> pa.RecordBatch:
+    if len(batches) == 1:
+        return batches[0]
+    return pa.Table.from_batches(batches).unify_dictionaries().combine_chunks().to_batches()[0]
+
+
+def read_ahead(items: Iterable[T], depth: int = 1) -> Iterator[T]:
+    """``items``, produced by a thread at most ``depth`` ahead of the caller: reading, decoding or parsing
+    the next item (pyarrow and numpy release the GIL) overlaps the caller's work on this one, on a second
+    core. An exception in the producer is raised here; closing this generator stops the producer."""
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def offer(entry) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not offer((item, None)):
+                    return
+            offer((_END, None))
+        except BaseException as error:  # handed to the caller, raised in its thread
+            offer((_END, error))
+
+    producer = threading.Thread(target=produce, name="read-ahead", daemon=True)
+    producer.start()
+    try:
+        while True:
+            item, error = slots.get()
+            if error is not None:
+                raise error
+            if item is _END:
+                return
+            yield item
+    finally:
+        stop.set()
+        producer.join()
+
+
 def _parsed(batch: pa.RecordBatch, columns: CsvColumns, first_row: int) -> pa.RecordBatch:
+    """A parsed CSV block as the spill holds it."""
     arrays = []
     for name, column in zip(batch.schema.names, batch.columns, strict=True):
         if name in columns.vectors:
