@@ -26,6 +26,7 @@ import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,10 +35,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dynmm.data.format import LABEL, SAMPLE_ID, SPLITS, DatasetMeta, InputTransform, ModalitySpec
+from dynmm.data.overlap import WorkBehind, read_ahead
 from dynmm.data.table_columns import label_indices, modality_values
 from dynmm.data.table_labels import LabelSurvey, label_values, survey_labels
 from dynmm.data.table_plan import CLASSIFICATION, TablePlan, TableRequest, plan_table
-from dynmm.data.table_source import read_ahead
 from dynmm.data.table_split import DEFAULT_FRACTIONS, SplitDealer, parse_fractions
 from dynmm.data.table_stage import SOURCE_ROWS, StagedSplits
 from dynmm.data.writer import DatasetWriter, dataset_writer, refuse_existing_output
@@ -45,6 +46,7 @@ from dynmm.errors import DatasetError
 
 BATCH_ROWS = 32768
 CSV_BLOCK_BYTES = 1 << 20  # measured: 1 MiB blocks parse as fast as read_csv's, in a tenth of the memory of 16
+MOMENT_BLOCK_ROWS = 8192
 PART_BYTES = 32 << 20  # rows are written in Parquet files of about this many bytes (in memory)
 
 
@@ -88,32 +90,52 @@ def convert_table(
 
 
 class Moments:
-    """Per-feature count, mean and sum of squared deviations of the train rows, in float64, merged batch by
-    batch (Chan, Golub and LeVeque's pairwise update), so the statistics need one pass and no rows kept."""
+    """Per-feature count, mean and sum of squared deviations of the train rows, in float64, so the statistics
+    need one pass and no rows kept: rows are taken in blocks of ``MOMENT_BLOCK_ROWS`` (however the table was
+    batched, so the same table gives the same numbers to the bit) and the blocks merged in order (Chan, Golub
+    and LeVeque's pairwise update)."""
 
     def __init__(self):
         self.count, self.mean, self.squares = 0, 0.0, 0.0
+        self.pending: list[np.ndarray] = []
+        self.pending_rows = 0
 
     def add(self, values: np.ndarray) -> None:
         """Add a batch of samples (N, *shape); a feature is an element of a vector, the last axis of a
         sequence (T, D), the first axis (a channel) of an image (C, H, W)."""
-        features = _feature_rows(values)
-        if len(features) == 0:
+        self.pending.append(_feature_rows(values))
+        self.pending_rows += len(self.pending[-1])
+        if self.pending_rows < MOMENT_BLOCK_ROWS:
             return
-        mean = features.mean(axis=0, dtype=np.float64)
-        deviations = np.subtract(features, mean)  # float64
-        squares = np.square(deviations, out=deviations).sum(axis=0)
-        count = self.count + len(features)
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (len(features) / count)
-        self.squares = self.squares + squares + np.square(delta) * (self.count * len(features) / count)
+        rows = np.concatenate(self.pending)
+        whole = len(rows) - len(rows) % MOMENT_BLOCK_ROWS
+        for start in range(0, whole, MOMENT_BLOCK_ROWS):
+            self._merge(rows[start : start + MOMENT_BLOCK_ROWS])
+        self.pending, self.pending_rows = [rows[whole:]], len(rows) - whole
+
+    def _merge(self, features: np.ndarray) -> None:
+        rows = len(features)
+        # Deviations from the block's mean rounded to float32 are exact enough in float32 (half the memory of
+        # float64); their sums, and the squares' sums, are taken in float64, less the rounding's share.
+        shift = (np.add.reduce(features, axis=0, dtype=np.float64) / rows).astype(features.dtype)
+        deviations = features - shift
+        offset = np.add.reduce(deviations, axis=0, dtype=np.float64) / rows
+        squares = np.einsum("ij,ij->j", deviations, deviations, dtype=np.float64) - rows * np.square(offset)
+        count = self.count + rows
+        delta = shift + offset - self.mean
+        self.mean = self.mean + delta * (rows / count)
+        self.squares = self.squares + squares + np.square(delta) * (self.count * rows / count)
         self.count = count
 
     def transform(self, shape: tuple[int, ...]) -> InputTransform:
-        """The standardize transform, its mean and std shaped to broadcast against one sample of ``shape``. A
-        feature without spread (std 0, or below float32's resolution of its mean) keeps std 1."""
+        """The standardize transform (the rows still pending merged first), its mean and std shaped to
+        broadcast against one sample of ``shape``. A feature without spread (std 0, or under a sixth of
+        float32's resolution at its mean: rounding, not data) keeps std 1."""
+        if self.pending_rows:
+            self._merge(np.concatenate(self.pending))
+            self.pending, self.pending_rows = [], 0
         std = np.sqrt(self.squares / self.count)
-        std = np.where(std > 1e-6 * np.abs(self.mean), std, 1.0)
+        std = np.where(std > 1e-8 * np.abs(self.mean), std, 1.0)
         broadcast = (shape[0], 1, 1) if len(shape) == 3 else (shape[-1],)
         return InputTransform(kind="standardize", mean=np.reshape(self.mean, broadcast).tolist(),
                               std=np.reshape(std, broadcast).tolist())
@@ -181,27 +203,35 @@ class _FeatureSurvey:
 
 
 def _survey_and_stage(rows: _RowReader, staged: StagedSplits, drop_incomplete: bool) -> _FeatureSurvey:
-    """Pass 2: the train rows' per-feature moments, complete rows per split, where cells are missing; the
-    complete rows staged per split (no longer once a missing cell means the table will be refused)."""
+    """Pass 2: complete rows per split and where cells are missing, here; the train rows' per-feature
+    moments and the staging of the complete rows per split (no longer once a missing cell means the table
+    will be refused), behind, on a worker thread (``WorkBehind``)."""
     plan = rows.plan
     survey = _FeatureSurvey({name: Moments() for name in plan.modalities}, np.zeros(len(SPLITS), np.int64), Counter())
     try:
-        for batch in rows:
-            incomplete = ~batch.complete
-            if incomplete.any():
-                survey.incomplete_rows += int(incomplete.sum())
-                if survey.first_incomplete_row is None:
-                    survey.first_incomplete_row = batch.first_row + int(np.flatnonzero(incomplete)[0])
-                _count_bad_cells(survey.bad_cells, plan, batch)
-            survey.complete_rows += np.bincount(batch.codes[batch.complete], minlength=len(SPLITS))
-            train = batch.complete & (batch.codes == 0)
-            for name, values in batch.values.items():
-                survey.moments[name].add(values[train])
-            if drop_incomplete or not survey.incomplete_rows:
-                _stage(staged, plan, batch)
+        with WorkBehind() as behind:
+            for batch in rows:
+                incomplete = ~batch.complete
+                if incomplete.any():
+                    survey.incomplete_rows += int(incomplete.sum())
+                    if survey.first_incomplete_row is None:
+                        survey.first_incomplete_row = batch.first_row + int(np.flatnonzero(incomplete)[0])
+                    _count_bad_cells(survey.bad_cells, plan, batch)
+                survey.complete_rows += np.bincount(batch.codes[batch.complete], minlength=len(SPLITS))
+                stage = drop_incomplete or not survey.incomplete_rows
+                behind.submit(_absorb, survey.moments, staged if stage else None, plan, batch)
     finally:
         staged.close()
     return survey
+
+
+def _absorb(moments: dict[str, Moments], staged: StagedSplits | None, plan: TablePlan, batch: _Rows) -> None:
+    """Add a batch's complete train rows to the moments and stage its complete rows (unless ``staged`` is None)."""
+    train = batch.complete & (batch.codes == 0)
+    for name, values in batch.values.items():
+        moments[name].add(values[train])
+    if staged is not None:
+        _stage(staged, plan, batch)
 
 
 def _stage(staged: StagedSplits, plan: TablePlan, batch: _Rows) -> None:
@@ -274,20 +304,33 @@ def _dataset_meta(src: Path, plan: TablePlan, labels: LabelSurvey, transforms: d
     )
 
 
+# Splits written side by side, each by its own thread: train (the most rows) alone, valid and test together.
+WRITER_SPLITS = (("train",), ("valid", "test"))
+
+
 def _write_staged(staged: StagedSplits, meta: DatasetMeta, writer: DatasetWriter) -> None:
-    """Pass 3: each split's staged rows, transformed, in Parquet files of about ``PART_BYTES`` each; reading
-    and transforming the next part overlaps encoding and hashing this one (``read_ahead``)."""
-    with contextlib.closing(read_ahead(_transformed_parts(staged, meta))) as parts:
-        for split, columns in parts:
-            source_rows = columns.pop(SOURCE_ROWS)
-            writer.write(split, columns, source_rows=source_rows)
+    """Pass 3: each split's staged rows, transformed, in Parquet files of about ``PART_BYTES`` each. Train is
+    written by one thread while valid and test are by another; in each, reading and transforming the next part
+    overlaps encoding and hashing this one (``read_ahead``)."""
+    with ThreadPoolExecutor(max_workers=len(WRITER_SPLITS), thread_name_prefix="write-split") as pool:
+        writing = [pool.submit(_write_splits, staged, meta, writer, splits) for splits in WRITER_SPLITS]
+        for done in writing:
+            done.result()
 
 
-def _transformed_parts(staged: StagedSplits, meta: DatasetMeta) -> Iterator[tuple[str, dict]]:
+def _write_splits(staged: StagedSplits, meta: DatasetMeta, writer: DatasetWriter, splits: tuple[str, ...]) -> None:
     row_bytes = 4 * sum(math.prod(spec.shape) for spec in meta.modalities.values()) + 8 * max(
         1, math.prod(meta.label_shape))
-    for split in SPLITS:
-        for columns in staged.parts(split, max(1, PART_BYTES // row_bytes)):
-            for name, transform in meta.input_transforms.items():
-                columns[name] = transform.apply(columns[name])
-            yield split, columns
+    for split in splits:
+        parts = staged.parts(split, max(1, PART_BYTES // row_bytes))
+        with contextlib.closing(read_ahead(_transformed(parts, meta))) as transformed:
+            for columns in transformed:
+                source_rows = columns.pop(SOURCE_ROWS)
+                writer.write(split, columns, source_rows=source_rows)
+
+
+def _transformed(parts: Iterator[dict], meta: DatasetMeta) -> Iterator[dict]:
+    for columns in parts:
+        for name, transform in meta.input_transforms.items():
+            columns[name] = transform.apply(columns[name])
+        yield columns

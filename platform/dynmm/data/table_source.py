@@ -13,13 +13,10 @@ Imports nothing from models, ray or mlflow.
 from __future__ import annotations
 
 import difflib
-import queue
 import re
-import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -27,11 +24,10 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from dynmm.data.format import LABEL, SAMPLE_ID
+from dynmm.data.overlap import read_ahead
 from dynmm.data.table_columns import parse_vectors
 from dynmm.errors import DatasetError
 
-T = TypeVar("T")
-_END = object()  # read_ahead's marker: the producer is done
 MODALITY_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 RESHAPE = re.compile(r"^(?P<columns>.*):(?P<shape>[0-9]+(?:x[0-9]+)*)$")
 SNIFF_BYTES = 1 << 20  # what a CSV's column types are inferred from
@@ -196,46 +192,6 @@ def _joined(batches: list[pa.RecordBatch]) -> pa.RecordBatch:
     if len(batches) == 1:
         return batches[0]
     return pa.Table.from_batches(batches).unify_dictionaries().combine_chunks().to_batches()[0]
-
-
-def read_ahead(items: Iterable[T], depth: int = 1) -> Iterator[T]:
-    """``items``, produced by a thread at most ``depth`` ahead of the caller: reading, decoding or parsing
-    the next item (pyarrow and numpy release the GIL) overlaps the caller's work on this one, on a second
-    core. An exception in the producer is raised here; closing this generator stops the producer."""
-    slots: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def offer(entry) -> bool:
-        while not stop.is_set():
-            try:
-                slots.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not offer((item, None)):
-                    return
-            offer((_END, None))
-        except BaseException as error:  # handed to the caller, raised in its thread
-            offer((_END, error))
-
-    producer = threading.Thread(target=produce, name="read-ahead", daemon=True)
-    producer.start()
-    try:
-        while True:
-            item, error = slots.get()
-            if error is not None:
-                raise error
-            if item is _END:
-                return
-            yield item
-    finally:
-        stop.set()
-        producer.join()
 
 
 def _parsed(batch: pa.RecordBatch, columns: CsvColumns, first_row: int) -> pa.RecordBatch:

@@ -67,7 +67,9 @@ def expect_numeric(dtype: np.dtype, *, where: str, kinds: str = "biuf") -> None:
 class DatasetWriter:
     """Validates chunks of columns against a DatasetMeta and writes each one as a Parquet file.
 
-    Made by ``dataset_writer``; ``write`` may be called any number of times per split, in any order.
+    Made by ``dataset_writer``; ``write`` may be called any number of times per split, in any order, and for
+    different splits from different threads at once (each split's counts and part numbers are its own; one
+    split's calls must not overlap).
     """
 
     def __init__(self, directory: Path, meta: DatasetMeta, *, nonfinite: NonFinitePolicy, source_name: str):
@@ -237,7 +239,8 @@ def dataset_writer(
         params = dict(meta.params)
         if writer.nonfinite_replaced:
             params["nonfinite_replaced"] = writer.nonfinite_replaced
-        written = {"splits": dict(writer.rows_written), "files": dict(writer.file_records), "params": params}
+        written = {"splits": dict(writer.rows_written), "files": dict(sorted(writer.file_records.items())),
+                   "params": params}
         write_meta(staging, meta.model_copy(update=written))
         _move_into_place(staging, out_dir, overwrite)
     except BaseException:
