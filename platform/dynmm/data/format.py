@@ -124,15 +124,22 @@ class InputTransform(BaseModel):
             raise ValueError("mean and std belong to a standardize transform; an affine one gives scale and offset")
         return self
 
-    def apply(self, source: np.ndarray) -> np.ndarray:
-        """Source values (N, *shape) -> the float32 values stored, with the arithmetic a served model uses
-        (``dynmm.track.pyfunc.model_values``), so both give the same numbers to the bit."""
-        values = np.array(source, dtype=np.float64)  # a copy, computed on in place
-        if self.neginf_as is not None:
+    def apply(self, source: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Source values (N, *shape) -> the float32 values stored (into ``out`` when given), with the arithmetic
+        a served model uses (``dynmm.track.pyfunc.model_values``: float64 source times scale plus offset,
+        rounded to float32), so both give the same numbers to the bit."""
+        scale = _numbers(self.scale, "scale")
+        if self.neginf_as is None:
+            values = np.multiply(source, scale, dtype=np.float64)  # float32 widens exactly, in the same pass
+        else:
+            values = np.array(source, dtype=np.float64)
             values[np.isneginf(values)] = self.neginf_as
-        np.multiply(values, _numbers(self.scale, "scale"), out=values)
+            np.multiply(values, scale, out=values)
         np.add(values, _numbers(self.offset, "offset"), out=values)
-        return values.astype(np.float32)
+        if out is None:
+            return values.astype(np.float32)
+        out[...] = values
+        return out
 
 
 LabelName = bool | int | float | str

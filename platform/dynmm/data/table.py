@@ -95,7 +95,7 @@ class Moments:
     batched, so the same table gives the same numbers to the bit) and the blocks merged in order (Chan, Golub
     and LeVeque's pairwise update)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.count, self.mean, self.squares = 0, 0.0, 0.0
         self.pending: list[np.ndarray] = []
         self.pending_rows = 0
@@ -164,7 +164,7 @@ class _Rows:
 class _RowReader:
     """Reads the table batch by batch as ``_Rows``; each pass deals the splits afresh, to the same rows."""
 
-    def __init__(self, plan: TablePlan, labels: LabelSurvey, fractions, seed: int):
+    def __init__(self, plan: TablePlan, labels: LabelSurvey, fractions: tuple[float, ...], seed: int):
         self.plan, self.labels, self.fractions, self.seed = plan, labels, fractions, seed
 
     def __iter__(self) -> Iterator[_Rows]:
@@ -278,7 +278,7 @@ def _refuse_gaps(file: str, plan: TablePlan, survey: _FeatureSurvey, drop_incomp
             raise DatasetError(f"{file}: split {split!r} would be empty: {where}")
 
 
-def _params(request: TableRequest, fractions, standardize: bool, dropped: int | None) -> dict:
+def _params(request: TableRequest, fractions: tuple[float, ...], standardize: bool, dropped: int | None) -> dict:
     params: dict = {"standardize": standardize}
     if request.split_column is None:
         params |= {"split_fractions": list(fractions), "seed": request.seed,
@@ -322,15 +322,8 @@ def _write_splits(staged: StagedSplits, meta: DatasetMeta, writer: DatasetWriter
     row_bytes = 4 * sum(math.prod(spec.shape) for spec in meta.modalities.values()) + 8 * max(
         1, math.prod(meta.label_shape))
     for split in splits:
-        parts = staged.parts(split, max(1, PART_BYTES // row_bytes))
-        with contextlib.closing(read_ahead(_transformed(parts, meta))) as transformed:
+        parts = staged.parts(split, max(1, PART_BYTES // row_bytes), meta.input_transforms)
+        with contextlib.closing(read_ahead(parts)) as transformed:
             for columns in transformed:
                 source_rows = columns.pop(SOURCE_ROWS)
                 writer.write(split, columns, source_rows=source_rows)
-
-
-def _transformed(parts: Iterator[dict], meta: DatasetMeta) -> Iterator[dict]:
-    for columns in parts:
-        for name, transform in meta.input_transforms.items():
-            columns[name] = transform.apply(columns[name])
-        yield columns

@@ -19,6 +19,7 @@ from dynmm.data.format import ModalityColumns, SourceTable
 from dynmm.data.table_columns import is_number_type, parse_vectors
 from dynmm.data.table_source import (
     CsvColumns,
+    ModalityRequest,
     TableFile,
     csv_schema,
     parquet_table,
@@ -107,7 +108,7 @@ def plan_table(src: Path, request: TableRequest, *, spill: Path, batch_rows: int
     return TablePlan(table_file, request.task, columns, shapes, labels, positions, id_column, split_column)
 
 
-def _refuse_overlaps(modalities, labels: tuple[str, ...], task: str) -> None:
+def _refuse_overlaps(modalities: list[ModalityRequest], labels: tuple[str, ...], task: str) -> None:
     seen: dict[str, str] = {}
     for item in modalities:
         if item.name in seen.values():
@@ -133,7 +134,9 @@ def _is_list(kind: pa.DataType) -> bool:
     return pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
 
 
-def _csv_vector_columns(modalities, labels: tuple[str, ...], task: str, first: pa.RecordBatch) -> set[str]:
+def _csv_vector_columns(
+    modalities: list[ModalityRequest], labels: tuple[str, ...], task: str, first: pa.RecordBatch,
+) -> set[str]:
     """The CSV columns that hold a vector per row: a modality's or a multilabel's only column whose first block
     is text. Text where numbers belong (one of several columns, a regression label, text that is no list of
     numbers) is refused, naming the column."""
@@ -172,7 +175,10 @@ def _is_number_text(cell: str) -> bool:
     return True
 
 
-def _csv_types(modalities, labels, task, vectors, id_column, split_column) -> dict[str, pa.DataType]:
+def _csv_types(
+    modalities: list[ModalityRequest], labels: tuple[str, ...], task: str, vectors: set[str], id_column: str | None,
+    split_column: str | None,
+) -> dict[str, pa.DataType]:
     """What each needed CSV column is read as: numbers as float64 (then float32), vectors, labels of a class
     and ids as text."""
     types = {column: pa.string() if column in vectors else pa.float64()
@@ -189,7 +195,7 @@ def _holds_vectors(table_file: TableFile, columns: tuple[str, ...]) -> bool:
     return len(columns) == 1 and _is_list(kind)
 
 
-def _shape(table_file: TableFile, item, source: ModalityColumns) -> tuple[int, ...]:
+def _shape(table_file: TableFile, item: ModalityRequest, source: ModalityColumns) -> tuple[int, ...]:
     """The modality's shape: its reshape, else (numbers per row,); every column numeric, the counts matching."""
     for column in item.columns:
         kind = table_file.schema.field(column).type

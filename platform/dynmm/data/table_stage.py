@@ -1,7 +1,8 @@
 """The complete rows of each split, staged on disk between the table import's statistics pass and its write
 pass, so that the user's file is decoded once for both (decoding Parquet or parsing CSV is the costly part):
 one Arrow IPC stream per split in a scratch folder, written batch by batch as the table streams by, read back
-in parts of a fixed row count through a plain file (not memory-mapped: what was read leaves memory).
+in parts of a fixed row count through a plain file (not memory-mapped: what was read leaves memory), each
+staged batch transformed straight into its place in the part.
 
 Imports nothing from models, ray or mlflow.
 """
@@ -9,13 +10,13 @@ Imports nothing from models, ray or mlflow.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from dynmm.data.format import LABEL, SAMPLE_ID, SPLITS
+from dynmm.data.format import LABEL, SAMPLE_ID, SPLITS, InputTransform
 
 SOURCE_ROWS = "source_row"  # each staged row's row number in the user's file, for error messages
 
@@ -47,9 +48,9 @@ class StagedSplits:
             writer.close()
         self.writers.clear()
 
-    def parts(self, split: str, part_rows: int) -> Iterator[dict]:
+    def parts(self, split: str, part_rows: int, transforms: Mapping[str, InputTransform]) -> Iterator[dict]:
         """The split's rows, ``part_rows`` at a time (the last part smaller), as numpy columns (``sample_id``
-        stays a pyarrow string array)."""
+        stays a pyarrow string array), each modality with a transform transformed."""
         path = self.folder / f"{split}.arrows"
         if split not in SPLITS or not path.is_file():
             return
@@ -61,16 +62,24 @@ class StagedSplits:
                 rows += batch.num_rows
                 while rows >= part_rows:
                     table = pa.Table.from_batches(pending)
-                    yield self._numpy(table.slice(0, part_rows))
+                    yield self._numpy(table.slice(0, part_rows), transforms)
                     pending, rows = table.slice(part_rows).to_batches(), rows - part_rows
         if rows:
-            yield self._numpy(pa.Table.from_batches(pending))
+            yield self._numpy(pa.Table.from_batches(pending), transforms)
 
-    def _numpy(self, table: pa.Table) -> dict:
+    def _numpy(self, table: pa.Table, transforms: Mapping[str, InputTransform]) -> dict:
         columns = {}
         for name in table.column_names:
-            column = table.column(name).combine_chunks()
             shape = self.shapes.get(name, self.label_shape if name == LABEL else ())
+            if name in transforms:  # each staged batch transformed straight into its place in the part
+                columns[name] = np.empty((table.num_rows, *shape), dtype=np.float32)
+                start = 0
+                for chunk in table.column(name).chunks:
+                    source = chunk.flatten().to_numpy().reshape(len(chunk), *shape)
+                    transforms[name].apply(source, out=columns[name][start : start + len(chunk)])
+                    start += len(chunk)
+                continue
+            column = table.column(name).combine_chunks()
             if name == SAMPLE_ID:
                 columns[name] = column
             elif shape:
