@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import user_tables
 
 MOSEI_ROWS = {"train": 5, "valid": 3, "test": 3}
 MMIMDB_ROWS = 10
@@ -83,5 +84,18 @@ def avmnist_source(tmp_path: Path) -> Callable:
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
             np.save(folder / name, array)
         return folder, arrays
+
+    return make
+
+
+@pytest.fixture
+def table_file(tmp_path: Path) -> Callable:
+    """``make(suffix=".parquet", edit=None, rows=200) -> (path, columns)``: the table after ``edit(columns)``."""
+
+    def make(suffix: str = ".parquet", edit: Callable[[dict], None] | None = None, rows: int = user_tables.TABLE_ROWS):
+        columns = user_tables.table_columns(rows)
+        if edit is not None:
+            edit(columns)
+        return user_tables.write_table_file(tmp_path / "source" / f"trees{suffix}", columns), columns
 
     return make

@@ -65,28 +65,108 @@ class ModalitySpec(BaseModel):
     dtype: Literal["float32"] = "float32"
 
 
+# A number, or nested lists of numbers that broadcast against one sample's shape (one per feature).
+Coefficients = float | list[Any]
+
+
+def _numbers(value: Any, what: str) -> np.ndarray:
+    """``value`` as a float64 array; a ragged or non-numeric nesting raises ValueError naming ``what``."""
+    try:
+        return np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a number or nested lists of numbers of one shape, got {value!r}") from None
+
+
 class InputTransform(BaseModel):
     """How one modality's values in the source become the values stored (and read by a model):
-    ``stored = source * scale + offset``, after the source's ``-inf`` (its marker for a missing value, as in
-    MOSEI's audio) became ``neginf_as`` where that is set. ``source_range`` bounds the source's values where
-    they have known bounds (digits pixels: 0..16). A registered model applies it before it routes, so it
-    serves values as the source provides them."""
+    ``stored = float32(source * scale + offset)``, computed in float64, after the source's ``-inf`` (its
+    marker for a missing value, as in MOSEI's audio) became ``neginf_as`` where that is set.
+    ``source_range`` bounds the source's values where they have known bounds (digits pixels: 0..16). A
+    registered model applies it before it routes, so it serves values as the source provides them.
+
+    ``kind`` says where the numbers come from: ``affine`` gives ``scale`` and ``offset`` (numbers, e.g.
+    pixel / 16); ``standardize`` gives the per-feature ``mean`` and ``std`` of the train split, from which
+    ``scale = 1 / std`` and ``offset = -mean / std`` are derived, so anything that applies ``scale`` and
+    ``offset`` applies it too. Per-feature numbers are nested lists that broadcast against one sample:
+    (D,) for a vector (D,) or a sequence (T, D), (C, 1, 1) for an image (C, H, W)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    scale: float = 1.0
-    offset: float = 0.0
+    kind: Literal["affine", "standardize"] = "affine"
+    scale: Coefficients = 1.0
+    offset: Coefficients = 0.0
     source_range: tuple[float, float] | None = None
     neginf_as: float | None = None
+    mean: list[Any] | None = None
+    std: list[Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _scale_and_offset_from_statistics(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("kind") != "standardize":
+            return data
+        if data.get("mean") is None or data.get("std") is None:
+            raise ValueError("a standardize transform needs the per-feature mean and std")
+        mean, std = _numbers(data["mean"], "mean"), _numbers(data["std"], "std")
+        if mean.shape != std.shape or not (std > 0).all():
+            raise ValueError(f"std must be positive and shaped as mean {mean.shape}, got shape {std.shape}")
+        return {**data, "scale": (1.0 / std).tolist(), "offset": (-mean / std).tolist()}
 
     @model_validator(mode="after")
     def _finite_and_invertible(self) -> InputTransform:
-        numbers = [self.scale, self.offset, *(self.source_range or ()), self.neginf_as or 0.0]
-        if not np.isfinite(numbers).all() or self.scale == 0:
+        scale, offset = _numbers(self.scale, "scale"), _numbers(self.offset, "offset")
+        numbers = [*scale.ravel(), *offset.ravel(), *(self.source_range or ()), self.neginf_as or 0.0]
+        if not np.isfinite(numbers).all() or (scale == 0).any():
             raise ValueError(f"an input transform needs finite numbers and a non-zero scale, got {self}")
         if self.source_range is not None and self.source_range[0] > self.source_range[1]:
             raise ValueError(f"source_range must be (low, high) with low <= high, got {self.source_range}")
+        if self.kind == "affine" and (self.mean is not None or self.std is not None):
+            raise ValueError("mean and std belong to a standardize transform; an affine one gives scale and offset")
         return self
+
+    def apply(self, source: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Source values (N, *shape) -> the float32 values stored (into ``out`` when given), with the arithmetic
+        a served model uses (``dynmm.track.pyfunc.model_values``: float64 source times scale plus offset,
+        rounded to float32), so both give the same numbers to the bit."""
+        scale = _numbers(self.scale, "scale")
+        if self.neginf_as is None:
+            values = np.multiply(source, scale, dtype=np.float64)  # float32 widens exactly, in the same pass
+        else:
+            values = np.array(source, dtype=np.float64)
+            values[np.isneginf(values)] = self.neginf_as
+            np.multiply(values, scale, out=values)
+        np.add(values, _numbers(self.offset, "offset"), out=values)
+        if out is None:
+            return values.astype(np.float32)
+        out[...] = values
+        return out
+
+
+LabelName = bool | int | float | str
+
+
+class ModalityColumns(BaseModel):
+    """Where one modality's values sit in a user's table: ``columns`` in order, each one number per row, or
+    one column holding each row's whole vector (a list; in CSV, numbers separated by ``;``, ``,`` or spaces,
+    optionally in brackets). The row's numbers, in column order, are reshaped (C order) to the modality's
+    shape."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    columns: tuple[str, ...]
+    vector_column: bool = False
+
+
+class SourceTable(BaseModel):
+    """What a model served from this dataset needs to read the user's original table rows: which columns
+    make each modality, the label column(s) and the id column (None: the sample id is the row number)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    file_format: Literal["parquet", "csv"]
+    modalities: dict[str, ModalityColumns]
+    label_columns: tuple[str, ...]
+    id_column: str | None = None
 
 
 class DatasetMeta(BaseModel):
@@ -107,6 +187,9 @@ class DatasetMeta(BaseModel):
     label_dtype: Literal["int64", "float32", "uint8"] = "float32"
     label_range: tuple[float, float] | None = None
     input_transforms: dict[str, InputTransform] = {}  # modality -> source-to-stored map; none: stored as given
+    # class index -> the user's own label (binary, multiclass) or the name of each multi-hot position
+    label_names: list[LabelName] | None = None
+    source_table: SourceTable | None = None  # the user's table this dataset was imported from, if any
     splits: dict[str, int] = {}
     # "<split>/part-NNNNN.parquet" -> its record; empty in datasets written before records were kept
     files: dict[str, FileRecord] = {}
@@ -152,6 +235,10 @@ class DatasetMeta(BaseModel):
         unknown_transforms = set(self.input_transforms) - set(self.modalities)
         if unknown_transforms:
             raise ValueError(f"input_transforms name modalities {sorted(unknown_transforms)} the dataset lacks")
+        if self.label_names is not None and len(self.label_names) != self.num_classes:
+            raise ValueError(f"label_names must name each of the {self.num_classes} classes, got {self.label_names}")
+        if self.source_table is not None and set(self.source_table.modalities) != set(self.modalities):
+            raise ValueError("source_table.modalities must name the dataset's modalities")
         unknown_splits = set(self.splits) - set(SPLITS)
         if unknown_splits:
             raise ValueError(f"splits must be among {list(SPLITS)}, got {sorted(unknown_splits)}")
