@@ -22,10 +22,10 @@ import torch
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from dynmm.train.cache_format import ExpertOutputCache
 from dynmm.train.checkpoints import load_state, read_epoch_history, result_metrics
 from dynmm.train.datasets import StreamedSplits, build_datasets, cache_in_memory, keeps_data_in_memory
 from dynmm.train.endings import ctrl_c_as_keyboard_interrupt, raise_if_loss_diverged, user_errors_of_workers
-from dynmm.train.expert_cache import ExpertOutputCache
 from dynmm.train.faults import fault_plan
 from dynmm.train.host import LocalHost
 from dynmm.train.job import CheckpointPlan, CohortMember, DataPlan, StageConfig, WorkerJob
