@@ -8,15 +8,13 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import ray.train
-
 from dynmm.errors import UserError
 from dynmm.models import flops_to_gflops
 from dynmm.spec.models import LatencySpec
 from dynmm.track.pyfunc import log_pyfunc_model
 from dynmm.track.registry import FrontModel, register_front, registered_name
 from dynmm.track.runs import find_runs, redact_credentials
-from dynmm.train import load_model_from_checkpoint
+from dynmm.train import load_model_from_checkpoint, open_checkpoint
 from dynmm.train.metrics import LATENCY_METRIC
 from dynmm.tune.front import FrontReport
 from dynmm.tune.records import FrontMember
@@ -38,7 +36,7 @@ def register_study_front(run: StudyRun, report: FrontReport) -> dict[str, str]:
     def log_model(model_entry: FrontModel) -> str:
         member = by_trial[model_entry.trial_id]
         spec = trial_spec(prepared.spec, member.trial.params)
-        model = load_model_from_checkpoint(spec, ray.train.Checkpoint(member.trial.checkpoint))
+        model = load_model_from_checkpoint(spec, open_checkpoint(member.trial.checkpoint))
         with tempfile.TemporaryDirectory() as workdir:
             return log_pyfunc_model(
                 model_entry.run_id, model, spec.model.name, spec.model.args, prepared.meta.task,

@@ -109,6 +109,7 @@ class StudyRun:
     trials: list[TrialRecord]
     elapsed_seconds: float
     time_split: dict[str, float] = field(default_factory=dict)  # where the study's seconds went, by part
+    folder: StudyFolder | None = None  # where the front is published too (beside Tune's experiment)
 
 
 def run_study(
@@ -135,8 +136,8 @@ def run_study(
     elapsed = time.monotonic() - started
     split = {**setup.seconds, "training": progress.training_seconds, "evaluation": progress.evaluation_seconds}
     split["start-up and other"] = max(elapsed - sum(split.values()), 0.0)
-    return StudyRun(plan.folder.name, Path(plan.folder.results), plan.tracking_uri, setup.context.parent_run_id,
-                    plan.objectives, plan.prepared, setup.experts_metrics, trials, elapsed, split)
+    return StudyRun(plan.folder.name, plan.folder.driver_files, plan.tracking_uri, setup.context.parent_run_id,
+                    plan.objectives, plan.prepared, setup.experts_metrics, trials, elapsed, split, plan.folder)
 
 
 def plan_study(spec: PipelineSpec, resume: bool = False, verbose: bool = False) -> StudyPlan:
@@ -249,8 +250,9 @@ def closing_study_runs(tracking_uri: str, experiment: str, study: str, parent_ru
             raise
 
 
-def report_study(run: StudyRun, evaluate_on_test: bool = True) -> tuple[FrontReport, dict[str, Path]]:
-    """Front of the completed trials; members re-evaluated on the test split; JSON, CSV and PNG written."""
+def report_study(run: StudyRun, evaluate_on_test: bool = True) -> tuple[FrontReport, dict[str, str]]:
+    """Front of the completed trials; members re-evaluated on the test split; JSON, CSV and PNG written on the
+    driver's disk, logged to the study's run and published beside Tune's experiment; returns where each lies."""
     prepared = run.prepared
     baselines = static_baselines(run.experts_metrics, prepared)
     report = build_front(run.trials, list(run.objectives.metrics), list(run.objectives.modes), baselines,
@@ -261,7 +263,8 @@ def report_study(run: StudyRun, evaluate_on_test: bool = True) -> tuple[FrontRep
     paths = write_front(report, run.trials, run.results_dir)
     log_run_outputs(run.tracking_uri, run.parent_run_id, files=list(paths.values()), artifact_subdir="front",
                     table=(front_table(report), "pareto_front.json"))
-    return report, paths
+    published = run.folder.publish(list(paths.values())) if run.folder else [str(path) for path in paths.values()]
+    return report, dict(zip(paths, published, strict=True))
 
 
 def front_table(report: FrontReport) -> dict[str, list]:
