@@ -38,6 +38,18 @@ def mlflow_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """One real S3 API server (moto's server mode on 127.0.0.1, a free port) for the whole test session; each test
+    takes a bucket of its own (``new_bucket``) and hands ``environment`` to the processes it starts."""
+    from s3_server import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3-server"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def empty_mlflow_db(tmp_path_factory):
     """An MLflow SQLite store whose tables MLflow has created, once per session. A copy gives a test a store of
     its own without MLflow's table migrations, which cost seconds per new store on a loaded 2-CPU machine."""

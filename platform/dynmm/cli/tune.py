@@ -49,7 +49,7 @@ def tune_and_report(spec, *, address=None, verbose=False, resume=False) -> None:
     from dynmm.tune.study import report_study, run_study
 
     printer = EpochPrinter()
-    run = run_study(spec, address=address, verbose=verbose, resume=resume, show_epoch=printer, show_line=print)
+    run = run_study(spec, address=address, verbose=verbose, resume=resume, show_epoch=printer, show_line=printer.say)
     report, paths = report_study(run)
     if run.prepared.costs.latency_rows:
         print()

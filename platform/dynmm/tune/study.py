@@ -44,6 +44,7 @@ from dynmm.train import (
     stage_configs,
 )
 from dynmm.tune.cohorts import cohort_size, study_trial, trial_records
+from dynmm.tune.failures import FirstRoundFailures, raise_if_every_trial_failed
 from dynmm.tune.folder import StudyFolder
 from dynmm.tune.front import FrontReport, build_front, front_row, measured_latency, static_baselines, write_front
 from dynmm.tune.moasha import MemberRungs
@@ -132,6 +133,7 @@ def run_study(
     with closing_study_runs(plan.tracking_uri, plan.experiment, plan.folder.name, setup.context.parent_run_id):
         grid = search(plan, setup, progress)
         plan.folder.close_orphaned_trials()
+        raise_if_every_trial_failed(grid)
     trials = [record for result in grid for record in trial_records(result, plan.objectives.metrics)]
     elapsed = time.monotonic() - started
     split = {**setup.seconds, "training": progress.training_seconds, "evaluation": progress.evaluation_seconds}
@@ -201,6 +203,8 @@ def search(plan: StudyPlan, setup: StudySetup, progress: StudyProgress) -> ray.t
 
 
 def new_tuner(plan: StudyPlan, setup: StudySetup, trainable, progress: StudyProgress) -> ray.tune.Tuner:
+    """A new Tune experiment; a first round of trials that all fail the same way stops it (``FirstRoundFailures``)."""
+    failures = FirstRoundFailures(setup.concurrent_trials)
     spec, members = plan.spec, setup.members_per_trial
     baselines = static_baselines(setup.experts_metrics, plan.prepared)
     return ray.tune.Tuner(
@@ -219,7 +223,8 @@ def new_tuner(plan: StudyPlan, setup: StudySetup, trainable, progress: StudyProg
             reuse_actors=spec.search.scheduler.kind == "fifo" or members > 1,
         ),
         run_config=ray.tune.RunConfig(
-            name=plan.folder.name, storage_path=plan.prepared.storage_path, callbacks=[progress],
+            name=plan.folder.name, storage_path=plan.prepared.storage_path, callbacks=[progress, failures],
+            stop=failures,
             verbose=2 if plan.verbose else 0,
             failure_config=ray.tune.FailureConfig(max_failures=spec.run.max_failures),
         ),
