@@ -61,6 +61,12 @@ class StudyFolder:
     def rungs_state(self) -> Path:
         return self.driver_files / MOASHA_STATE
 
+    def tune_sync(self) -> ray.tune.SyncConfig:
+        """How often Tune uploads its experiment snapshot (taken at most every 10 s) where the storage is not local:
+        at every snapshot, not at Ray's default of every 300 s, after which a killed driver's ``--resume`` would
+        start again from a view of the trials up to five minutes old."""
+        return ray.tune.SyncConfig(sync_period=1) if self.on_object_storage else ray.tune.SyncConfig()
+
     def publish(self, files: list[Path]) -> list[str]:
         """``files`` written on the driver's disk (in ``driver_files``), where users look for them: beside Tune's
         experiment. A copy where the storage is not local (each put whole); the files themselves where it is."""

@@ -224,8 +224,7 @@ def new_tuner(plan: StudyPlan, setup: StudySetup, trainable, progress: StudyProg
         ),
         run_config=ray.tune.RunConfig(
             name=plan.folder.name, storage_path=plan.prepared.storage_path, callbacks=[progress, failures],
-            stop=failures,
-            verbose=2 if plan.verbose else 0,
+            stop=failures, sync_config=plan.folder.tune_sync(), verbose=2 if plan.verbose else 0,
             failure_config=ray.tune.FailureConfig(max_failures=spec.run.max_failures),
         ),
     )
