@@ -9,7 +9,7 @@ import sys
 import pytest
 
 # what a test starts, known from the shared fixtures it uses (a test that starts something else says so itself)
-STARTED_BY_FIXTURE = {"ray_session": "ray", "mlflow_server": "mlflow_server"}
+STARTED_BY_FIXTURE = {"ray_session": "ray", "mlflow_server": "mlflow_server", "s3_server": "s3"}
 STARTS = ("ray", "mlflow_server", "model_server", "cluster", "s3")
 
 
@@ -64,6 +64,18 @@ def mlflow_server(tmp_path_factory):
     from server_process import MlflowServer
 
     server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """One real S3 API server (moto's server mode on 127.0.0.1, a free port) for the whole test session; each test
+    takes a bucket of its own (``new_bucket``) and hands ``environment`` to the processes it starts."""
+    from s3_server import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3-server"))
     server.start()
     yield server
     server.stop()

@@ -1,5 +1,6 @@
-"""The user-error types. A ``UserError`` is a mistake the user can fix (a bad pipeline field, a missing
-file); the CLI prints its message without a traceback and exits with code 2."""
+"""The error types the CLI prints as one line. A ``UserError`` is a mistake the user can fix (a bad pipeline field,
+a missing file): exit code 2. A ``RunFailed`` is a run that cannot go on for a reason found only while it runs
+(every trial of a study failing the same way): exit code 1. Neither prints a traceback."""
 
 
 class UserError(Exception):
@@ -12,3 +13,7 @@ class SpecError(UserError):
 
 class DatasetError(UserError):
     """A dataset file, split, key or row that is missing or not what the task expects."""
+
+
+class RunFailed(Exception):
+    """A run stopped because going on could not succeed; the message names the cause."""

@@ -1,4 +1,6 @@
-"""dynmm submit and dynmm jobs against a real two-node Ray cluster with token authentication.
+"""dynmm submit and dynmm jobs against a real two-node Ray cluster with token authentication; a study on it whose
+trials, on one node, read the expert-output cache the other node built in an S3 bucket (a real S3 API server on
+127.0.0.1, every node pointed at it through its environment, as a cluster's nodes are).
 
 The cluster runs on this machine: both nodes are ``ray start --block`` processes in sessions of their own, each
 with its own temp dir, ports picked free, the dashboard on 127.0.0.1 and a marker variable in their environment.
@@ -117,13 +119,14 @@ def stop(starters: list[subprocess.Popen], marker: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def two_node_cluster(tmp_path_factory):
+def two_node_cluster(tmp_path_factory, s3_server):
     # Unix socket paths under Ray's temp dir must stay short: not under pytest's deep tmp path.
     temp_dir = Path(tempfile.mkdtemp(prefix="dynmm-ray-"))
     base = tmp_path_factory.mktemp("cluster")
     token = secrets.token_hex(32)
     marker_value = secrets.token_hex(8)
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("RAY_", "MLFLOW_"))}
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("RAY_", "MLFLOW_", "AWS_"))}
+    env.update(s3_server.environment)  # each node reaches the bucket, as a cloud node with its role would
     env.update({
         "PATH": f"{RAY.parent}{os.pathsep}{env.get('PATH', '')}",  # the job's `dynmm` is this venv's
         "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "DYNMM_HOME": str(base / "home"),
@@ -279,3 +282,36 @@ def test_unknown_job_is_named(two_node_cluster, monkeypatch, capsys):
     monkeypatch.setenv("RAY_AUTH_TOKEN", two_node_cluster.token)
     code, error = run_cli(capsys, "jobs", "logs", "dynmm-no-such-job", "--address", two_node_cluster.address)
     assert code == 2 and "no job 'dynmm-no-such-job'" in error
+
+
+def test_a_study_on_s3_whose_trials_on_one_node_read_the_cache_the_other_node_built(
+        two_node_cluster, s3_server, tmp_path, mlflow_db, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", two_node_cluster.token)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_db)
+    bucket = s3_server.new_bucket()
+    settings = {  # the trials hold the second node's resource; the driver and the cache's build run on the head
+        "data.root": tmp_path / "datasets", "run.storage_path": f"s3://{bucket}/runs",
+        "stages.experts.epochs": 2, "stages.gate.epochs": 2, "stages.gate.epoch_hard": 1,
+        "scaling.num_workers": 1, "scaling.resources_per_worker": f"{{{SECOND_NODE}: 1}}",
+        "search.num_trials": 2, "search.cohort_size": 2,
+    }
+    overrides = [argument for key, value in settings.items() for argument in ("--set", f"{key}={value}")]
+    assert main(["submit", "pipelines/digits.yaml", "--tune", "--address", two_node_cluster.address, *overrides]) == 0
+    job_id = re.search(r"^submitted (\S+)$", capsys.readouterr().out, re.MULTILINE).group(1)
+    code = main(["jobs", "logs", job_id, "--follow", "--address", two_node_cluster.address])
+    logs = capsys.readouterr()
+    assert code == 0, logs.out[-3000:] + logs.err[-3000:]
+    assert re.search(r"trials: 2 done, 0 running, 0 pruned, 0 failed", logs.out), logs.out[-3000:]
+
+    nodes = {node["node_id"]: node for node in two_node_cluster.alive_nodes()}
+    second = next(node_id for node_id, node in nodes.items() if SECOND_NODE in node["resources_total"])
+    actors = [actor for actor in two_node_cluster.get("/api/v0/actors?detail=1&limit=1000")["data"]["result"]["result"]
+              if actor["job_id"] is not None]
+    builders = {actor["node_id"] for actor in actors if actor["class_name"] == "_FrozenOutputsOfRows"}
+    trials = {actor["node_id"] for actor in actors if actor["class_name"] == "ImplicitFunc"}
+    assert trials == {second} and builders and second not in builders, (builders, trials)
+    keys = s3_server.keys(bucket, "runs/")
+    assert any(re.fullmatch(r"runs/experts/digits-\w+/output-cache/\w+/manifest\.json", key) for key in keys)
+    assert sum(key.endswith("/checkpoints/latest.json") and "-study-" in key for key in keys) == 1
+    assert any(re.fullmatch(r"runs/digits-study-\w+/front\.json", key) for key in keys)

@@ -55,7 +55,7 @@ def test_a_standardize_transform_derives_scale_and_offset_from_the_train_statist
 
 
 def test_the_stored_values_are_what_the_served_model_computes_to_the_bit():
-    from dynmm.track.pyfunc import model_values
+    from dynmm.track.requests import model_values
 
     rng = np.random.default_rng(1)
     source = (rng.normal(1000, 3, size=(64, 3, 5)) * rng.uniform(0.1, 10, size=5)).astype(np.float32)

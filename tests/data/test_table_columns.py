@@ -15,7 +15,7 @@ from dynmm.data.format import read_meta
 from dynmm.data.readers import load_split
 from dynmm.data.table_columns import label_indices, modality_arrays, user_labels
 from dynmm.errors import DatasetError
-from dynmm.track.pyfunc import model_values
+from dynmm.track.requests import model_values
 
 
 @pytest.fixture

@@ -31,6 +31,9 @@ PASSWORD = "s3cr@t-pw"  # holds an "@": everything up to the host's "@" is the s
          "request to 'https://***@mlflow.example.org' failed"),
         ("http://127.0.0.1:5000/api?user=a@b", "http://127.0.0.1:5000/api?user=a@b"),
         ("sqlite:////home/a@b/mlflow.db", "sqlite:////home/a@b/mlflow.db"),
+        ("s3://runs?endpoint_override=127.0.0.1:9000&secret_key=abc&access_key=AK&scheme=http",
+         "s3://runs?endpoint_override=127.0.0.1:9000&secret_key=***&access_key=***&scheme=http"),
+        ("gs://bucket/x?access_token=ya29.abc", "gs://bucket/x?access_token=***"),
     ],
 )
 def test_credentials_are_masked_up_to_the_last_at_before_the_host(text, masked):
@@ -87,4 +90,17 @@ def test_an_unexpected_failure_prints_its_traceback_with_the_password_masked(tmp
     assert code == 1
     assert "Traceback" in printed.err
     assert "RuntimeError: API request to http://***@mlflow.example.org/api" in printed.err
+    assert "s3cr" not in printed.err + printed.out and "t-pw" not in printed.err + printed.out
+
+
+@pytest.mark.parametrize("storage", [f"s3://AKIA:{PASSWORD}@bucket/runs", f"s3://bucket/runs?secret_key={PASSWORD}"])
+def test_a_storage_path_carrying_credentials_is_refused_with_one_masked_line(storage, tmp_path, monkeypatch, capsys):
+    """Every run, checkpoint and cache path is joined onto run.storage_path and printed or logged: credentials go in
+    the environment, and the refusal never echoes them."""
+    monkeypatch.setenv("DYNMM_HOME", str(tmp_path))
+    pipeline = Path(__file__).parents[2] / "pipelines" / "digits.yaml"
+    code = main(["train", str(pipeline), "--set", f"run.storage_path={storage}"])
+    printed = capsys.readouterr()
+    assert code == 2 and printed.err.startswith(f"error: {pipeline}: run.storage_path: ")
+    assert "AWS_ENDPOINT_URL" in printed.err and len(printed.err.strip().splitlines()) == 1
     assert "s3cr" not in printed.err + printed.out and "t-pw" not in printed.err + printed.out

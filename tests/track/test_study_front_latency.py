@@ -41,7 +41,7 @@ def test_a_three_objective_study_names_the_latency_device_and_batch_size_in_its_
     report, paths = report_study(run, evaluate_on_test=False)
 
     assert [member.trial.trial_id for member in report.members] == ["a", "b"]
-    assert json.loads(paths["json"].read_text())["latency_measured_at"] == {"device": "cpu", "batch_size": 4}
+    assert json.loads(Path(paths["json"]).read_text())["latency_measured_at"] == {"device": "cpu", "batch_size": 4}
     table = json.loads(Path(client.download_artifacts(parent_run_id, "pareto_front.json", str(tmp_path))).read_text())
     rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
     assert [(row["val_latency_ms_per_sample"], row["latency_device"], row["latency_batch_size"]) for row in rows] == [

@@ -8,8 +8,8 @@ import torch
 from dynmm.data.readers import load_split, resolve_dataset
 from dynmm.models import build_model
 from dynmm.train.batches import LocalSplit
+from dynmm.train.cache_format import EXPERT_OUTPUTS, GATE_FEATURES
 from dynmm.train.checkpoints import write_experts
-from dynmm.train.expert_cache import EXPERT_OUTPUTS, GATE_FEATURES
 
 
 @pytest.fixture(scope="session")

@@ -19,18 +19,15 @@ from dynmm.data.format import read_meta, split_files
 from dynmm.data.readers import load_split, resolve_dataset
 from dynmm.errors import DatasetError
 from dynmm.models import ModelRecipe, build_model
-from dynmm.train.checkpoints import write_experts
-from dynmm.train.expert_cache import (
+from dynmm.train.cache_format import (
     MANIFEST_FILE,
     ExpertOutputCache,
-    _ActorOptions,
-    _start_expert_actors,
-    _tag_split,
     cache_ray_dataset,
-    ensure_expert_cache,
     read_cache_split,
     split_cached_batch,
 )
+from dynmm.train.checkpoints import write_experts
+from dynmm.train.expert_cache import ActorOptions, CacheSource, _start_expert_actors, _tag_split, ensure_expert_cache
 
 pytestmark = pytest.mark.integration
 MODEL_ARGS = {"gate": "confidence"}
@@ -55,9 +52,12 @@ def _trained_looking_experts(seed: int) -> torch.nn.Module:
     return model
 
 
+def _source(dataset: Path, experts_uri: Path) -> CacheSource:
+    return CacheSource(dataset, read_meta(dataset), ModelRecipe("digits", MODEL_ARGS), str(experts_uri))
+
+
 def _ensure(built: Built, experts_uri: Path, messages: list[str], splits=("train", "valid")) -> ExpertOutputCache:
-    return ensure_expert_cache(built.dataset, read_meta(built.dataset), ModelRecipe("digits", MODEL_ARGS),
-                               str(experts_uri), splits, say=messages.append)
+    return ensure_expert_cache(_source(built.dataset, experts_uri), splits, say=messages.append)
 
 
 @pytest.fixture(scope="module")
@@ -69,14 +69,13 @@ def built(ray_session, tmp_path_factory) -> Built:
     write_experts(str(experts_uri), model.experts.state_dict(), {})
     messages: list[str] = []
     started = time.perf_counter()
-    cache = ensure_expert_cache(dataset, read_meta(dataset), ModelRecipe("digits", MODEL_ARGS), str(experts_uri),
-                                say=messages.append)
+    cache = ensure_expert_cache(_source(dataset, experts_uri), say=messages.append)
     return Built(dataset, experts_uri, model, cache, messages, time.perf_counter() - started)
 
 
 def test_the_cache_holds_what_the_experts_compute_in_evaluation_mode_in_the_datasets_order(built):
     print(f"digits expert-output cache (train + valid) built in {built.build_seconds:.1f} s")
-    assert built.cache.directory.parent == built.experts_uri / "output-cache"
+    assert Path(built.cache.location).parent == built.experts_uri / "output-cache"
     assert len(built.messages) == 1 and "built for split(s) train, valid" in built.messages[0]
     model = built.model.freeze_experts().eval()
     for split in ("train", "valid"):
@@ -105,7 +104,7 @@ def test_the_ray_dataset_of_the_cache_feeds_the_cached_forward(built):
 def test_a_cache_of_the_same_experts_and_dataset_is_reused_without_building(built):
     messages: list[str] = []
     again = _ensure(built, built.experts_uri, messages)
-    assert messages == [] and again.directory == built.cache.directory
+    assert messages == [] and again.location == built.cache.location
 
 
 def test_changed_experts_make_the_cache_stale_it_is_rebuilt_and_the_output_says_so(built, tmp_path):
@@ -115,8 +114,8 @@ def test_changed_experts_make_the_cache_stale_it_is_rebuilt_and_the_output_says_
     write_experts(str(experts_uri), retrained.experts.state_dict(), {})
     messages: list[str] = []
     rebuilt = _ensure(built, experts_uri, messages, splits=("valid",))
-    stale = experts_uri / "output-cache" / built.cache.directory.name
-    assert rebuilt.directory.name != stale.name and not stale.exists()
+    stale = experts_uri / "output-cache" / Path(built.cache.location).name
+    assert Path(rebuilt.location).name != stale.name and not stale.exists()
     assert any(f"expert-output cache {stale}: stale (the experts or the dataset changed" in line for line in messages)
     raw = load_split(built.dataset, "valid")
     expected = retrained.freeze_experts().eval().frozen_outputs({name: raw[name] for name in ("top", "bottom")})
@@ -126,8 +125,8 @@ def test_changed_experts_make_the_cache_stale_it_is_rebuilt_and_the_output_says_
 def test_a_damaged_cache_file_is_an_error_naming_it_not_a_wrong_result(built, tmp_path):
     experts_uri = tmp_path / "experts"
     shutil.copytree(built.experts_uri, experts_uri)
-    cache_dir = experts_uri / "output-cache" / built.cache.directory.name
-    part = cache_dir / "train" / "part-00000.parquet"
+    cache_dir = experts_uri / "output-cache" / Path(built.cache.location).name
+    part = Path(built.cache.files("train")[0].replace(built.cache.location, str(cache_dir), 1))
     damaged = bytearray(part.read_bytes())
     damaged[len(damaged) // 2] ^= 0xFF
     part.write_bytes(bytes(damaged))
@@ -140,8 +139,8 @@ def test_a_damaged_cache_file_is_an_error_naming_it_not_a_wrong_result(built, tm
 
 def test_an_experts_actor_that_dies_is_restarted_with_the_experts_read_again_and_answers_the_same(built):
     table = _tag_split(pq.read_table(split_files(built.dataset, "valid")[0]), split="valid")
-    options = _ActorOptions(use_gpu=False, concurrency=1, gpus_per_actor=0, batch_size=1024, cpus_per_actor=0.1)
-    (actor,) = _start_expert_actors((ModelRecipe("digits", MODEL_ARGS), str(built.experts_uri)), options)
+    options = ActorOptions(use_gpu=False, concurrency=1, gpus_per_actor=0, batch_size=1024, cpus_per_actor=0.1)
+    (actor,) = _start_expert_actors((ModelRecipe("digits", MODEL_ARGS).to_json(), str(built.experts_uri)), options)
     try:
         before, pid = ray.get([actor.__call__.remote(table), actor.__ray_call__.remote(lambda _: os.getpid())])
         ray.kill(actor, no_restart=False)  # as a lost node or a killed process would

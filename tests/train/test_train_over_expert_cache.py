@@ -15,9 +15,9 @@ from mlflow.tracking import MlflowClient
 
 from dynmm.models import build_model
 from dynmm.spec import PipelineSpec, load_pipeline
+from dynmm.train.cache_format import CACHE_FOLDER, MANIFEST_FILE
 from dynmm.train.checkpoints import EXPERTS_FILE, read_experts
 from dynmm.train.evaluate import evaluate_split
-from dynmm.train.expert_cache import CACHE_FOLDER, MANIFEST_FILE
 from dynmm.train.prepare import prepare_pipeline
 from dynmm.train.runner import TrainResult, load_model_from_checkpoint, run_training
 from dynmm.train.store import open_checkpoint

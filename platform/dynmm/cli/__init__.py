@@ -1,7 +1,8 @@
 """The ``dynmm`` command: thin sub-commands over the library; parsing, printing and exit codes only.
 
 Each sub-command module exposes ``register(subparsers)`` which adds its parser and sets ``handler``.
-A ``UserError`` is printed as one line (no traceback) and exits with code 2; Ctrl-C prints "interrupted" and exits
+A ``UserError`` is printed as one line (no traceback) and exits with code 2, a ``RunFailed`` as one line with code 1;
+Ctrl-C prints "interrupted" and exits
 130; any other exception prints its traceback with credentials in URIs masked and exits 1.
 """
 
@@ -11,7 +12,7 @@ import argparse
 import sys
 import traceback
 
-from dynmm.errors import UserError
+from dynmm.errors import RunFailed, UserError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
@@ -35,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"error: {_redacted(str(error))}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except RunFailed as error:
+        print(f"error: {_redacted(str(error))}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -59,7 +59,11 @@ class EpochPrinter:
             print(self._line(record), file=self.stream, flush=True)
 
     def say(self, line: str) -> None:
-        """A line between the epochs (the expert-output cache's), above the stages' bars on a terminal."""
+        """A line between the epochs (the expert-output cache's), above the stages' bars on a terminal; a URI in it
+        shows without credentials."""
+        from dynmm.track.runs import redact_credentials
+
+        line = redact_credentials(line)
         if self.interactive:
             tqdm.write(line, file=self.stream)
         else:
@@ -124,8 +128,8 @@ def print_summary(result) -> None:
         *_expected_latency_line(result),
         ("samples per path", " / ".join(f"{metrics[k]:.1%}" for k in paths)),
         ("run", result.run_name),
-        *([("expert-output cache", result.expert_cache)] if result.expert_cache else []),
-        ("checkpoint", str(result.checkpoint_path)),
+        *([("expert-output cache", redact_credentials(result.expert_cache))] if result.expert_cache else []),
+        ("checkpoint", redact_credentials(str(result.checkpoint_path))),
         ("MLflow", f"{redact_credentials(result.tracking_uri)}  (run {result.mlflow_run_id})"),
     ]
     width = max(len(name) for name, _ in rows)

@@ -44,11 +44,12 @@ def run_demo(args: argparse.Namespace) -> int:
 def tune_and_report(spec, *, address=None, verbose=False, resume=False) -> None:
     from dynmm.cli.profile import measured_table
     from dynmm.track.runs import redact_credentials
+    from dynmm.tune.folder import JOURNAL_FILE
     from dynmm.tune.register import register_study_front
     from dynmm.tune.study import report_study, run_study
 
     printer = EpochPrinter()
-    run = run_study(spec, address=address, verbose=verbose, resume=resume, show_epoch=printer, show_line=print)
+    run = run_study(spec, address=address, verbose=verbose, resume=resume, show_epoch=printer, show_line=printer.say)
     report, paths = report_study(run)
     if run.prepared.costs.latency_rows:
         print()
@@ -56,9 +57,9 @@ def tune_and_report(spec, *, address=None, verbose=False, resume=False) -> None:
     print_front(report, run.prepared.spec)
     aliases = register_study_front(run, report)
     print()
-    print(f"  front            {paths['json']}  (and .csv)")
-    print(f"  plot             {paths['png']}")
-    print(f"  Optuna study     {run.results_dir / 'optuna-journal.log'}  (optuna-dashboard opens it)")
+    print(f"  front            {redact_credentials(paths['json'])}  (and .csv)")
+    print(f"  plot             {redact_credentials(paths['png'])}")
+    print(f"  Optuna study     {run.results_dir / JOURNAL_FILE}  (optuna-dashboard opens it)")
     print(f"  MLflow           {redact_credentials(run.tracking_uri)}  (study run {run.parent_run_id})")
     if run.tracking_uri.startswith("sqlite:///"):
         print(f"  browse           .venv/bin/mlflow ui --backend-store-uri {run.tracking_uri}")

@@ -126,7 +126,7 @@ class InputTransform(BaseModel):
 
     def apply(self, source: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Source values (N, *shape) -> the float32 values stored (into ``out`` when given), with the arithmetic
-        a served model uses (``dynmm.track.pyfunc.model_values``: float64 source times scale plus offset,
+        a served model uses (``dynmm.track.requests.model_values``: float64 source times scale plus offset,
         rounded to float32), so both give the same numbers to the bit."""
         scale = _numbers(self.scale, "scale")
         if self.neginf_as is None:

@@ -188,6 +188,22 @@ class RunSpec(_Frozen):
         "memory), true: always, false: never (one Train run that runs them)",
     )
 
+    @field_validator("storage_path")
+    @classmethod
+    def _plain_location(cls, value: str | None) -> str | None:
+        """A folder or a bare URI: every run, checkpoint and cache path is joined onto it, printed and logged."""
+        if value is None or "://" not in value:
+            return value
+        authority = value.partition("://")[2].partition("/")[0]
+        if "@" in authority:
+            raise ValueError("credentials in the URI are not accepted (every path the platform prints and logs "
+                             "would carry them): give them in the environment (AWS_ACCESS_KEY_ID and "
+                             "AWS_SECRET_ACCESS_KEY, or the node's role) and the endpoint in AWS_ENDPOINT_URL")
+        if "?" in value:
+            raise ValueError("query parameters are not accepted (run names are joined onto the path): set an "
+                             "S3-compatible endpoint with AWS_ENDPOINT_URL and the rest in the environment")
+        return value
+
 
 class TrackingSpec(_Frozen):
     uri: str | None = Field(None, description="MLflow tracking URI; default MLFLOW_TRACKING_URI or a local store")

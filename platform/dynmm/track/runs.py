@@ -44,9 +44,16 @@ def flatten_params(nested: Mapping[str, Any], prefix: str = "") -> dict[str, str
 _CREDENTIALS_IN_URI = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s]+@")
 
 
+# a URI's query parameter that carries a secret (pyarrow's s3://bucket?access_key=...&secret_key=..., a token)
+_SECRET_IN_QUERY = re.compile(r"(?P<name>[?&][^=&\s]*(?:secret|key|token|password|credential)[^=&\s]*=)[^&\s]+",
+                              re.IGNORECASE)
+
+
 def redact_credentials(text: str) -> str:
-    """``postgresql://user:s@cret@db/mlflow`` -> ``postgresql://***@db/mlflow``: never print or log a password."""
-    return _CREDENTIALS_IN_URI.sub(lambda match: match.group("scheme") + "***@", text)
+    """``postgresql://user:s@cret@db/mlflow`` -> ``postgresql://***@db/mlflow`` and ``...?secret_key=abc`` ->
+    ``...?secret_key=***``: never print or log a password."""
+    text = _CREDENTIALS_IN_URI.sub(lambda match: match.group("scheme") + "***@", text)
+    return _SECRET_IN_QUERY.sub(lambda match: match.group("name") + "***", text)
 
 
 def ensure_experiment(client: MlflowClient, tracking_uri: str, name: str) -> str:

@@ -11,7 +11,7 @@ _EXPORTS = {
     "evaluate_split": "dynmm.train.evaluate",
     "expert_cache_for": "dynmm.train.cached_gate",
     "expert_cache_decision": "dynmm.train.cached_gate",
-    "ExpertOutputCache": "dynmm.train.expert_cache",
+    "ExpertOutputCache": "dynmm.train.cache_format",
     "ensure_expert_cache": "dynmm.train.expert_cache",
     "CohortMember": "dynmm.train.job",
     "StageConfig": "dynmm.train.job",

@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from dynmm.train.cache_format import ExpertOutputCache
 from dynmm.train.datasets import keeps_data_in_memory
-from dynmm.train.expert_cache import ExpertOutputCache, ensure_expert_cache
+from dynmm.train.expert_cache import ActorOptions, CacheSource, ensure_expert_cache
 from dynmm.train.prepare import PreparedPipeline
 
 
@@ -56,15 +57,9 @@ def expert_cache_for(prepared: PreparedPipeline, say: Callable[[str], None]) -> 
     """The expert-output cache the gate stage trains over: built once, reused by later runs and studies on the
     same experts and data; ``say`` gets a line when it is built."""
     spec = prepared.spec
-    return ensure_expert_cache(
-        prepared.dataset_dir,
-        prepared.meta,
-        prepared.model,
-        prepared.experts_uri,
-        # on GPUs one actor per worker's GPU; on CPUs one actor, leaving CPUs to Ray Data's reads and writes
-        use_gpu=spec.scaling.use_gpu,
-        concurrency=spec.scaling.num_workers if spec.scaling.use_gpu else 1,
-        gpus_per_actor=spec.scaling.gpus_per_worker,
-        cpus_per_actor=spec.scaling.cpus_per_worker,
-        say=say,
-    )
+    scaling = spec.scaling
+    source = CacheSource(prepared.dataset_dir, prepared.meta, prepared.model, prepared.experts_uri)
+    # on GPUs one actor per worker's GPU; on CPUs one actor, leaving CPUs to Ray Data's reads and writes
+    options = ActorOptions(use_gpu=scaling.use_gpu, concurrency=scaling.num_workers if scaling.use_gpu else 1,
+                           gpus_per_actor=scaling.gpus_per_worker, cpus_per_actor=scaling.cpus_per_worker)
+    return ensure_expert_cache(source, options=options, say=say)

@@ -25,7 +25,7 @@ from dynmm.train.batches import LocalSplit
 from dynmm.train.prepare import PreparedPipeline, holdout_fraction
 
 if TYPE_CHECKING:
-    from dynmm.train.expert_cache import ExpertOutputCache
+    from dynmm.train.cache_format import ExpertOutputCache
 
 
 def build_datasets(
@@ -59,7 +59,7 @@ def build_datasets(
 
 
 def _cached_gate_datasets(prepared: PreparedPipeline, cache: ExpertOutputCache) -> dict[str, ray.data.Dataset]:
-    from dynmm.train.expert_cache import cache_ray_dataset
+    from dynmm.train.cache_format import cache_ray_dataset
 
     holdout = holdout_fraction(prepared.spec)
     if holdout == 0:
@@ -84,7 +84,7 @@ def local_datasets(prepared: PreparedPipeline, stage_names: Sequence[str],
 @functools.lru_cache(maxsize=4)
 def _read_locally(dataset_dir: str, cache_folder: str | None, holdout: float, names: tuple[str, ...]
                   ) -> dict[str, LocalSplit]:
-    from dynmm.train.expert_cache import open_expert_cache, read_cache_split
+    from dynmm.train.cache_format import open_expert_cache, read_cache_split
 
     cache = open_expert_cache(cache_folder) if cache_folder else None
 
@@ -136,8 +136,9 @@ def keeps_data_in_memory(prepared: PreparedPipeline) -> bool:
 
 
 def cache_in_memory(cache: ExpertOutputCache) -> bool:
-    """The expert-output cache is kept in memory on the same terms as a dataset (it is usually far smaller)."""
-    return _folder_bytes(cache.directory) < MATERIALIZE_BELOW_BYTES
+    """The expert-output cache is kept in memory on the same terms as a dataset (it is usually far smaller); its
+    size is the one its manifest recorded, wherever it lies."""
+    return cache.total_bytes < MATERIALIZE_BELOW_BYTES
 
 
 MATERIALIZE_BELOW_BYTES = 256 * 2**20

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from dynmm.models import FusionDynMM, compute_reduction, resource_aware_loss
 from dynmm.train.batches import batches
-from dynmm.train.expert_cache import split_cached_batch
+from dynmm.train.cache_format import split_cached_batch
 from dynmm.train.job import KEPT_STAGES
 from dynmm.train.metrics import EpochSums, finalize, latency_metrics, nonfinite_losses, task_loss
 from dynmm.train.stages import set_training_mode

@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import pyarrow
+import pyarrow.fs
 import torch
 
 from dynmm.data.format import read_meta
@@ -28,6 +30,7 @@ from dynmm.spec import PipelineSpec
 from dynmm.train.checkpoints import STATE_FILE, load_state, result_weights
 from dynmm.train.metrics import QUALITY_METRIC, EpochSums, finalize, task_loss
 from dynmm.train.prepare import pipeline_model
+from dynmm.train.store import filesystem_of, is_local, open_checkpoint
 
 EITHER = "either"
 NOISE_PROBABILITY = 0.33
@@ -183,13 +186,10 @@ class EvaluationReport:
 
 def load_checkpoint_model(spec: PipelineSpec, checkpoint_dir: str | Path, device: str = "cpu"):
     """The pipeline's model with the result weights of a training checkpoint folder (one holding state.pt: its
-    stage's kept epoch, where it kept one); a fusion-level checkpoint without gate weights is the static net
-    (``model.args.static: true``)."""
-    path = Path(checkpoint_dir).expanduser()
-    if not (path / STATE_FILE).is_file():
-        raise UserError(f"{path}: no {STATE_FILE}; pass a checkpoint folder of a training run "
-                        "(<run>/checkpoints/step-*)")
-    state = result_weights(load_state(path))  # a stage's kept epoch, where it kept one
+    stage's kept epoch, where it kept one; a local path or a URI such as ``s3://``); a fusion-level checkpoint
+    without gate weights is the static net (``model.args.static: true``)."""
+    path = str(checkpoint_dir)
+    state = result_weights(_checkpoint_state(path))  # a stage's kept epoch, where it kept one
     recipe = pipeline_model(spec)
     model = recipe.build()
     if isinstance(model, FusionDynMM) and model.gate is not None and not any(key.startswith("gate.") for key in state):
@@ -201,6 +201,25 @@ def load_checkpoint_model(spec: PipelineSpec, checkpoint_dir: str | Path, device
         raise UserError(f"{path}: does not fit model {spec.model.name!r} with model.args {spec.model.args}: "
                         f"{first_line}") from None
     return model.to(device).eval()
+
+
+def _checkpoint_state(location: str) -> dict:
+    """The training state in a checkpoint folder, read where it lies (a local path, or a URI of any pyarrow
+    filesystem); a folder without one is a ``UserError``."""
+    if is_local(location):
+        folder = Path(location.removeprefix("file://")).expanduser()
+        if not (folder / STATE_FILE).is_file():
+            raise UserError(f"{folder}: no {STATE_FILE}; pass a checkpoint folder of a training run")
+        return load_state(folder)
+    try:
+        filesystem, root = filesystem_of(location)
+        found = filesystem.get_file_info(f"{root}/{STATE_FILE}").type == pyarrow.fs.FileType.File
+    except (OSError, pyarrow.ArrowException) as error:
+        raise UserError(f"{location}: cannot be read ({str(error).strip().splitlines()[0][:200]})") from None
+    if not found:
+        raise UserError(f"{location}: no {STATE_FILE}; pass a checkpoint folder of a training run")
+    with open_checkpoint(location).as_directory() as directory:
+        return load_state(directory)
 
 
 def evaluate_checkpoints(

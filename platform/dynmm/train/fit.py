@@ -22,6 +22,7 @@ import torch
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from dynmm.train.cache_format import ExpertOutputCache
 from dynmm.train.checkpoints import load_state, read_epoch_history, result_metrics
 from dynmm.train.datasets import (
     StreamedSplits,
@@ -31,7 +32,6 @@ from dynmm.train.datasets import (
     local_datasets,
 )
 from dynmm.train.endings import ctrl_c_as_keyboard_interrupt, raise_if_loss_diverged, user_errors_of_workers
-from dynmm.train.expert_cache import ExpertOutputCache
 from dynmm.train.faults import fault_plan
 from dynmm.train.host import LocalHost
 from dynmm.train.job import CheckpointPlan, CohortMember, DataPlan, StageConfig, WorkerJob

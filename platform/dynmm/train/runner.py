@@ -147,7 +147,7 @@ def fit_over_expert_cache(
     # the pipeline's stages (the expert stage loads the shared experts): each epoch reports its one-run stage index
     result = fit_stages(Fit(prepared, stages, run_name, logging, show, expert_cache=cache,
                             first_global_step=first_step))
-    return result, str(cache.directory), expert_epochs + checkpointed_epochs(join(prepared.storage_path, run_name))
+    return result, cache.location, expert_epochs + checkpointed_epochs(join(prepared.storage_path, run_name))
 
 
 def load_model_from_checkpoint(spec: PipelineSpec, checkpoint: ray.train.Checkpoint,

@@ -24,7 +24,7 @@ from torch.func import functional_call, vmap
 from dynmm.models import ModalityDynMM
 from dynmm.models.dynmm import FrozenOutputs
 from dynmm.models.frozen_features import has_frozen_features
-from dynmm.train.expert_cache import split_cached_batch
+from dynmm.train.cache_format import split_cached_batch
 from dynmm.train.metrics import EpochSums, task_loss
 from dynmm.train.state import StageRun, WorkerState
 

@@ -17,8 +17,8 @@ from torch import nn
 from dynmm.models import ModalityDynMM, TemperatureSchedule
 from dynmm.models.frozen_features import frozen_feature_moments
 from dynmm.train.batches import batches
+from dynmm.train.cache_format import split_cached_batch
 from dynmm.train.checkpoints import read_experts
-from dynmm.train.expert_cache import split_cached_batch
 from dynmm.train.job import StageConfig
 from dynmm.train.state import StageRun, WorkerState
 

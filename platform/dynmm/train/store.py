@@ -92,15 +92,26 @@ class CheckpointStore:
             return list(json.loads(stream.read())["kept"])
 
     def _write_pointer(self, kept: list[str]) -> None:
-        """Written under a temporary name and moved where the filesystem can rename a file atomically (local,
-        HDFS); on object storage a single put is atomic already."""
-        path = f"{self.root}/{POINTER_FILE}"
-        data = json.dumps({"kept": kept}).encode()
-        if isinstance(self.filesystem, pyarrow.fs.LocalFileSystem):
-            temporary = f"{self.root}/.{POINTER_FILE}.{uuid.uuid4().hex}"
-            with self.filesystem.open_output_stream(temporary) as stream:
-                stream.write(data)
-            self.filesystem.move(temporary, path)
-            return
-        with self.filesystem.open_output_stream(path) as stream:
+        put_whole(self.filesystem, f"{self.root}/{POINTER_FILE}", json.dumps({"kept": kept}).encode())
+
+
+def put_whole(filesystem: pyarrow.fs.FileSystem, path: str, data: bytes) -> None:
+    """A small file that readers see whole or not at all: written under a temporary name and moved where the
+    filesystem can rename a file atomically (local, HDFS); on object storage a single put is atomic already."""
+    if isinstance(filesystem, pyarrow.fs.LocalFileSystem):
+        directory, _, name = path.rpartition("/")
+        temporary = f"{directory}/.{name}.{uuid.uuid4().hex}"
+        with filesystem.open_output_stream(temporary) as stream:
             stream.write(data)
+        filesystem.move(temporary, path)
+        return
+    with filesystem.open_output_stream(path) as stream:
+        stream.write(data)
+
+
+def delete_if_present(filesystem: pyarrow.fs.FileSystem, path: str) -> None:
+    """Delete the folder at ``path`` with everything under it; one already gone is no error."""
+    try:
+        filesystem.delete_dir(path)
+    except FileNotFoundError:
+        pass

@@ -5,7 +5,9 @@ journal (the sampler's history; it also opens in optuna-dashboard) and MO-ASHA's
 scheduler state). Tune's snapshot lives with the results under the run storage (a local folder or object
 storage, where every node sees it); the journal and the rungs state are files the driver appends to, so they
 stay on the driver's disk: beside the results where the storage is local, else under ``$DYNMM_HOME/studies/``.
-The trials' checkpoints are each run's own (``dynmm.train.store``).
+The trials' checkpoints are each run's own (``dynmm.train.store``). The front's files are written on the
+driver's disk first (MLflow logs them from there) and, where the storage is not local, copied beside Tune's
+experiment (``publish``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from optuna.storages.journal import JournalFileBackend
 
 from dynmm.errors import UserError
 from dynmm.home import dynmm_home
-from dynmm.train.store import filesystem_of, is_local, join
+from dynmm.train.store import filesystem_of, is_local, join, put_whole
 
 JOURNAL_FILE = "optuna-journal.log"
 # MO-ASHA's rungs (JSON). Not named *.json or *.pkl: on restore Tune copies those files of the experiment folder
@@ -52,8 +54,28 @@ class StudyFolder:
         return dynmm_home() / "studies" / self.name
 
     @property
+    def on_object_storage(self) -> bool:
+        return not is_local(self.storage_path)
+
+    @property
     def rungs_state(self) -> Path:
         return self.driver_files / MOASHA_STATE
+
+    def tune_sync(self) -> ray.tune.SyncConfig:
+        """How often Tune uploads its experiment snapshot (taken at most every 10 s) where the storage is not local:
+        at every snapshot, not at Ray's default of every 300 s, after which a killed driver's ``--resume`` would
+        start again from a view of the trials up to five minutes old."""
+        return ray.tune.SyncConfig(sync_period=1) if self.on_object_storage else ray.tune.SyncConfig()
+
+    def publish(self, files: list[Path]) -> list[str]:
+        """``files`` written on the driver's disk (in ``driver_files``), where users look for them: beside Tune's
+        experiment. A copy where the storage is not local (each put whole); the files themselves where it is."""
+        if not self.on_object_storage:
+            return [str(file) for file in files]
+        filesystem, root = filesystem_of(self.results)
+        for file in files:
+            put_whole(filesystem, f"{root}/{file.name}", file.read_bytes())
+        return [join(self.results, file.name) for file in files]
 
     def optuna_storage(self) -> JournalStorage:
         return open_study_storage(self.driver_files)

@@ -46,6 +46,7 @@ from dynmm.train import (
 )
 from dynmm.train.datasets import cache_in_memory, keeps_data_in_memory
 from dynmm.tune.cohorts import cohort_size, study_trial, trial_records
+from dynmm.tune.failures import FirstRoundFailures, raise_if_every_trial_failed
 from dynmm.tune.folder import StudyFolder
 from dynmm.tune.front import FrontReport, build_front, front_row, measured_latency, static_baselines, write_front
 from dynmm.tune.moasha import MemberRungs
@@ -111,6 +112,7 @@ class StudyRun:
     trials: list[TrialRecord]
     elapsed_seconds: float
     time_split: dict[str, float] = field(default_factory=dict)  # where the study's seconds went, by part
+    folder: StudyFolder | None = None  # where the front is published too (beside Tune's experiment)
 
 
 def run_study(
@@ -133,12 +135,13 @@ def run_study(
     with closing_study_runs(plan.tracking_uri, plan.experiment, plan.folder.name, setup.context.parent_run_id):
         grid = search(plan, setup, progress)
         plan.folder.close_orphaned_trials()
+        raise_if_every_trial_failed(grid)
     trials = [record for result in grid for record in trial_records(result, plan.objectives.metrics)]
     elapsed = time.monotonic() - started
     split = {**setup.seconds, "training": progress.training_seconds, "evaluation": progress.evaluation_seconds}
     split["start-up and other"] = max(elapsed - sum(split.values()), 0.0)
-    return StudyRun(plan.folder.name, Path(plan.folder.results), plan.tracking_uri, setup.context.parent_run_id,
-                    plan.objectives, plan.prepared, setup.experts_metrics, trials, elapsed, split)
+    return StudyRun(plan.folder.name, plan.folder.driver_files, plan.tracking_uri, setup.context.parent_run_id,
+                    plan.objectives, plan.prepared, setup.experts_metrics, trials, elapsed, split, plan.folder)
 
 
 def plan_study(spec: PipelineSpec, resume: bool = False, verbose: bool = False) -> StudyPlan:
@@ -212,6 +215,8 @@ def search(plan: StudyPlan, setup: StudySetup, progress: StudyProgress) -> ray.t
 
 
 def new_tuner(plan: StudyPlan, setup: StudySetup, trainable, progress: StudyProgress) -> ray.tune.Tuner:
+    """A new Tune experiment; a first round of trials that all fail the same way stops it (``FirstRoundFailures``)."""
+    failures = FirstRoundFailures(setup.concurrent_trials)
     spec, members = plan.spec, setup.members_per_trial
     baselines = static_baselines(setup.experts_metrics, plan.prepared)
     return ray.tune.Tuner(
@@ -230,8 +235,8 @@ def new_tuner(plan: StudyPlan, setup: StudySetup, trainable, progress: StudyProg
             reuse_actors=spec.search.scheduler.kind == "fifo" or members > 1,
         ),
         run_config=ray.tune.RunConfig(
-            name=plan.folder.name, storage_path=plan.prepared.storage_path, callbacks=[progress],
-            verbose=2 if plan.verbose else 0,
+            name=plan.folder.name, storage_path=plan.prepared.storage_path, callbacks=[progress, failures],
+            stop=failures, sync_config=plan.folder.tune_sync(), verbose=2 if plan.verbose else 0,
             failure_config=ray.tune.FailureConfig(max_failures=spec.run.max_failures),
         ),
     )
@@ -261,8 +266,9 @@ def closing_study_runs(tracking_uri: str, experiment: str, study: str, parent_ru
             raise
 
 
-def report_study(run: StudyRun, evaluate_on_test: bool = True) -> tuple[FrontReport, dict[str, Path]]:
-    """Front of the completed trials; members re-evaluated on the test split; JSON, CSV and PNG written."""
+def report_study(run: StudyRun, evaluate_on_test: bool = True) -> tuple[FrontReport, dict[str, str]]:
+    """Front of the completed trials; members re-evaluated on the test split; JSON, CSV and PNG written on the
+    driver's disk, logged to the study's run and published beside Tune's experiment; returns where each lies."""
     prepared = run.prepared
     baselines = static_baselines(run.experts_metrics, prepared)
     report = build_front(run.trials, list(run.objectives.metrics), list(run.objectives.modes), baselines,
@@ -273,7 +279,8 @@ def report_study(run: StudyRun, evaluate_on_test: bool = True) -> tuple[FrontRep
     paths = write_front(report, run.trials, run.results_dir)
     log_run_outputs(run.tracking_uri, run.parent_run_id, files=list(paths.values()), artifact_subdir="front",
                     table=(front_table(report), "pareto_front.json"))
-    return report, paths
+    published = run.folder.publish(list(paths.values())) if run.folder else [str(path) for path in paths.values()]
+    return report, dict(zip(paths, published, strict=True))
 
 
 def front_table(report: FrontReport) -> dict[str, list]:
