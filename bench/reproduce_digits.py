@@ -25,7 +25,14 @@ import tempfile
 from pathlib import Path
 
 from dynmm.spec import load_pipeline
-from dynmm.train import evaluate_split, load_model_from_checkpoint, open_checkpoint, prepare_pipeline, run_training
+from dynmm.train import (
+    EvalData,
+    evaluate_split,
+    load_model_from_checkpoint,
+    open_checkpoint,
+    prepare_pipeline,
+    run_training,
+)
 from dynmm.train.checkpoints import load_state
 from dynmm.tune.front import build_front, static_baselines
 from dynmm.tune.study import run_study
@@ -78,8 +85,7 @@ def compare_on_test(model, prepared, names=("static top-only expert", "static fu
     quality = prepared.quality_metric
 
     def evaluate(force_path=None):
-        metrics = evaluate_split(model, prepared.dataset_dir, "test", prepared.meta.task,
-                                 prepared.meta.num_classes or 0, prepared.costs, force_path=force_path)
+        metrics = evaluate_split(model, EvalData.of(prepared, "test", 512), force_path=force_path)
         return {**metrics, "quality": metrics[quality]}
 
     cheap_path = min(range(model.num_paths), key=lambda i: prepared.costs.expert_flops[i])

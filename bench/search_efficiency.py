@@ -31,7 +31,7 @@ from pathlib import Path
 
 from dynmm.models import build_model
 from dynmm.spec import load_pipeline
-from dynmm.train import evaluate_split, read_experts
+from dynmm.train import EvalData, evaluate_split, read_experts
 from dynmm.tune.front import build_front, static_baselines
 from dynmm.tune.records import StaticBaseline
 from dynmm.tune.study import run_study
@@ -118,8 +118,7 @@ def static_fusion_test_quality(prepared) -> float:
     model = build_model(prepared.spec.model.name, **prepared.spec.model.args)
     model.experts.load_state_dict(read_experts(prepared.experts_uri))
     fusion = max(range(len(prepared.costs.expert_flops)), key=lambda i: prepared.costs.expert_flops[i])
-    metrics = evaluate_split(model, prepared.dataset_dir, "test", prepared.meta.task, prepared.meta.num_classes or 0,
-                             prepared.costs, force_path=fusion)
+    metrics = evaluate_split(model, EvalData.of(prepared, "test", 512), force_path=fusion)
     return metrics[prepared.quality_metric]
 
 

@@ -20,7 +20,7 @@ from dynmm.data.nyuv2 import convert_nyuv2
 from dynmm.data.synthetic import write_depth_labelled_nyuv2
 from dynmm.spec import load_pipeline
 from dynmm.train import run_training
-from dynmm.train.evaluate import Noise, evaluate_checkpoints
+from dynmm.train.evaluate import Conditions, Noise, evaluate_checkpoints
 
 PIPELINE = Path(__file__).parents[1] / "pipelines" / "nyuv2.yaml"
 
@@ -55,7 +55,7 @@ def main() -> None:
 
     clean = evaluate_checkpoints(dynmm_spec, dynmm_run.checkpoint_path, static_run.checkpoint_path, runs=1)
     noisy = evaluate_checkpoints(dynmm_spec, dynmm_run.checkpoint_path, static_run.checkpoint_path,
-                                 noise=Noise("depth", 0.5), runs=args.noise_runs)
+                                 conditions=Conditions(Noise("depth", 0.5)), runs=args.noise_runs)
     static, dynamic = clean.models
     static_noisy, dynamic_noisy = noisy.models
     print(f"test split, {args.test_size} samples at {args.size[0]}x{args.size[1]}, {args.epochs} epochs each; "

@@ -16,7 +16,7 @@ from dynmm.home import default_datasets_root
 from dynmm.models import build_model, measure_path_costs
 from dynmm.spec import load_pipeline
 from dynmm.train.checkpoints import save_state
-from dynmm.train.evaluate import evaluate_split
+from dynmm.train.evaluate import EvalData, evaluate_split
 
 PIPELINE = Path(__file__).parents[2] / "pipelines" / "digits.yaml"
 
@@ -54,7 +54,7 @@ def test_dropping_bottom_from_half_the_samples_routes_them_to_the_top_expert_and
         costs.expert_flops[1] / 1e9)
     assert dynamic["coverage"] == 1.0 and cheap["coverage"] == 1.0
     assert dynamic["path_fractions"][0] >= 1 - static["coverage"], "every sample without bottom is on the top path"
-    intact = evaluate_split(model, dataset, "test", "multiclass", 10, costs, force_path=0)
+    intact = evaluate_split(model, EvalData(dataset, "test", "multiclass", 10, costs), force_path=0)
     assert cheap["accuracy_per_run"] == [pytest.approx(intact["accuracy"])] * 2, "the top expert never reads bottom"
     assert cheap["gflops_per_sample"] == pytest.approx(costs.expert_flops[0] / 1e9)
     assert len(set(static["accuracy_per_run"])) == 2, "each seed drops bottom from other samples"

@@ -20,7 +20,7 @@ from dynmm.spec import load_pipeline
 from dynmm.train.batches import RankShare
 from dynmm.train.checkpoints import save_state
 from dynmm.train.epoch import loss_cost_reductions, train_epoch
-from dynmm.train.evaluate import Noise, add_noise, evaluate_split
+from dynmm.train.evaluate import EvalData, Noise, add_noise, evaluate_split
 from dynmm.train.host import LocalHost
 from dynmm.train.job import CheckpointPlan, DataPlan, StageConfig, WorkerJob
 from dynmm.train.metrics import (
@@ -250,7 +250,8 @@ def test_evaluate_compares_dynmm_with_the_trained_static_net_in_miou_depth_encod
     static_row, dynamic_row = report["models"]["static"], report["models"]["dynmm"]
     dataset = resolve_dataset(spec.data.dataset, tmp_path)
     num_classes = read_meta(dataset).num_classes
-    expected = evaluate_split(static.eval(), dataset, "test", "segmentation", num_classes, costs, force_path=4)
+    test_split = EvalData(dataset, "test", "segmentation", num_classes, costs)
+    expected = evaluate_split(static.eval(), test_split, force_path=4)
     assert static_row["miou_mean"] == pytest.approx(expected["miou"]), "the trained static weights are scored"
     assert static_row["gflops_per_sample"] == pytest.approx(costs.expert_flops[4] / 1e9), "no gate in its cost"
     assert static_row["depth_encoder_gflops_per_sample"] == pytest.approx(depth_flops[4] / 1e9)

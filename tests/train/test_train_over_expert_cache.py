@@ -17,7 +17,7 @@ from dynmm.models import build_model
 from dynmm.spec import PipelineSpec, load_pipeline
 from dynmm.train.cache_format import CACHE_FOLDER, MANIFEST_FILE
 from dynmm.train.checkpoints import EXPERTS_FILE, read_experts
-from dynmm.train.evaluate import evaluate_split
+from dynmm.train.evaluate import EvalData, evaluate_split
 from dynmm.train.prepare import prepare_pipeline
 from dynmm.train.runner import TrainResult, load_model_from_checkpoint, run_training
 from dynmm.train.store import open_checkpoint
@@ -111,7 +111,7 @@ def test_the_final_checkpoint_is_the_routed_model_its_logged_metrics_describe(tr
     assert all(torch.equal(value, trained_experts[name]) for name, value in model.experts.state_dict().items())
     untrained_gate = build_model("digits", **trained.spec.model.args).gate.head.state_dict()
     assert any(not torch.equal(value, untrained_gate[name]) for name, value in model.gate.head.state_dict().items())
-    one_pass = evaluate_split(model, prepared.dataset_dir, "valid", "multiclass", 10, prepared.costs)
+    one_pass = evaluate_split(model, EvalData(prepared.dataset_dir, "valid", "multiclass", 10, prepared.costs))
     assert result.kept_metrics["val_accuracy"] == pytest.approx(one_pass["accuracy"], abs=1e-9)
     assert result.kept_metrics["val_loss"] == pytest.approx(one_pass["loss"], rel=1e-4)
     assert result.kept_metrics["val_gflops_per_sample"] == pytest.approx(one_pass["gflops_per_sample"], rel=1e-9)

@@ -17,7 +17,7 @@ from dynmm.cli import main
 from dynmm.data.readers import load_split
 from dynmm.spec import load_pipeline
 from dynmm.train.datasets import in_gate_holdout
-from dynmm.train.evaluate import evaluate_split
+from dynmm.train.evaluate import EvalData, evaluate_split
 from dynmm.train.faults import CRASH_AT_GATE_EPOCH_VARIABLE
 from dynmm.train.prepare import prepare_pipeline
 from dynmm.train.runner import load_model_from_checkpoint, run_training
@@ -80,7 +80,7 @@ def test_worker_crash_is_recovered_from_the_last_checkpoint_without_gaps_in_mlfl
     # the final model (the gate stage's kept epoch)
     final = load_model_from_checkpoint(spec, open_checkpoint(result.checkpoint_path))
     prepared = prepare_pipeline(spec)
-    one_pass = evaluate_split(final, prepared.dataset_dir, "valid", "multiclass", 10, prepared.costs)
+    one_pass = evaluate_split(final, EvalData(prepared.dataset_dir, "valid", "multiclass", 10, prepared.costs))
     rows = len(load_split(prepared.dataset_dir, "valid")["label"])
     kept = result.kept_metrics
     assert kept["val_samples"] == one_pass["samples"] == rows

@@ -49,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dynmm.train.evaluate import Noise, evaluate_checkpoints
+    from dynmm.train.evaluate import Conditions, Noise, evaluate_checkpoints
 
     spec = load_pipeline(args.pipeline, args.overrides)
     if args.max_gflops_per_sample is not None:
@@ -57,8 +57,8 @@ def run(args: argparse.Namespace) -> int:
     noise = Noise(args.noise, args.noise_scale, args.noise_probability) if args.noise else None
     drop = parse_drop_modality(args.drop_modality) if args.drop_modality else None
     report = evaluate_checkpoints(
-        spec, args.checkpoint, args.static_checkpoint, split=args.split, noise=noise, runs=args.runs,
-        seed=args.seed, batch_size=args.batch_size, device=args.device, drop=drop,
+        spec, args.checkpoint, args.static_checkpoint, split=args.split, conditions=Conditions(noise, args.seed, drop),
+        runs=args.runs, batch_size=args.batch_size, device=args.device,
     )
     print(json.dumps(report_as_dict(report)) if args.json else format_report(report))
     return 0

@@ -9,6 +9,8 @@ _EXPORTS = {
     "read_experts": "dynmm.train.checkpoints",
     "read_experts_metrics": "dynmm.train.checkpoints",
     "evaluate_split": "dynmm.train.evaluate",
+    "EvalData": "dynmm.train.evaluate",
+    "Conditions": "dynmm.train.evaluate",
     "expert_cache_for": "dynmm.train.cached_gate",
     "expert_cache_decision": "dynmm.train.cached_gate",
     "ExpertOutputCache": "dynmm.train.cache_format",

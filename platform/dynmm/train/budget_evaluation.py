@@ -19,11 +19,11 @@ from dynmm.data.format import read_meta
 from dynmm.data.readers import iter_batches, resolve_dataset
 from dynmm.errors import UserError
 from dynmm.home import default_datasets_root
-from dynmm.models import ModalityDynMM, PathCosts, flops_to_gflops, measure_path_costs
+from dynmm.models import ModalityDynMM, flops_to_gflops, measure_path_costs
 from dynmm.models.budget import ComputeBudget, route_within_budget
 from dynmm.models.degraded import fallback_order
 from dynmm.spec import PipelineSpec
-from dynmm.train.evaluate import load_checkpoint_model
+from dynmm.train.evaluate import EvalData, load_checkpoint_model
 from dynmm.train.metrics import QUALITY_METRIC, EpochSums, finalize, task_loss
 
 RELATIVE_SLACK = 1e-9
@@ -62,11 +62,11 @@ class PickedModel:
 
 @torch.no_grad()
 def evaluate_batches(
-    model, dataset_dir: Path, split: str, task: str, num_classes: int, costs: PathCosts, batch_size: int,
-    budget: ComputeBudget | None = None, force_path: int | None = None,
+    model, data: EvalData, budget: ComputeBudget | None = None, force_path: int | None = None,
 ) -> tuple[dict[str, float], list[float], int]:
-    """Metrics of ``model`` on ``split`` (routed, held to ``budget``, or one path forced), each batch's mean GFLOPs
+    """Metrics of ``model`` on ``data`` (routed, held to ``budget``, or one path forced), each batch's mean GFLOPs
     per sample, and how many samples the budget sent to a cheaper path."""
+    dataset_dir, split, task, num_classes, costs, batch_size = data
     model.eval()
     sums = EpochSums.zeros(task, model.num_paths, num_classes)
     with_gate = torch.tensor([flops_to_gflops(f) for f in costs.path_flops], dtype=torch.float64)
@@ -104,11 +104,10 @@ def compare_under_budget(
     except ValueError as error:
         raise UserError(f"--max-gflops-per-sample {max_gflops:g}: {error}") from None
     size = batch_size or spec.data.eval_batch_size
-    common = (dataset_dir, split, meta.task, meta.num_classes or 0)
-
     def row(name: str, served, **options) -> BudgetRow:
         served_costs = costs if served is model else measure_path_costs(served)
-        metrics, per_batch, demoted = evaluate_batches(served, *common, served_costs, size, **options)
+        data = EvalData(dataset_dir, split, meta.task, meta.num_classes or 0, served_costs, size)
+        metrics, per_batch, demoted = evaluate_batches(served, data, **options)
         over = sum(mean > max_gflops * (1 + RELATIVE_SLACK) for mean in per_batch)
         return BudgetRow(name, metrics[quality], metrics["gflops_per_sample"], max(per_batch), over, len(per_batch),
                          demoted / max(metrics["samples"], 1.0))

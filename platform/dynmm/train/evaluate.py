@@ -96,24 +96,52 @@ def drop_mask(batch: Mapping[str, torch.Tensor], drop: DropModality, generator: 
     return (torch.rand(size, generator=generator) < drop.rate).to(batch[drop.modality].device)
 
 
+@dataclass(frozen=True)
+class EvalData:
+    """What a model is evaluated on: a split of a dataset, its task and classes, what each path costs (the
+    metrics' GFLOPs) and the batch size."""
+
+    dataset_dir: str | Path
+    split: str
+    task: str
+    num_classes: int
+    costs: PathCosts
+    batch_size: int = 512
+
+    def __iter__(self):
+        return iter((self.dataset_dir, self.split, self.task, self.num_classes, self.costs, self.batch_size))
+
+    @classmethod
+    def of(cls, prepared, split: str, batch_size: int | None = None) -> EvalData:
+        """``split`` of a prepared pipeline's dataset (``dynmm.train.prepare.PreparedPipeline``), at the
+        pipeline's evaluation batch size unless one is given."""
+        return cls(prepared.dataset_dir, split, prepared.meta.task, prepared.meta.num_classes or 0, prepared.costs,
+                   batch_size or prepared.spec.data.eval_batch_size)
+
+
+@dataclass(frozen=True)
+class Conditions:
+    """What an evaluation run perturbs: ``noise`` added and ``drop``'s modality taken away, drawn from ``seed``;
+    ``fallback`` (``fallback_order``) is where a sample without the dropped modality goes."""
+
+    noise: Noise | None = None
+    seed: int = 0
+    drop: DropModality | None = None
+    fallback: Sequence[int] = ()
+
+    def __iter__(self):
+        return iter((self.noise, self.seed, self.drop, self.fallback))
+
+
 @torch.no_grad()
 def evaluate_split(
-    model,
-    dataset_dir: str | Path,
-    split: str,
-    task: str,
-    num_classes: int,
-    costs: PathCosts,
-    batch_size: int = 512,
-    force_path: int | None = None,
-    noise: Noise | None = None,
-    seed: int = 0,
-    drop: DropModality | None = None,
-    fallback: Sequence[int] = (),
+    model, data: EvalData, force_path: int | None = None, conditions: Conditions = Conditions(),
 ) -> dict[str, float]:
-    """Metrics of ``model`` on ``split``, routed (or one path forced, for static baselines), optionally
-    with ``noise`` and ``drop`` drawn from ``seed``. With ``drop``, the metrics are those of the samples the
-    model answered, ``coverage`` the share it answered; ``fallback`` is ``fallback_order``."""
+    """Metrics of ``model`` on ``data``, routed (or one path forced, for static baselines), under ``conditions``
+    (noise and a dropped modality drawn from its seed). With a dropped modality, the metrics are those of the
+    samples the model answered, ``coverage`` the share it answered."""
+    dataset_dir, split, task, num_classes, costs, batch_size = data
+    noise, seed, drop, fallback = conditions
     model.eval()
     sums = EpochSums.zeros(task, model.num_paths, num_classes)
     # a path the gate did not choose (forced, or a fallback) costs the expert alone, as a static model would
@@ -227,18 +255,17 @@ def evaluate_checkpoints(
     checkpoint: str | Path,
     static_checkpoint: str | Path | None = None,
     split: str = "test",
-    noise: Noise | None = None,
+    conditions: Conditions = Conditions(),
     runs: int = 10,
-    seed: int = 0,
     batch_size: int | None = None,
     device: str = "cpu",
-    drop: DropModality | None = None,
 ) -> EvaluationReport:
     """``dynmm evaluate``: a static baseline (``static_checkpoint``: the static net trained as its own model,
     ``model.args.static: true``, or any checkpoint run on its full-fusion path; default the DynMM checkpoint
     itself on that path) and the DynMM model (hard gates, routed), each over ``runs`` seeded runs (one run
     without noise or a dropped modality: it would repeat exactly). Costs are the DynMM model's; the static
     one pays no gate. With ``drop``, the cheapest expert alone is reported too, and each model's coverage."""
+    noise, seed, drop = conditions.noise, conditions.seed, conditions.drop
     if runs < 1:
         raise UserError(f"--runs must be >= 1, got {runs}")
     dataset_dir = resolve_dataset(spec.data.dataset, spec.data.root or default_datasets_root())
@@ -249,18 +276,18 @@ def evaluate_checkpoints(
     full_path = max(range(dynamic.num_paths), key=lambda path: costs.expert_flops[path])
     seeds = [seed + run for run in range(runs if noise is not None or drop is not None else 1)]
     quality = QUALITY_METRIC[meta.task]
-    options = {"task": meta.task, "num_classes": meta.num_classes or 0, "costs": costs, "noise": noise,
-               "batch_size": batch_size or spec.data.eval_batch_size, "drop": drop}
+    data = EvalData(dataset_dir, split, meta.task, meta.num_classes or 0, costs,
+                    batch_size or spec.data.eval_batch_size)
     contenders = [("static", static, full_path), ("dynmm", dynamic, None)]
     if drop is not None:
         if drop.modality not in dynamic.input_shapes:
             raise UserError(f"--drop-modality {drop.modality!r}: not a modality of this model; expected one of "
                             f"{sorted(dynamic.input_shapes)}")
-        options["fallback"] = _fallback(dynamic, drop, dataset_dir, options, quality)
+        conditions = replace(conditions, fallback=_fallback(dynamic, drop, replace(data, split="valid"), quality))
         contenders.append(("cheap", dynamic, min(range(dynamic.num_paths), key=lambda p: costs.expert_flops[p])))
     evaluations = []
     for name, model, force_path in contenders:
-        per_run = [evaluate_split(model, dataset_dir, split, force_path=force_path, seed=s, **options) for s in seeds]
+        per_run = [evaluate_split(model, data, force_path, replace(conditions, seed=s)) for s in seeds]
         depth_flops = _expected_depth_encoder_flops(costs, per_run[0]) if isinstance(model, FusionDynMM) else None
         evaluations.append(ModelEvaluation(
             name, tuple(_answered_quality(metrics, quality) for metrics in per_run), per_run[0],
@@ -277,17 +304,15 @@ def _answered_quality(metrics: Mapping[str, float], quality: str) -> float:
     return math.nan if metrics.get("coverage", 1.0) == 0 else metrics[quality]
 
 
-def _fallback(model, drop: DropModality, dataset_dir: Path, options: Mapping, quality: str) -> list[int]:
+def _fallback(model, drop: DropModality, validation_data: EvalData, quality: str) -> list[int]:
     """The fallback order for samples without ``drop.modality`` that the gate cannot read: the paths by
-    validation quality alone (each run forced on the valid split) when the choice matters (two or more paths
-    avoid the modality and the gate reads it), else cheapest first."""
-    costs = options["costs"]
+    validation quality alone (each run forced on the valid split, intact) when the choice matters (two or more
+    paths avoid the modality and the gate reads it), else cheapest first."""
+    costs = validation_data.costs
     candidates = allowed_paths(path_modalities(model), frozenset({drop.modality}))
     if drop.modality not in gate_modalities(model) or len(candidates) < 2:
         return fallback_order(costs.path_gflops)
-    intact = {key: value for key, value in options.items() if key not in ("drop", "noise")}
-    validation = [evaluate_split(model, dataset_dir, "valid", force_path=path, **intact)[quality]
-                  for path in range(model.num_paths)]
+    validation = [evaluate_split(model, validation_data, force_path=path)[quality] for path in range(model.num_paths)]
     return fallback_order(costs.path_gflops, validation)
 
 

@@ -18,6 +18,7 @@ from dynmm.track.latency import trial_run_params
 from dynmm.track.lineage import dataset_inputs
 from dynmm.track.runs import closing_run, log_run_outputs
 from dynmm.train import (
+    EvalData,
     ExpertOutputCache,
     Fit,
     PreparedPipeline,
@@ -151,10 +152,7 @@ def evaluate_checkpoint(prepared: PreparedPipeline, params: dict, checkpoint: st
     ``test_*``."""
     spec = trial_spec(prepared.spec, params)
     model = load_model_from_checkpoint(spec, open_checkpoint(checkpoint), prepared.model)
-    metrics = evaluate_split(
-        model, prepared.dataset_dir, split, prepared.meta.task, prepared.meta.num_classes or 0, prepared.costs,
-        batch_size=spec.data.eval_batch_size,
-    )
+    metrics = evaluate_split(model, EvalData.of(prepared, split, spec.data.eval_batch_size))
     return {f"test_{k}": v for k, v in metrics.items()}
 
 
