@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 from dynmm.cli import main
 from dynmm.data.digits import digits_meta
 from dynmm.data.writer import dataset_writer
+from dynmm.errors import UserError
 from dynmm.spec import load_pipeline
 from dynmm.train import datasets, runner
 
@@ -53,14 +54,26 @@ def test_uneven_shares_train_in_step_and_validation_counts_every_row(ray_session
     dataset = write_small_digits(tmp_path / "small-digits", {"train": 65, "valid": 33, "test": 33})
     if streamed:
         monkeypatch.setattr(datasets, "MATERIALIZE_BELOW_BYTES", 0)
+    # the two workers leave a CPU of the test's two to the tasks that stream the dataset
     overrides = settings(tmp_path, **{"data.dataset": dataset, "data.batch_size": 32, "scaling.num_workers": 2,
-                                      "stages.gate.holdout_fraction": 0.0})
+                                      "scaling.cpus_per_worker": 0.45, "stages.gate.holdout_fraction": 0.0})
     result = runner.run_training(load_pipeline(PIPELINE, overrides))
 
     assert [(row["stage_index"], row["epoch"]) for row in result.history] == [(0, 0), (1, 0)]
     for row in result.history:
         assert row["train_samples"] == 64  # 32 rows on each rank: one row of the larger share sits out
         assert row["val_samples"] == 33  # validation keeps every row, summed over the unequal shares
+
+
+def test_workers_that_take_every_cpu_from_a_streamed_dataset_are_refused_before_they_start(ray_session, tmp_path,
+                                                                                           mlflow_db, monkeypatch):
+    dataset = write_small_digits(tmp_path / "small-digits", {"train": 65, "valid": 33, "test": 33})
+    monkeypatch.setattr(datasets, "MATERIALIZE_BELOW_BYTES", 0)
+    overrides = settings(tmp_path, **{"data.dataset": dataset, "scaling.num_workers": 2, "scaling.cpus_per_worker": 1})
+    with pytest.raises(UserError, match=r"2 workers x 1 CPU .* leave 0 of this machine's 2 CPUs .* "
+                                        r"lower scaling.cpus_per_worker \(e.g. to 0.50\)"):
+        runner.run_training(load_pipeline(PIPELINE, overrides))
+    assert not list((tmp_path / "runs").glob("*/checkpoints/step-*")), "nothing trained"
 
 
 def test_a_run_whose_loss_turns_non_finite_stops_once_with_one_line_and_a_failed_run(

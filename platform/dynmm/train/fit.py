@@ -22,6 +22,8 @@ import torch
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from dynmm.errors import UserError
+from dynmm.runtime import runs_on_loopback
 from dynmm.train.cache_format import ExpertOutputCache
 from dynmm.train.checkpoints import load_state, read_epoch_history, result_metrics
 from dynmm.train.datasets import (
@@ -208,6 +210,7 @@ def fit_on_worker_group(fit: Fit, job: WorkerJob, datasets: dict,
                         consumers: Sequence[Callable[[dict], None]]) -> dict:
     """A ``TorchTrainer`` of ``scaling.num_workers`` workers; reports reach ``consumers`` through an
     ``EpochFeed`` and Tune through its ``TuneReportCallback``. Returns the last report."""
+    refuse_workers_that_starve_their_reads(fit.prepared.spec, job)
     with EpochFeed(consumers) if consumers else nullcontext() as feed:
         callbacks = [feed.callback(fit.stages)] if feed is not None else []
         if fit.report_to_tune:
@@ -216,6 +219,23 @@ def fit_on_worker_group(fit: Fit, job: WorkerJob, datasets: dict,
         with ctrl_c_as_keyboard_interrupt(), user_errors_of_workers():
             result = trainer.fit()
     return dict(result.metrics or {})
+
+
+def refuse_workers_that_starve_their_reads(spec, job: WorkerJob) -> None:
+    """A streamed dataset is read by Ray Data tasks of one CPU each beside the workers. On a Ray of this machine
+    (its size fixed: no autoscaler adds a node) a worker group that leaves less than one CPU free would wait on
+    its own data until Ray Data's no-progress timeout; it is refused before it starts, naming the settings."""
+    if job.data.in_memory or not runs_on_loopback():
+        return
+    total = ray.cluster_resources().get("CPU", 0.0)
+    scaling = spec.scaling
+    taken = scaling.num_workers * scaling.cpus_per_worker
+    if total - taken < 1:
+        raise UserError(
+            f"scaling: {scaling.num_workers} workers x {scaling.cpus_per_worker:g} CPU (scaling.cpus_per_worker) "
+            f"leave {max(total - taken, 0):g} of this machine's {total:g} CPUs to the tasks that stream the dataset, "
+            "which need 1; lower scaling.cpus_per_worker (e.g. to "
+            f"{max((total - 1) / scaling.num_workers, 0.05):.2f}) or scaling.num_workers")
 
 
 def build_trainer(fit: Fit, job: WorkerJob, datasets: dict, callbacks: Sequence[object] = ()) -> TorchTrainer:

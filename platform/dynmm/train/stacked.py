@@ -248,6 +248,7 @@ class _StackedAdam:
 
 
 def _stacked_state(per_member: Sequence[dict], key: str, like: Tensor) -> Tensor:
-    if all(key in state for state in per_member):
-        return torch.stack([state[key] for state in per_member])
-    return torch.zeros_like(like)
+    """Each member's moment, zeros for a member whose optimiser has not stepped yet (a random warm-up epoch
+    trains no gate), as torch's Adam starts it."""
+    return torch.stack([state[key] if key in state else torch.zeros_like(like[index])
+                        for index, state in enumerate(per_member)])
