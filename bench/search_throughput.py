@@ -43,6 +43,7 @@ from torch import nn
 
 from dynmm.data.readers import load_split, resolve_dataset
 from dynmm.models import build_model, measure_path_costs
+from dynmm.train.cache_format import open_expert_cache
 from dynmm.tune.pareto import hypervolume, pareto_front
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,7 +145,7 @@ def platform_outputs(job: dict, test: dict, holdout: float) -> dict[str, dict]:
     """The platform's experts' outputs: train (the gate's holdout rows) and valid read from the study's cache
     files, test computed with its experts; the confidence features standardised on the gate's rows."""
     def cached(split: str) -> dict:
-        table = pq.read_table(sorted(Path(job["cache"], split).glob("*.parquet")))
+        table = pq.read_table(open_expert_cache(job["cache"]).files(split))  # local files, in row order
         columns = {name: table.column(name).combine_chunks() for name in table.column_names}
         result = {"experts": torch.from_numpy(columns["expert_outputs"].to_numpy_ndarray()),
                   "features": torch.from_numpy(columns["gate_features"].to_numpy_ndarray()),

@@ -77,7 +77,7 @@ def local_datasets(prepared: PreparedPipeline, stage_names: Sequence[str],
     process: the same rows in the same order, no Ray Data. Read once per process (a Tune trial's process that
     trains trial after trial keeps them)."""
     names = tuple(sorted({"valid"} | {"train_experts" if name == "experts" else "train_gate" for name in stage_names}))
-    cache_folder = str(expert_cache.directory) if expert_cache is not None else None
+    cache_folder = expert_cache.location if expert_cache is not None else None
     return _read_locally(str(prepared.dataset_dir), cache_folder, holdout_fraction(prepared.spec), names)
 
 
