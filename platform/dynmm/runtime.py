@@ -101,6 +101,9 @@ def _loopback_node_ip() -> Iterator[None]:
         ray_constants.ENABLE_RAY_CLUSTER = previous_flag
 
 
+FAULT_VARIABLE_PREFIX = "DYNMM_FAULT_"  # test-only variables (dynmm.train.faults)
+
+
 def connect_ray(address: str | None = None, verbose: bool = False, py_modules: Sequence[str] = ()) -> None:
     """Use the cluster named by ``address`` or ``RAY_ADDRESS``; else start a local Ray of our own that
     listens on 127.0.0.1 only (never the cluster ``ray start`` last started on this machine). ``py_modules``:
@@ -110,6 +113,9 @@ def connect_ray(address: str | None = None, verbose: bool = False, py_modules: S
         return
     options = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
     runtime_env = shipped_modules_env(py_modules)
+    faults = {name: value for name, value in os.environ.items() if name.startswith(FAULT_VARIABLE_PREFIX)}
+    if faults:  # a test's fault injection (dynmm.train.faults) reaches the processes that train
+        runtime_env["env_vars"] = faults
     if runtime_env:
         options["runtime_env"] = runtime_env
     address = address or os.environ.get("RAY_ADDRESS")

@@ -28,6 +28,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from dynmm.spec import load_pipeline
+from dynmm.train.faults import SLOW_GATE_EPOCH_VARIABLE
 from dynmm.train.runner import job_run_name
 from dynmm.tune.folder import open_study_storage
 from dynmm.tune.study import study_name
@@ -59,7 +60,9 @@ class Setting:
             # experts good enough and lambdas strong enough that gates mix them (a front with members)
             "stages.experts.epochs": 10, "stages.gate.epochs": 4, "stages.gate.epoch_hard": 1,
             "scaling.num_workers": 1, "search.parameters.lambda.low": 0.4, "search.num_trials": TRIALS,
-            "search.cohort_size": COHORT, "search.max_concurrent_trials": 1, **extra,
+            "search.cohort_size": COHORT, "search.max_concurrent_trials": 1,
+            # a checkpoint and an MLflow row per epoch: a killed driver leaves one to resume from
+            "checkpoint.every_epochs": 1, "tracking.log_every_epochs": 1, **extra,
         }
         return [f"{key}={value}" for key, value in settings.items()]
 
@@ -102,8 +105,9 @@ def setting(s3_server, tmp_path_factory, empty_mlflow_db) -> Setting:
 def killed_after(command: list[str], env: dict, ready, condition, timeout_seconds: float = 420) -> str:
     """Run ``command`` until a printed line satisfies ``ready`` and then ``condition()`` holds, and kill it (its
     process group: the driver and the Ray it started); returns what it printed."""
-    driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)
+    # each gate epoch takes a second more: the kill lands while the run it waits for trains
+    driver = subprocess.Popen(command, env={**env, SLOW_GATE_EPOCH_VARIABLE: "1"}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
     seen = []
     try:
         for line in driver.stdout:

@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 
 from dynmm.cli import main
 from dynmm.spec import load_pipeline
+from dynmm.train.faults import SLOW_GATE_EPOCH_VARIABLE
 from dynmm.tune.folder import open_study_storage
 from dynmm.tune.study import study_name
 from server_process import BIN, free_port, wait_for_http
@@ -79,7 +80,9 @@ def resumed_study(mlflow_server, ray_session, tmp_path_factory) -> ResumedStudy:
         command += ["--set", override]
     name = study_name(load_pipeline(PIPELINE, overrides))
     results_dir = tmp_path / "runs" / name
-    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # each gate epoch of the first driver's runs takes a second more: the kill lands while the second cohort trains
+    slowed = {**os.environ, SLOW_GATE_EPOCH_VARIABLE: "1"}
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=slowed)
     seen = []
     for line in first.stdout:
         seen.append(line)

@@ -47,7 +47,7 @@ from dynmm.train.epoch import (
     training_batches,
     validate_batch,
 )
-from dynmm.train.faults import FaultPlan, crash_if_injected
+from dynmm.train.faults import FaultPlan, inject_faults
 from dynmm.train.host import Host
 from dynmm.train.job import WorkerJob
 from dynmm.train.stacked import StackedGates, stackable
@@ -105,7 +105,7 @@ def train_cohort(job: WorkerJob, host: Host, checkpointer: Checkpointer, rungs, 
         return
     lead = running[0]
     for epoch in lead.run.epochs:
-        crash_if_injected(faults, lead.run.name, epoch, host.rank, host.world_size)
+        inject_faults(faults, lead.run.name, epoch, host.rank, host.world_size)
         active = [member for member in members if member.training]
         started = time.perf_counter()
         epoch_metrics = _run_cohort_epoch(active, epoch)

@@ -30,7 +30,7 @@ from dynmm.train.checkpoints import (
 )
 from dynmm.train.cohort import train_cohort
 from dynmm.train.epoch import run_epoch
-from dynmm.train.faults import FaultPlan, crash_if_injected
+from dynmm.train.faults import FaultPlan, inject_faults
 from dynmm.train.host import Host, RayTrainHost
 from dynmm.train.job import WorkerJob
 from dynmm.train.stages import stages_to_run
@@ -54,7 +54,7 @@ def run_job(job: WorkerJob, host: Host, rungs=None, faults: FaultPlan | None = N
     restore(state, checkpointer.latest())
     for run in stages_to_run(state):
         for epoch in run.epochs:
-            crash_if_injected(faults, run.name, epoch, host.rank, host.world_size)
+            inject_faults(faults, run.name, epoch, host.rank, host.world_size)
             metrics = run_epoch(state, run, epoch)
             report_epoch(state, run, epoch, metrics, checkpointer)
             if state.diverged:

@@ -12,6 +12,7 @@ experiment (``publish``).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ JOURNAL_FILE = "optuna-journal.log"
 # MO-ASHA's rungs (JSON). Not named *.json or *.pkl: on restore Tune copies those files of the experiment folder
 # to its staging folder and later syncs them back, which would put back the copy from before the restore.
 MOASHA_STATE = "moasha-rungs.state"
+SNAPSHOT_SECONDS = 1  # Tune's experiment snapshot (trials, searcher state): a few KB per cohort trial
 
 
 def open_study_storage(folder: Path) -> JournalStorage:
@@ -62,10 +64,12 @@ class StudyFolder:
         return self.driver_files / MOASHA_STATE
 
     def tune_sync(self) -> ray.tune.SyncConfig:
-        """How often Tune uploads its experiment snapshot (taken at most every 10 s) where the storage is not local:
-        at every snapshot, not at Ray's default of every 300 s, after which a killed driver's ``--resume`` would
-        start again from a view of the trials up to five minutes old."""
-        return ray.tune.SyncConfig(sync_period=1) if self.on_object_storage else ray.tune.SyncConfig()
+        """How often Tune copies its experiment snapshot (taken every ``SNAPSHOT_SECONDS``) from the driver's
+        staging folder to the study's storage, a local folder or object storage alike: at every snapshot, not at
+        Ray's default of every 300 s, after which a killed driver's ``--resume`` would start again from a view of
+        the trials up to five minutes old (with cohorts of seconds, a view without the trials it killed)."""
+        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(SNAPSHOT_SECONDS))
+        return ray.tune.SyncConfig(sync_period=SNAPSHOT_SECONDS)
 
     def publish(self, files: list[Path]) -> list[str]:
         """``files`` written on the driver's disk (in ``driver_files``), where users look for them: beside Tune's
