@@ -23,7 +23,7 @@ demo: $(INSTALLED)
 	$(BIN)/dynmm demo
 
 lint: $(INSTALLED)
-	$(BIN)/ruff check platform tests bench
+	$(BIN)/ruff check platform tests bench examples
 
 test: lint
 	$(BIN)/python -m pytest

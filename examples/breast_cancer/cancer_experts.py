@@ -1,0 +1,43 @@
+"""The team's own experts for the breast cancer table: plain torch modules and the platform's model API only.
+
+A cheap expert reads the ten "mean" measurements; the full one reads all thirty through a wider network. The gate
+reads the "mean" measurements too and returns one logit per path."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dynmm.models import ModalityDynMM
+
+
+class Expert(nn.Module):
+    def __init__(self, modalities: tuple[str, ...], features: int, classes: int, hidden: int, depth: int) -> None:
+        super().__init__()
+        self.modalities = modalities
+        layers: list[nn.Module] = [nn.Linear(features, hidden), nn.ReLU()]
+        for _ in range(depth - 1):
+            layers += [nn.Linear(hidden, hidden), nn.ReLU()]
+        self.layers = nn.Sequential(*layers, nn.Linear(hidden, classes))
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.layers(torch.cat([inputs[name] for name in self.modalities], dim=1))
+
+
+class MeanGate(nn.Module):
+    def __init__(self, features: int, paths: int) -> None:
+        super().__init__()
+        self.modalities = ("mean",)
+        self.layers = nn.Sequential(nn.Linear(features, 16), nn.ReLU(), nn.Linear(16, paths))
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.layers(inputs["mean"])
+
+
+def build(meta, hidden: int = 32) -> ModalityDynMM:
+    width = {name: modality.shape[0] for name, modality in meta.modalities.items()}
+    everything = ("mean", "error", "worst")
+    experts = [Expert(("mean",), width["mean"], meta.num_classes, hidden // 2, depth=1),
+               Expert(everything, sum(width[name] for name in everything), meta.num_classes, 4 * hidden, depth=3)]
+    shapes = {name: modality.shape for name, modality in meta.modalities.items()}
+    return ModalityDynMM(experts, MeanGate(width["mean"], len(experts)), shapes, expert_names=("mean", "all"))
