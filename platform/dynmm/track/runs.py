@@ -104,6 +104,7 @@ def retry(action: Callable[[], T], what: str, attempts: int = 5, first_delay_sec
 
 
 MLFLOW_BATCH_METRICS = 1000  # MLflow's limit of metrics per log_batch call
+_STORE_CALLS = threading.Lock()  # see EpochLogger._one_call_at_a_time
 
 
 class EpochLogger:
@@ -205,7 +206,15 @@ class EpochLogger:
             wait=tenacity.wait_exponential(multiplier=0.5, max=self.MAX_DELAY_SECONDS),
             before_sleep=announce, retry_error_callback=lost,
         )
-        return retrying(action)
+        return retrying(lambda: self._one_call_at_a_time(action))
+
+    @staticmethod
+    def _one_call_at_a_time(action: Callable[[], bool]) -> bool:
+        """One store call at a time per process: a cohort's loggers (one per member, each on its thread) would
+        otherwise outnumber the SQL store's connection pool (5 + 10), and the one left out waits out the pool's
+        30 s timeout at the end of every cohort (measured: 30 s per 16-member cohort)."""
+        with _STORE_CALLS:
+            return action()
 
     def _steps_already_logged(self) -> set[int]:
         if self._logged_steps is None:
