@@ -60,6 +60,8 @@ def expert_cache_for(prepared: PreparedPipeline, say: Callable[[str], None]) -> 
     scaling = spec.scaling
     source = CacheSource(prepared.dataset_dir, prepared.meta, prepared.model, prepared.experts_uri)
     # on GPUs one actor per worker's GPU; on CPUs one actor, leaving CPUs to Ray Data's reads and writes
+    # a dataset small enough to keep in memory is computed in this process (no actors, no Ray Data pass)
     options = ActorOptions(use_gpu=scaling.use_gpu, concurrency=scaling.num_workers if scaling.use_gpu else 1,
-                           gpus_per_actor=scaling.gpus_per_worker, cpus_per_actor=scaling.cpus_per_worker)
+                           gpus_per_actor=scaling.gpus_per_worker, cpus_per_actor=scaling.cpus_per_worker,
+                           in_process=not scaling.use_gpu and keeps_data_in_memory(prepared))
     return ensure_expert_cache(source, options=options, say=say)
