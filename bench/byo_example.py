@@ -77,20 +77,26 @@ def study(name: str, pipeline: Path, dataset: Path, home: Path, env: dict, trial
     output = run(command, env)
     wall = time.perf_counter() - started
     front = json.loads(Path(re.search(r"^\s+front\s+(\S+front\.json)", output, re.MULTILINE)[1]).read_text())
-    knee = next(member for member in front["members"] if member["trial_id"] == front["knee_trial_id"])
     full = max(baseline["gflops"] for baseline in front["baselines"])
-    knee_val, knee_gflops = knee["values"]
-    return {
+    result = {
         "study": name, "wall_seconds": round(wall, 1), "front_size": len(front["members"]),
-        "knee_val_accuracy": round(knee_val, 4), "knee_test_accuracy": round(knee["test_metrics"]["test_accuracy"], 4),
-        "knee_compute_saved": round(1 - knee_gflops / full, 3),
-        "knee_vs_random_val_pt": round(100 * (knee_val - random_routing_quality(front["random_routing"],
-                                                                                knee_gflops)), 2),
+        "knee_val_accuracy": None, "knee_test_accuracy": None, "knee_compute_saved": None,
+        "knee_vs_random_val_pt": None,
         "experts_alone_val": {b["name"]: round(b["quality"], 4) for b in front["baselines"]},
-        "hypervolume_beyond_random": round(front["hypervolume_beyond_random"], 4),
+        "hypervolume_beyond_random": round(front.get("hypervolume_beyond_random") or 0.0, 4),
         "members": [(m["trial_id"], round(m["values"][0], 4), round(m["test_metrics"]["test_accuracy"], 4),
                      round(1 - m["values"][1] / full, 3)) for m in front["members"]],
+        "summary": output[output.find("Pareto front"):output.find("Registered model")].rstrip(),
     }
+    knee = [member for member in front["members"] if member["trial_id"] == front.get("knee_trial_id")]
+    if knee:  # an empty front: no gated model beat the experts alone
+        knee_val, knee_gflops = knee[0]["values"]
+        result.update(knee_val_accuracy=round(knee_val, 4),
+                      knee_test_accuracy=round(knee[0]["test_metrics"]["test_accuracy"], 4),
+                      knee_compute_saved=round(1 - knee_gflops / full, 3),
+                      knee_vs_random_val_pt=round(100 * (knee_val - random_routing_quality(front["random_routing"],
+                                                                                            knee_gflops)), 2))
+    return result
 
 
 def main() -> None:
@@ -106,14 +112,13 @@ def main() -> None:
     for result in results.values():
         print(f"\n{result['study']}: {args.trials} trials in {result['wall_seconds']} s; front of "
               f"{result['front_size']}, hypervolume beyond random routing {result['hypervolume_beyond_random']}")
-        print(f"  {'trial':<14}{'val acc':>9}{'test acc':>10}{'saved':>8}")
-        for trial_id, val, test, saved in result["members"]:
-            print(f"  {trial_id:<14}{val:>9.4f}{test:>10.4f}{saved:>8.1%}")
+        print(result["summary"])
         print(f"  experts alone (val): {result['experts_alone_val']}")
-        print(f"  knee: val {result['knee_val_accuracy']}, test {result['knee_test_accuracy']}, "
-              f"{result['knee_compute_saved']:.1%} less compute than the full path, "
-              f"{result['knee_vs_random_val_pt']:+.2f} pt over random routing at its compute (val)")
-    print(json.dumps({name: {k: v for k, v in result.items() if k not in ("study", "members")}
+        if result["knee_val_accuracy"] is not None:
+            print(f"  knee: val {result['knee_val_accuracy']}, test {result['knee_test_accuracy']}, "
+                  f"{result['knee_compute_saved']:.1%} less compute than the full path, "
+                  f"{result['knee_vs_random_val_pt']:+.2f} pt over random routing at its compute (val)")
+    print(json.dumps({name: {k: v for k, v in result.items() if k not in ("study", "members", "summary")}
                       for name, result in results.items()}))
 
 
