@@ -5,14 +5,12 @@ Train, Tune and Data, and by boto3), dummy keys and a region. Every process star
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import uuid
 from pathlib import Path
 
-from server_process import free_port, wait_for_http
+from server_process import free_port, stop_session, wait_for_http
 
 SECRET_ACCESS_KEY = "dynmm-test-secret-" + uuid.uuid4().hex  # must never show in output, logs or MLflow
 ACCESS_KEY_ID = "dynmm-test-key-id"
@@ -59,12 +57,6 @@ class S3Server:
         return [entry["Key"] for page in pages for entry in page.get("Contents", [])]
 
     def stop(self) -> None:
-        if self.process is None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)  # its own session: only the process this test started
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        if self.process is not None:
+            stop_session(self.process)
         self.process = None

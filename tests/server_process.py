@@ -59,12 +59,17 @@ class MlflowServer:
             raise
 
     def stop(self) -> None:
-        if self.process is None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)  # its own session: only the processes this test started
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        if self.process is not None:
+            stop_session(self.process)
         self.process = None
+
+
+def stop_session(process: subprocess.Popen) -> None:
+    """Stop a server started in a session of its own (``start_new_session``): SIGTERM to its process group, only
+    the processes the test started, then SIGKILL after 20 s."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
