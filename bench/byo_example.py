@@ -31,8 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from sklearn.datasets import load_breast_cancer
+
+from dynmm.tune.random_routing import curve_quality
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "breast_cancer"
@@ -63,13 +64,6 @@ def prepare(home: Path, env: dict) -> Path:
     return out
 
 
-def random_routing_quality(curve: list[list[float]], gflops: float) -> float:
-    """Quality of random routing at ``gflops``: the experts mixed at random, the line between adjacent points."""
-    points = sorted(curve)
-    costs, qualities = [p[0] for p in points], [p[1] for p in points]
-    return float(np.interp(gflops, costs, qualities))
-
-
 def study(name: str, pipeline: Path, dataset: Path, home: Path, env: dict, trials: int) -> dict:
     command = [str(DYNMM), "tune", str(pipeline), "--set", f"data.dataset={dataset}", "--set",
                f"search.num_trials={trials}", "--set", f"tracking.uri=sqlite:///{home / 'mlflow.db'}"]
@@ -91,11 +85,11 @@ def study(name: str, pipeline: Path, dataset: Path, home: Path, env: dict, trial
     knee = [member for member in front["members"] if member["trial_id"] == front.get("knee_trial_id")]
     if knee:  # an empty front: no gated model beat the experts alone
         knee_val, knee_gflops = knee[0]["values"]
+        random_val = curve_quality([tuple(point) for point in front["random_routing"]], knee_gflops)
         result.update(knee_val_accuracy=round(knee_val, 4),
                       knee_test_accuracy=round(knee[0]["test_metrics"]["test_accuracy"], 4),
                       knee_compute_saved=round(1 - knee_gflops / full, 3),
-                      knee_vs_random_val_pt=round(100 * (knee_val - random_routing_quality(front["random_routing"],
-                                                                                            knee_gflops)), 2))
+                      knee_vs_random_val_pt=round(100 * (knee_val - random_val), 2))
     return result
 
 

@@ -12,7 +12,6 @@ experiment (``publish``).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,11 +63,11 @@ class StudyFolder:
         return self.driver_files / MOASHA_STATE
 
     def tune_sync(self) -> ray.tune.SyncConfig:
-        """How often Tune copies its experiment snapshot (taken every ``SNAPSHOT_SECONDS``) from the driver's
-        staging folder to the study's storage, a local folder or object storage alike: at every snapshot, not at
-        Ray's default of every 300 s, after which a killed driver's ``--resume`` would start again from a view of
-        the trials up to five minutes old (with cohorts of seconds, a view without the trials it killed)."""
-        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(SNAPSHOT_SECONDS))
+        """How often Tune copies its experiment snapshot (taken every ``SNAPSHOT_SECONDS``, set by
+        ``study.search``) from the driver's staging folder to the study's storage, local folder or object storage
+        alike: at every snapshot, not at Ray's default of every 300 s, after which a killed driver's ``--resume``
+        would start again from a view of the trials up to five minutes old (with cohorts of seconds, a view
+        without the trials it killed)."""
         return ray.tune.SyncConfig(sync_period=SNAPSHOT_SECONDS)
 
     def publish(self, files: list[Path]) -> list[str]:

@@ -47,7 +47,7 @@ from dynmm.train import (
 from dynmm.train.datasets import cache_in_memory, keeps_data_in_memory
 from dynmm.tune.cohorts import cohort_size, study_trial, trial_records
 from dynmm.tune.failures import FirstRoundFailures, raise_if_every_trial_failed
-from dynmm.tune.folder import StudyFolder
+from dynmm.tune.folder import SNAPSHOT_SECONDS, StudyFolder
 from dynmm.tune.front import FrontReport, build_front, front_row, measured_latency, static_baselines, write_front
 from dynmm.tune.moasha import MemberRungs
 from dynmm.tune.progress import StudyProgress
@@ -208,6 +208,8 @@ def search(plan: StudyPlan, setup: StudySetup, progress: StudyProgress) -> ray.t
     resources = {name.lower() if name in ("CPU", "GPU") else name: amount
                  for name, amount in trial_process_resources(spec).items()}
     trainable = ray.tune.with_resources(trainable, resources)
+    # Tune's snapshot (trials, searcher state) taken every SNAPSHOT_SECONDS, not every >= 10 s: see tune_sync
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(SNAPSHOT_SECONDS))
     tuner = plan.folder.restored_tuner(trainable) if plan.resume else None
     if tuner is None:
         tuner = new_tuner(plan, setup, trainable, progress)
